@@ -1,0 +1,1 @@
+"""The `gcache` command line (installed as the import package `gcache_cli`)."""

@@ -1,0 +1,166 @@
+"""KV-cache as explicit state, and the pure transforms on it.
+
+A cache holds every layer's keys and values stacked in one tensor, so that a
+transform is one tensor operation instead of a loop over layers:
+
+    keys, values: [L, B, H, T, D]   layers, batch rows, KV heads, positions, head dim
+    mask:         [B, T] bool       True where a position is real (False: left padding)
+    next_pos:     [B] long          the RoPE position the next token of each row takes
+
+RoPE is already applied to cached keys, so positions are part of the state: a
+row's next token must be placed at ``next_pos`` whatever the cache's length.
+Transforms never mutate their inputs; they return new caches.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, with the attention mask and next positions."""
+
+    keys: Tensor  # [L, B, H, T, D]
+    values: Tensor  # [L, B, H, T, D]
+    mask: Tensor  # [B, T] bool
+    next_pos: Tensor  # [B] long
+
+    @property
+    def num_layers(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def num_heads(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def seq_len(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys.shape[4]
+
+
+def validate(cache: KVCache, name: str = "cache") -> KVCache:
+    """Check the shapes and dtypes of a cache; returns it unchanged. Raises ValueError/TypeError."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"{name}: expected a KVCache, got {type(cache).__name__}")
+    k, v, m, p = cache
+    if k.dim() != 5:
+        raise ValueError(f"{name}.keys: expected shape [L, B, H, T, D], got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"{name}: keys {tuple(k.shape)} and values {tuple(v.shape)} differ in shape")
+    if v.dtype != k.dtype:
+        raise ValueError(f"{name}: keys dtype {k.dtype} and values dtype {v.dtype} differ")
+    if m.shape != (k.shape[1], k.shape[3]):
+        raise ValueError(f"{name}.mask: expected shape [B, T] = {(k.shape[1], k.shape[3])}, got {tuple(m.shape)}")
+    if m.dtype != torch.bool:
+        raise TypeError(f"{name}.mask: expected dtype torch.bool, got {m.dtype}")
+    if p.shape != (k.shape[1],):
+        raise ValueError(f"{name}.next_pos: expected shape [B] = {(k.shape[1],)}, got {tuple(p.shape)}")
+    if p.dtype != torch.long:
+        raise TypeError(f"{name}.next_pos: expected dtype torch.long, got {p.dtype}")
+    return cache
+
+
+def empty(
+    num_layers: int,
+    batch_size: int,
+    num_heads: int,
+    head_dim: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> KVCache:
+    """A cache with no positions (T = 0); its rows' next position is 0."""
+    kv = torch.zeros(num_layers, batch_size, num_heads, 0, head_dim, dtype=dtype, device=device)
+    return KVCache(
+        kv,
+        kv.clone(),
+        torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+        torch.zeros(batch_size, dtype=torch.long, device=device),
+    )
+
+
+def check_compatible(a: KVCache, b: KVCache, names: tuple[str, str] = ("a", "b"), *, time: bool = False) -> None:
+    """Raise ValueError unless a and b agree in layers, batch, heads, head dim, dtype and device
+    (and length when ``time`` is set)."""
+    na, nb = names
+    sa, sb = tuple(a.keys.shape), tuple(b.keys.shape)
+    dims = (0, 1, 2, 3, 4) if time else (0, 1, 2, 4)
+    if any(sa[i] != sb[i] for i in dims):
+        what = "[L, B, H, T, D]" if time else "[L, B, H, *, D]"
+        raise ValueError(f"caches {na} and {nb} differ in shape {what}: {na} has {sa}, {nb} has {sb}")
+    if a.keys.dtype != b.keys.dtype:
+        raise ValueError(f"caches {na} and {nb} differ in dtype: {a.keys.dtype} vs {b.keys.dtype}")
+    if a.keys.device != b.keys.device:
+        raise ValueError(f"caches {na} and {nb} are on different devices: {a.keys.device} vs {b.keys.device}")
+
+
+def keep_last(cache: KVCache, n: int) -> KVCache:
+    """The last ``n`` positions of every row (all of them when n >= T). Next positions are kept.
+
+    This is how a latent-only cache is cut from a rollout: the latent positions are the last ones.
+    Raises ValueError when n < 0.
+    """
+    if n < 0:
+        raise ValueError(f"n: expected a non-negative number of positions, got {n}")
+    start = max(cache.seq_len - n, 0)
+    return KVCache(
+        cache.keys[:, :, :, start:],
+        cache.values[:, :, :, start:],
+        cache.mask[:, start:],
+        cache.next_pos,
+    )
+
+
+def concat(caches: Sequence[KVCache]) -> KVCache:
+    """Concatenate caches along time, in the given order.
+
+    The result's next position is the largest of the parts', so a token appended
+    after it comes after everything it attends to. Raises ValueError on an empty
+    list or on parts that differ in layers, batch, heads, head dim, dtype or device.
+    """
+    caches = list(caches)
+    if not caches:
+        raise ValueError("caches: expected at least one cache to concatenate, got an empty list")
+    for i, c in enumerate(caches[1:], start=1):
+        check_compatible(caches[0], c, ("caches[0]", f"caches[{i}]"))
+    if len(caches) == 1:
+        return caches[0]
+    return KVCache(
+        torch.cat([c.keys for c in caches], dim=3),
+        torch.cat([c.values for c in caches], dim=3),
+        torch.cat([c.mask for c in caches], dim=1),
+        torch.stack([c.next_pos for c in caches]).amax(dim=0),
+    )
+
+
+def select_rows(cache: KVCache, rows: Tensor | Sequence[int]) -> KVCache:
+    """The cache of the given batch rows, in that order. Raises IndexError on a row out of range."""
+    idx = torch.as_tensor(rows, dtype=torch.long, device=cache.keys.device)
+    if idx.numel() and (idx.min() < -cache.batch_size or idx.max() >= cache.batch_size):
+        raise IndexError(f"rows: expected indices in [0, {cache.batch_size}), got {idx.tolist()}")
+    return KVCache(cache.keys[:, idx], cache.values[:, idx], cache.mask[idx], cache.next_pos[idx])
+
+
+def trim_padding(cache: KVCache) -> KVCache:
+    """Drop leading positions that are padding in every row (a batch of one has none left)."""
+    real = cache.mask.any(dim=0)
+    if not bool(real.any()):
+        return keep_last(cache, 0)
+    first = int(real.nonzero()[0])
+    return keep_last(cache, cache.seq_len - first)
+
+
+def nbytes(cache: KVCache) -> int:
+    """Bytes held by the keys, values, mask and positions."""
+    return sum(t.numel() * t.element_size() for t in cache)

@@ -1,0 +1,1 @@
+"""The shell: models, tokenizers, API clients, datasets, sandbox, graph runner, run logs."""
