@@ -1,0 +1,144 @@
+"""A run's folder: results.jsonl (one line per finished question), summary.json, config.json.
+
+results.jsonl is append-only. Each line is written with one `write` of the whole
+line, flushed and fsync'ed before the next question starts, so a run stopped by
+Ctrl-C or kill -9 leaves at most one torn last line; `RunLog` drops such a line
+when it opens the file again, and `--resume` skips every (phase, id) already in it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+PARAMS = "params.safetensors"
+STATE = "train_state.safetensors"
+
+RECORD_FIELDS = (
+    "id",
+    "phase",
+    "gold",
+    "prediction",
+    "correct",
+    "tokens",
+    "seconds",
+    "edges",
+    "trace",
+    "error",
+)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file and rename it over ``path`` (readers never see half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The complete lines of a results.jsonl; a torn last line (an interrupted write) is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                log.warning("%s: dropping an incomplete last line %d (the run was interrupted)", path, n)
+                break
+            try:
+                records.append(json.loads(raw))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from None
+    return records
+
+
+@dataclass
+class RunLog:
+    """Appends question records to ``folder/results.jsonl``; knows which ones are done."""
+
+    folder: Path
+    done: set[tuple[str, str]] = field(default_factory=set)
+    records: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, folder: Path | str, *, resume: bool) -> "RunLog":
+        """Open a run folder. Without ``resume`` an existing results.jsonl is an error
+        (nothing already computed is overwritten)."""
+        folder = Path(folder)
+        path = folder / RESULTS
+        if path.exists() and path.stat().st_size and not resume:
+            raise ValueError(
+                f"out: {folder} already holds results; pass --resume to continue it or choose another --out"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        records = read_records(path)
+        _truncate_to_complete_lines(path)
+        run = cls(folder, {(r["phase"], str(r["id"])) for r in records}, records)
+        return run
+
+    @property
+    def path(self) -> Path:
+        return self.folder / RESULTS
+
+    def is_done(self, phase: str, qid: str) -> bool:
+        return (phase, str(qid)) in self.done
+
+    def append(self, record: dict) -> None:
+        """Append one record as one line and make it durable before returning."""
+        missing = [k for k in RECORD_FIELDS if k not in record]
+        if missing:
+            raise ValueError(f"record: missing fields {missing}")
+        key = (record["phase"], str(record["id"]))
+        if key in self.done:
+            raise ValueError(f"record: question {key[1]} of phase {key[0]} is already in {self.path}")
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.done.add(key)
+        self.records.append(record)
+
+    def phase_records(self, phase: str) -> list[dict]:
+        return [r for r in self.records if r["phase"] == phase]
+
+
+def _truncate_to_complete_lines(path: Path) -> None:
+    """Cut a torn last line so the next append starts on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with path.open("r+b") as f:
+            f.truncate(keep)
+
+
+def summarize(records: Iterable[dict]) -> dict:
+    """Accuracy, token totals, seconds and errors over records of one phase."""
+    records = list(records)
+    n = len(records)
+    tokens = {"prompt": 0, "latent": 0, "generated": 0}
+    for r in records:
+        for k in tokens:
+            tokens[k] += int((r.get("tokens") or {}).get(k, 0))
+    correct = sum(bool(r.get("correct")) for r in records)
+    return {
+        "n": n,
+        "accuracy": correct / n if n else None,
+        "correct": correct,
+        "tokens": tokens,
+        "seconds": sum(float(r.get("seconds") or 0.0) for r in records),
+        "errors": sum(r.get("error") is not None for r in records),
+    }
