@@ -1,0 +1,64 @@
+"""`gcache report RUN` and `gcache compare RUN...`: tables of finished runs, and the learned topology."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gcache_cli.main import app, fail
+
+
+@app.command("report")
+def report(
+    run: Path = typer.Argument(..., help="A run folder (runs/NAME)."),
+    png: bool = typer.Option(True, "--png/--no-png", help="Write RUN/topology.png of the learned edge probabilities."),
+) -> None:
+    """Print a run's summary and per-phase table; plot its learned edge probabilities."""
+    from gcache.io.experiment import load_summary
+    from gcache.io.report import edge_matrix, plot_topology, records_table
+    from gcache.io.runlog import read_records
+
+    try:
+        summary = load_summary(run)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    records = read_records(run / "results.jsonl")
+    console = Console()
+    console.print(records_table(summary, records))
+    names, probs, counts = edge_matrix(records, phase="eval")
+    if names and png:
+        path = plot_topology(names, probs, counts, run / "topology.png", title=f"{summary['task']} / {summary['method']}")
+        console.print(f"learned edge probabilities: {path}")
+    elif png:
+        console.print("no edges recorded (single agent or fixed topology): no topology.png")
+
+
+@app.command("compare")
+def compare(runs: List[Path] = typer.Argument(..., help="Run folders to put side by side.")) -> None:
+    """Print methods side by side: accuracy, tokens, seconds."""
+    from gcache.io.experiment import load_summary
+
+    table = Table(title="gcache compare")
+    for col in ("run", "task", "method", "mode", "n", "accuracy", "prompt tok", "latent tok", "generated tok", "s / question", "errors"):
+        table.add_column(col, justify="right" if col not in ("run", "task", "method", "mode") else "left")
+    for run in runs:
+        try:
+            s = load_summary(run)
+        except ValueError as e:
+            raise fail(str(e)) from None
+        n = s.get("n") or 0
+        t = s.get("tokens") or {}
+        secs = s.get("seconds")
+        acc = s.get("accuracy")
+        table.add_row(
+            str(run), str(s.get("task")), str(s.get("method")), str(s.get("generation_mode")), str(n),
+            "-" if acc is None else f"{acc:.3f}",
+            str(t.get("prompt", "-")), str(t.get("latent", "-")), str(t.get("generated", "-")),
+            "-" if not n or secs is None else f"{secs / n:.2f}",
+            str(s.get("errors", "-")),
+        )
+    Console().print(table)

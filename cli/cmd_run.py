@@ -1,0 +1,80 @@
+"""`gcache run TASK`: train (methods with learned parts), then evaluate, into runs/NAME."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from gcache.io.config import RunConfig, build_config
+from gcache_cli.main import app, fail
+
+_D = RunConfig()  # defaults shown in --help
+
+
+@app.command("run")
+def run(
+    task: str = typer.Argument(..., help="gsm8k, gpqa, medqa, humaneval or mbppplus."),
+    method: Optional[str] = typer.Option(None, help=f"single, text-mas, latent-mas or gcache (default: {_D.method})."),
+    generation_mode: Optional[str] = typer.Option(
+        None, help="local, api_hint, hybrid or api (text only) (default: local)."
+    ),
+    latent_steps: Optional[int] = typer.Option(None, help=f"Latent steps per agent (default: {_D.latent_steps})."),
+    latent_only: Optional[bool] = typer.Option(
+        None, "--latent-only/--full-cache", help="Pass only the latent positions to successors (gcache default: latent-only; latent-mas: full-cache)."
+    ),
+    agents: Optional[str] = typer.Option(None, help="diverse or uniform agent roles (default: diverse)."),
+    agent_nums: Optional[int] = typer.Option(None, help=f"Number of agents (default: {_D.agent_nums})."),
+    topology: Optional[str] = typer.Option(
+        None, help="full, chain, star, mesh, layered, random or debate (default: full)."
+    ),
+    optimize_spatial: Optional[bool] = typer.Option(
+        None, "--optimize-spatial/--no-optimize-spatial", help="Learn the edges within a round (default: on)."
+    ),
+    optimize_temporal: Optional[bool] = typer.Option(
+        None, "--optimize-temporal/--no-optimize-temporal", help="Learn the edges between rounds (default: off)."
+    ),
+    num_rounds: Optional[int] = typer.Option(None, help="Rounds of communication (default: 1)."),
+    decision: Optional[str] = typer.Option(None, help="refer, direct, vote or code (default: refer)."),
+    fusion: Optional[str] = typer.Option(None, help="concat, weighted or learned (gcache default: learned)."),
+    train_size: Optional[int] = typer.Option(None, help="Questions of the train split to draw batches from (default: all)."),
+    batch_size: Optional[int] = typer.Option(None, help=f"Questions per batch (default: {_D.batch_size})."),
+    num_iterations: Optional[int] = typer.Option(
+        None, help=f"Training batches (0: evaluate only) (default: {_D.num_iterations})."
+    ),
+    lr: Optional[float] = typer.Option(None, help=f"Adam learning rate (default: {_D.lr})."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate on the first N test questions (default: all)."),
+    question_id: Optional[int] = typer.Option(None, help="Evaluate on this one test question only."),
+    model: Optional[str] = typer.Option(None, help=f"smollm2-135m, a Hugging Face id or a local path (default: {_D.model})."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto (default: cpu)."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: chosen per device)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
+    api_model: Optional[str] = typer.Option(None, help="Model name at the OpenAI-compatible endpoint."),
+    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL (else BASE_URL / OPENAI_BASE_URL / .env)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help=f"Tokens each decoding agent may write (default: {_D.max_new_tokens})."),
+    temperature: Optional[float] = typer.Option(None, help="0 decodes greedily (default: 0)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of every random draw (default: 0)."),
+    out: Optional[str] = typer.Option(None, help="Run folder (default: runs/TASK-METHOD)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out, skipping finished questions."),
+    params: Optional[str] = typer.Option(None, help="Load learned parameters (params.safetensors) and evaluate only."),
+) -> None:
+    """Train (methods with learned parts) and evaluate one method on one task."""
+    explicit = {k: v for k, v in locals().items() if v is not None and k != "resume"}
+    explicit["resume"] = resume
+    try:
+        config = build_config(explicit)
+        from gcache.io.experiment import check_before_loading, run_experiment
+
+        check_before_loading(config)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    try:
+        run_experiment(config)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    except KeyboardInterrupt:
+        typer.secho(
+            f"interrupted: finished questions are in {config.out_dir}/results.jsonl; continue with --resume",
+            err=True,
+        )
+        raise typer.Exit(130) from None

@@ -1,0 +1,192 @@
+"""The configuration of one experiment run, and the rules that say which flags a method takes.
+
+One name per idea: each field here is a `gcache run` flag (``latent_steps`` is
+``--latent-steps``), a key of ``summary.json["config"]`` and a word of the README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+METHODS = ("single", "text-mas", "latent-mas", "gcache")
+GENERATION_MODES = ("local", "api_hint", "hybrid", "api")
+TOPOLOGIES = ("full", "chain", "star", "mesh", "layered", "random", "debate")
+DECISIONS = ("refer", "direct", "vote", "code")
+FUSIONS = ("concat", "weighted", "learned")
+AGENT_SETS = ("diverse", "uniform")
+
+# The flags each method accepts beyond the common ones (task, model, decoding, data selection, output).
+_METHOD_FLAGS: dict[str, set[str]] = {
+    "single": set(),
+    "text-mas": {
+        "agents", "agent_nums", "topology", "optimize_spatial", "optimize_temporal", "num_rounds",
+        "decision", "train_size", "num_iterations", "lr", "params",
+    },
+    "latent-mas": {"latent_steps", "latent_only"},
+    "gcache": {
+        "latent_steps", "latent_only", "agents", "agent_nums", "topology", "optimize_spatial",
+        "optimize_temporal", "num_rounds", "decision", "fusion", "train_size", "num_iterations",
+        "lr", "params",
+    },
+}
+_COMMON_FLAGS = {
+    "task", "method", "generation_mode", "batch_size", "limit", "question_id", "model", "device",
+    "dtype", "threads", "api_model", "base_url", "max_new_tokens", "temperature", "seed", "out",
+    "resume", "train_limit",
+}
+_MODES_BY_METHOD = {
+    "single": ("local", "api"),
+    "text-mas": ("local", "api"),
+    "latent-mas": ("local", "api_hint", "hybrid"),
+    "gcache": ("local", "api_hint", "hybrid"),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides what a run computes. Defaults are those of `gcache run`."""
+
+    task: str = "gsm8k"
+    method: str = "gcache"
+    generation_mode: str = "local"
+    latent_steps: int = 10
+    latent_only: bool = True
+    agents: str = "diverse"
+    agent_nums: int = 4
+    topology: str = "full"
+    optimize_spatial: bool = True
+    optimize_temporal: bool = False
+    num_rounds: int = 1
+    decision: str = "refer"
+    fusion: str = "learned"
+    train_size: int | None = None
+    batch_size: int = 4
+    num_iterations: int = 10
+    lr: float = 0.1
+    limit: int | None = None
+    question_id: int | None = None
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str | None = None
+    threads: int | None = None
+    api_model: str | None = None
+    base_url: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    params: str | None = None
+    train_limit: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def learns(self) -> bool:
+        """Whether the method has learned parts that a training phase updates."""
+        if self.method == "gcache":
+            return self.optimize_spatial or self.optimize_temporal or self.fusion in ("weighted", "learned")
+        if self.method == "text-mas":
+            return self.optimize_spatial or self.optimize_temporal
+        return False
+
+    @property
+    def latent(self) -> bool:
+        return self.method in ("latent-mas", "gcache")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / f"{self.task}-{self.method}"
+
+
+# LatentMAS's sequential chain: three thinking agents, then the judger decodes.
+LATENT_MAS_DEFAULTS = dict(agent_nums=3, topology="chain", optimize_spatial=False, fusion="concat", latent_only=False)
+
+
+def build_config(explicit: dict[str, Any]) -> RunConfig:
+    """A RunConfig from the flags a user gave explicitly (others take the method's defaults).
+
+    Raises ValueError naming the flag when a value is out of range or a flag does not apply
+    to the chosen method (it would otherwise be silently ignored).
+    """
+    known = {f.name for f in fields(RunConfig)}
+    unknown = set(explicit) - known
+    if unknown:
+        raise ValueError(f"unknown settings: {sorted(unknown)}")
+    method = explicit.get("method", RunConfig.method)
+    _choice("method", method, METHODS)
+    allowed = _COMMON_FLAGS | _METHOD_FLAGS[method]
+    refused = sorted(k for k in explicit if k not in allowed)
+    if refused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+        raise ValueError(f"{flags} does not apply to --method {method}")
+
+    base = RunConfig(method=method)
+    if method == "latent-mas":
+        base = replace(base, **LATENT_MAS_DEFAULTS, num_iterations=0)
+    elif method == "single":
+        base = replace(base, agent_nums=1, num_iterations=0, optimize_spatial=False, fusion="concat")
+    elif method == "text-mas":
+        base = replace(base, fusion="concat")
+    config = replace(base, **explicit)
+    validate(config, explicit)
+    return config
+
+
+def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
+    """Raise ValueError naming the first flag whose value is not acceptable."""
+    explicit = explicit or {}
+    _choice("generation_mode", config.generation_mode, GENERATION_MODES)
+    if config.generation_mode not in _MODES_BY_METHOD[config.method]:
+        hint = (
+            "api is the text-only mode: use --method text-mas or single"
+            if config.generation_mode == "api"
+            else f"--method {config.method} has no cache to hint at or draft from"
+        )
+        raise ValueError(
+            f"--generation-mode {config.generation_mode} does not apply to --method {config.method} "
+            f"(expected one of {', '.join(_MODES_BY_METHOD[config.method])}; {hint})"
+        )
+    _choice("topology", config.topology, TOPOLOGIES)
+    _choice("decision", config.decision, DECISIONS)
+    _choice("fusion", config.fusion, FUSIONS)
+    _choice("agents", config.agents, AGENT_SETS)
+    _at_least("latent_steps", config.latent_steps, 0)
+    _at_least("agent_nums", config.agent_nums, 1)
+    _at_least("num_rounds", config.num_rounds, 1)
+    _at_least("batch_size", config.batch_size, 1)
+    _at_least("num_iterations", config.num_iterations, 0)
+    _at_least("max_new_tokens", config.max_new_tokens, 1)
+    for name in ("train_size", "limit", "train_limit"):
+        value = getattr(config, name)
+        if value is not None:
+            _at_least(name, value, 1)
+    if config.question_id is not None:
+        _at_least("question_id", config.question_id, 0)
+    if config.temperature < 0:
+        raise ValueError(f"--temperature: expected a value >= 0, got {config.temperature}")
+    if not config.lr > 0:
+        raise ValueError(f"--lr: expected a positive learning rate, got {config.lr}")
+    if config.decision == "code" and config.task not in ("humaneval", "mbppplus"):
+        raise ValueError(f"--decision code runs programs: it applies to humaneval and mbppplus, not {config.task}")
+    if config.topology == "debate" and config.num_rounds < 2 and "topology" in explicit:
+        raise ValueError("--topology debate exchanges messages between rounds: it needs --num-rounds >= 2")
+    if config.optimize_temporal and config.num_rounds < 2:
+        raise ValueError("--optimize-temporal learns edges between rounds: it needs --num-rounds >= 2")
+    if config.params is not None and not Path(config.params).exists():
+        raise ValueError(f"--params: no such file {config.params}")
+    if config.question_id is not None and config.limit is not None:
+        raise ValueError("--question-id selects one question: do not combine it with --limit")
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"--{name.replace('_', '-')}: expected one of {', '.join(options)}, got {value!r}")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"--{name.replace('_', '-')}: expected a value >= {low}, got {value}")
