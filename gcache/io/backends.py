@@ -397,8 +397,8 @@ class LocalText(NamedTuple):
 
     text: str
     prompt_tokens: int  # tokens of this row's prompt fed to the model (padding excluded)
-    latent_tokens: int  # latent steps run on this prompt before decoding
-    generated_tokens: int  # tokens decoded, EOS included when it came
+    latent_tokens: int  # latent steps run in this call: 0 (rollouts count their own)
+    generated_tokens: int  # tokens of the answer, EOS excluded (the latent core's Generation.lengths)
 
 
 def generate_local(
@@ -406,7 +406,6 @@ def generate_local(
     conversations: Sequence[Conversation],
     *,
     cache: "KVCache | None" = None,
-    latent_steps: int = 0,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -416,8 +415,9 @@ def generate_local(
 
     The conversations are encoded with the chat template and left-padded into one batch;
     ``cache`` ([L, B, H, T, D] with B = len(conversations)) holds what each row's prompt
-    follows. With ``latent_steps`` > 0 the model first thinks that many latent steps on
-    its prompt (the latent core's rollout) and decodes from the cache that rollout grew.
+    follows; the latent core's ``generate`` reads the prompt on it and decodes (greedy at
+    temperature 0, else sampled with ``generator``). Latent steps are the rollout's business
+    (their tokens are counted there), so ``latent_tokens`` is 0 here.
     Raises ValueError/TypeError on bad arguments (a cache whose rows do not match).
     """
     from gcache.core import latent
@@ -428,43 +428,27 @@ def generate_local(
         raise ValueError("conversations: expected at least one conversation, got none")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
-    if latent_steps < 0:
-        raise ValueError(f"latent_steps: expected a non-negative integer, got {latent_steps!r}")
     if cache is not None and cache.batch_size != len(rows):
         raise ValueError(
             f"cache: expected one row per conversation ({len(rows)}), got a cache of {cache.batch_size} rows"
         )
     input_ids, attention_mask = encode_chat(local, rows, add_generation_prompt=True)  # [B, S], [B, S]
-    prompt_tokens = attention_mask.sum(-1).tolist()
-    if latent_steps > 0:
-        rolled = latent.rollout(local.fns, local.realign, input_ids, attention_mask, cache=cache, latent_steps=latent_steps)
-        # The prompt is in the rollout's cache already: decoding continues from its last position.
-        gen = latent.generate(
-            local.fns,
-            input_ids[:, :0],
-            attention_mask[:, :0],
-            cache=rolled.cache,
-            max_new_tokens=max_new_tokens,
-            eos_token_ids=local.eos_token_ids,
-            temperature=temperature,
-            top_p=top_p,
-            generator=generator,
-        )
-    else:
-        gen = latent.generate(
-            local.fns,
-            input_ids,
-            attention_mask,
-            cache=cache,
-            max_new_tokens=max_new_tokens,
-            eos_token_ids=local.eos_token_ids,
-            temperature=temperature,
-            top_p=top_p,
-            generator=generator,
-        )
+    gen = latent.generate(
+        local.fns,
+        input_ids,
+        attention_mask,
+        cache=cache,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=local.eos_token_ids,
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
+        pad_token_id=local.pad_token_id,
+    )
     texts = decode_text(local, gen.tokens, gen.lengths)
+    prompt_tokens = attention_mask.sum(-1).tolist()
     lengths = gen.lengths.tolist()
-    return [LocalText(t, int(p), latent_steps, int(n)) for t, p, n in zip(texts, prompt_tokens, lengths)]
+    return [LocalText(t, int(p), 0, int(n)) for t, p, n in zip(texts, prompt_tokens, lengths)]
 
 
 # --------------------------------------------------------------------------- modes
@@ -473,7 +457,8 @@ def generate_local(
 class Answer(NamedTuple):
     """A decision node's answer for one row, with the tokens it cost.
 
-    tokens: {"prompt", "latent", "generated"} on the local model (zeros when it was not used);
+    tokens: {"prompt", "latent", "generated"} on the local model (zeros when it was not used;
+    "latent" is 0 since decoding runs no latent steps, kept so that node records sum alike);
     api_tokens: {"prompt", "completion"} as the API reported them (zeros when it was not called);
     draft: the local model's draft in hybrid mode, else None.
     """
@@ -508,7 +493,6 @@ async def generate_answer(
     api: ApiClient | None = None,
     cache: "KVCache | None" = None,
     cache_info: CacheInfo | Sequence[CacheInfo] | None = None,
-    latent_steps: int = 0,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -519,8 +503,8 @@ async def generate_answer(
     local: needed by ``local`` and ``hybrid``; api: needed by ``api_hint``, ``hybrid`` and ``api``.
     cache: [L, B, H, T, D] with B = len(conversations), or None; ``api`` takes none.
     cache_info: what the ``api_hint`` sentence describes, one for all rows or one per row
-    (needed by api_hint). latent_steps: latent steps the local model runs on the prompt
-    before decoding (see :func:`generate_local`). The local model decodes all rows as one batch.
+    (needed by api_hint). The local model decodes all rows as one batch; the API gets them as
+    concurrent requests (up to the client's ``max_concurrency``).
     Raises ValueError/TypeError naming what is missing or wrong, ApiError when the API fails.
     """
     mode = check_mode(mode)
@@ -538,7 +522,7 @@ async def generate_answer(
 
     if mode == "local":
         decoded = generate_local(
-            local, rows, cache=cache, latent_steps=latent_steps, max_new_tokens=max_new_tokens,
+            local, rows, cache=cache, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, generator=generator,
         )  # fmt: skip
         return [Answer(d.text, _local_tokens(d), _no_api()) for d in decoded]
@@ -560,7 +544,7 @@ async def generate_answer(
 
     # hybrid
     drafts = generate_local(
-        local, rows, cache=cache, latent_steps=latent_steps, max_new_tokens=max_new_tokens,
+        local, rows, cache=cache, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, generator=generator,
     )  # fmt: skip
     prompts = [with_draft(r, d.text) for r, d in zip(rows, drafts)]
