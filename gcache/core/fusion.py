@@ -66,6 +66,7 @@ from typing import Literal, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from gcache.core.batch import pad_left
 from gcache.core.cache import KVCache, validate
 
 Mode = Literal["concat", "weighted", "learned"]
@@ -281,23 +282,7 @@ def _concat(caches: list[KVCache], present: Tensor) -> KVCache:
 def _align_right(caches: list[KVCache]) -> list[KVCache]:
     """Left-pad shorter caches with masked zero positions up to the longest length."""
     t_max = max(c.seq_len for c in caches)
-    out = []
-    for c in caches:
-        pad = t_max - c.seq_len
-        if pad == 0:
-            out.append(c)
-            continue
-        L, B, H, _, D = c.keys.shape
-        z = c.keys.new_zeros(L, B, H, pad, D)
-        out.append(
-            KVCache(
-                torch.cat([z, c.keys], dim=3),
-                torch.cat([z, c.values], dim=3),
-                torch.cat([c.mask.new_zeros(B, pad), c.mask], dim=1),
-                c.next_pos,
-            )
-        )
-    return out
+    return [pad_left(c, t_max) for c in caches]
 
 
 def _mix(caches: list[KVCache], w: Tensor, g: Tensor, present: Tensor) -> KVCache:

@@ -1,0 +1,162 @@
+"""The fuser's training objective: how likely the frozen model finds the reference answer when it
+reads the fused cache (teacher forcing, as Cache-to-Cache trains its fuser).
+
+For a batch of questions, each row holds the receiving node's prompt followed by the reference
+answer (GSM8K's gold solution, a canonical program, the correct option's text); ``target_mask``
+marks the answer tokens. The loss is the negative log-likelihood per answer token, averaged over
+rows::
+
+    loss = -mean_b [ sum_s target[b, s] * log p(x[b, s] | fused cache, x[b, :s]) / sum_s target[b, s] ]
+
+Per-row normalisation keeps a long reference answer from outweighing a short one. The model's
+weights are the caller's to freeze; the graph runs through the fused cache's keys and values into
+the fuser's parameters (and into the edge weights when they require grad, in the ``learned`` mode).
+
+``fuser_step`` is one pure training step: gradients of the loss with respect to the fuser's
+parameters only (never the model's), then an optimizer update in the optax style
+``update(grads, opt_state, params) -> (updates, opt_state)`` (``gcache.core.optim.adam(lr).update``);
+new parameters are ``apply_updates(params, updates)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from gcache.core.cache import KVCache
+from gcache.core.fusion import EdgeWeights, FuserParams, Mode, Sources, fuse
+from gcache.core.latent import ModelFns, sequence_logprob
+from gcache.core.optim import apply_updates
+
+OptState = Any
+Update = Callable[[FuserParams, OptState, FuserParams], tuple[FuserParams, OptState]]
+
+
+class AnswerBatch(NamedTuple):
+    """Prompt + reference answer per row, left-padded."""
+
+    input_ids: Tensor  # [B, S] long
+    attention_mask: Tensor  # [B, S] bool
+    target_mask: Tensor  # [B, S] bool, True on the answer tokens
+
+
+def answer_batch(
+    prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], *, pad_token_id: int
+) -> AnswerBatch:
+    """Left-padded rows ``prompt + answer`` with the answer tokens marked as targets.
+
+    Raises ValueError when the counts differ, a prompt is empty (its first answer token would
+    have no predicting position) or an answer is empty.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"answers: expected one answer per prompt ({len(prompts)} prompts), got {len(answers)}")
+    if not prompts:
+        raise ValueError("prompts: expected at least one row, got none")
+    for b, (p, a) in enumerate(zip(prompts, answers)):
+        if len(p) == 0:
+            raise ValueError(f"prompts[{b}]: expected at least one token before the answer, got none")
+        if len(a) == 0:
+            raise ValueError(f"answers[{b}]: expected at least one answer token, got none")
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    B = len(prompts)
+    input_ids = torch.full((B, width), int(pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros(B, width, dtype=torch.bool)
+    target_mask = torch.zeros(B, width, dtype=torch.bool)
+    for b, (p, a) in enumerate(zip(prompts, answers)):
+        row = list(p) + list(a)
+        start = width - len(row)
+        input_ids[b, start:] = torch.tensor(row, dtype=torch.long)
+        attention_mask[b, start:] = True
+        target_mask[b, start + len(p) :] = True
+    return AnswerBatch(input_ids, attention_mask, target_mask)
+
+
+def answer_nll(fns: ModelFns, cache: KVCache | None, batch: AnswerBatch) -> Tensor:
+    """Mean over rows of the per-token negative log-likelihood of the targets, read on top of
+    ``cache`` (a scalar; differentiable w.r.t. cache.keys/values). Raises the ValueErrors of
+    ``sequence_logprob`` (bad masks, targets on padding or at position 0, a mismatched cache)."""
+    target = batch.target_mask.to(torch.bool)
+    count = target.sum(dim=1)  # [B]
+    if bool((count == 0).any()):
+        rows = (count == 0).nonzero().flatten().tolist()
+        raise ValueError(f"target_mask: expected at least one target token in every row, rows {rows} have none")
+    logprob = sequence_logprob(fns, cache, batch.input_ids, batch.attention_mask, target)  # [B]
+    return -(logprob / count.to(logprob.dtype)).mean()
+
+
+def fuser_loss(
+    params: FuserParams | None,
+    fns: ModelFns,
+    caches: Sequence[KVCache],
+    edge_weights: EdgeWeights | Sequence[float],
+    batch: AnswerBatch,
+    *,
+    mode: Mode,
+    sources: Sources | Sequence[int] | None = None,
+) -> Tensor:
+    """The fuser's objective for one receiving node: ``answer_nll`` of the reference answers read
+    on top of ``fuse(params, caches, edge_weights, mode=mode, sources=sources)``.
+
+    caches: the k predecessors' caches, [L, B, H, T_i, D] with B the batch's rows.
+    Returns a scalar. Raises the ValueErrors of ``fuse`` and ``answer_nll``.
+    """
+    fused = fuse(params, caches, edge_weights, mode=mode, sources=sources)
+    return answer_nll(fns, fused, batch)
+
+
+class FuserStep(NamedTuple):
+    """Result of ``fuser_step``."""
+
+    params: FuserParams
+    opt_state: OptState
+    loss: Tensor  # scalar, before the update (detached)
+    grads: FuserParams
+
+
+def fuser_grads(loss_fn: Callable[[FuserParams], Tensor], params: FuserParams) -> tuple[Tensor, FuserParams]:
+    """(loss, d loss / d params) for ``loss_fn(params)``, taking gradients with respect to the
+    fuser's parameters only: nothing else (the model's weights, edge weights) gets a ``.grad``.
+
+    The caller's tensors are not touched; a parameter the loss does not depend on gets zeros.
+    """
+    leaves = FuserParams(*(t.detach().requires_grad_(True) for t in params))
+    loss = loss_fn(leaves)
+    if not loss.requires_grad:
+        return loss.detach(), FuserParams(*(torch.zeros_like(t) for t in params))
+    grads = torch.autograd.grad(loss, list(leaves), allow_unused=True)
+    grads = FuserParams(*(torch.zeros_like(t) if g is None else g for t, g in zip(params, grads)))
+    return loss.detach(), grads
+
+
+def fuser_step(
+    params: FuserParams,
+    opt_state: OptState,
+    update: Update,
+    loss_fn: Callable[[FuserParams], Tensor],
+) -> FuserStep:
+    """One training step of the fuser: gradients of ``loss_fn`` (e.g. ``fuser_loss`` with the
+    model, caches and batch bound) with respect to ``params``, then ``update`` (optax style).
+
+    Returns the new parameters and optimizer state, the loss before the step and the gradients.
+    Raises ValueError when a gradient is not finite (the update would poison the parameters).
+    """
+    loss, grads = fuser_grads(loss_fn, params)
+    for name, g in zip(FuserParams._fields, grads):
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError(f"grads.{name}: expected finite gradients, got {g.tolist()} (loss {float(loss)})")
+    updates, opt_state = update(grads, opt_state, params)
+    new = apply_updates(params, updates)
+    return FuserStep(new, opt_state, loss, grads)
+
+
+__all__ = [
+    "AnswerBatch",
+    "FuserStep",
+    "answer_batch",
+    "answer_nll",
+    "fuser_grads",
+    "fuser_loss",
+    "fuser_step",
+]
