@@ -1,0 +1,379 @@
+"""Topology policy: brute-force exactness of the sampler, invariants, gradients, learning, bad input."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gcache.core import topology as tp
+
+from _topology_helpers import (
+    chi_square_p_value,
+    enumerate_topologies,
+    make_task,
+    outcome_keys,
+    reference_log_prob,
+    train,
+)
+
+# ---------------------------------------------------------------------------- strategies
+# Reusable hypothesis strategies (meant to move to gcache/testing.py).
+
+
+@st.composite
+def masks(draw, max_agents: int = 6, mode: str = "full") -> tuple[int, torch.Tensor]:
+    """(N, mask): for mode "full" any [N, N] bool with a False diagonal; for every other mode
+    a strictly upper-triangular one (the identity order must make it a DAG)."""
+    n = draw(st.integers(1, max_agents))
+    bits = draw(st.lists(st.booleans(), min_size=n * n, max_size=n * n))
+    mask = torch.tensor(bits, dtype=torch.bool).reshape(n, n)
+    keep = ~torch.eye(n, dtype=torch.bool) if mode == "full" else torch.ones(n, n, dtype=torch.bool).triu(1)
+    return n, mask & keep
+
+
+@st.composite
+def dag_adjacencies(draw, max_agents: int = 6) -> torch.Tensor:
+    """A random DAG [N, N] bool: forward edges of a random order."""
+    n = draw(st.integers(1, max_agents))
+    perm = draw(st.permutations(list(range(n))))
+    bits = draw(st.lists(st.booleans(), min_size=n * n, max_size=n * n))
+    pos = torch.empty(n, dtype=torch.long)
+    pos[torch.tensor(perm, dtype=torch.long)] = torch.arange(n)
+    return torch.tensor(bits, dtype=torch.bool).reshape(n, n) & (pos[:, None] < pos[None, :])
+
+
+def seeds() -> st.SearchStrategy[int]:
+    return st.integers(0, 2**31 - 1)
+
+
+def random_logits(config: tp.TopologyConfig, seed: int, spread: float = 1.5) -> tp.PolicyLogits:
+    """Logits far enough from 0 that the brute-force checks see unequal probabilities."""
+    g = torch.Generator().manual_seed(seed)
+    n = config.num_agents
+    return tp.PolicyLogits(
+        edge=spread * torch.randn(n, n, generator=g, dtype=torch.float64),
+        order=spread * torch.randn(n, generator=g, dtype=torch.float64),
+        temporal=spread * torch.randn(n, n, generator=g, dtype=torch.float64),
+    )
+
+
+def config_for(mode: str, n: int, **kw) -> tp.TopologyConfig:
+    return tp.TopologyConfig(num_agents=n, mode=mode, num_rounds=2 if mode == "debate" else 1, **kw)
+
+
+# ---------------------------------------------------------------------------- brute force
+
+
+@pytest.mark.parametrize("mode", tp.MODES)
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_log_prob_is_exact_and_sums_to_one(mode, n):
+    config = config_for(mode, n)  # debate, N = 4: 2^16 temporal graphs, still enumerable
+    mask = tp.spatial_mask(mode, n, torch.Generator().manual_seed(n))
+    logits = random_logits(config, seed=10 * n + len(mode))
+    support = enumerate_topologies(mask, config)
+    lp = tp.log_prob(logits, mask, config, support)
+    assert torch.isfinite(lp).all()
+    assert torch.logsumexp(lp, 0).item() == pytest.approx(0.0, abs=1e-9)
+    assert len(set(outcome_keys(support))) == support.spatial.shape[0]
+    step = max(1, support.spatial.shape[0] // 300)  # the scalar reference is slow; check a spread of outcomes
+    for k in range(0, support.spatial.shape[0], step):
+        one = tp.Topology(*(field[k] for field in support))
+        assert lp[k].item() == pytest.approx(reference_log_prob(logits, mask, config, one), abs=1e-9)
+
+
+@pytest.mark.parametrize("mode", tp.MODES)
+def test_sampled_frequencies_match_exact_probabilities(mode):
+    n = 3 if mode == "debate" else 4
+    config = config_for(mode, n)
+    mask = tp.spatial_mask(mode, n, torch.Generator().manual_seed(7))
+    logits = random_logits(config, seed=3, spread=1.0)
+    support = enumerate_topologies(mask, config)
+    probs = tp.log_prob(logits, mask, config, support).exp().tolist()
+    samples = 20_000
+    drawn = tp.sample_topology(logits, mask, config, torch.Generator().manual_seed(11), num_samples=samples)
+    counts = Counter(outcome_keys(drawn))
+    keys = outcome_keys(support)
+    assert set(counts) <= set(keys), "the sampler drew an outcome outside the enumerated support"
+    observed = [counts.get(k, 0) for k in keys]
+    expected = [samples * p for p in probs]
+    assert chi_square_p_value(observed, expected) > 1e-3
+    # The sampler's own log-prob of each draw is the exact one.
+    index = {k: i for i, k in enumerate(keys)}
+    first = [index[k] for k in outcome_keys(drawn)[:200]]
+    torch.testing.assert_close(drawn.log_prob[:200], torch.tensor([math.log(probs[i]) for i in first],
+                                                                    dtype=torch.float64))
+
+
+def test_dag_marginal_frequencies_in_full_mode():
+    """Several orders give the same DAG: its marginal (summed over orders) matches its frequency."""
+    config = tp.TopologyConfig(num_agents=3, mode="full")
+    mask = tp.spatial_mask("full", 3)
+    logits = random_logits(config, seed=5, spread=1.0)
+    support = enumerate_topologies(mask, config)
+    probs = tp.log_prob(logits, mask, config, support).exp()
+    marginal: Counter = Counter()
+    for graph, p in zip(support.spatial.reshape(-1, 9).tolist(), probs.tolist()):
+        marginal[tuple(graph)] += p
+    assert sum(marginal.values()) == pytest.approx(1.0, abs=1e-12)
+    samples = 20_000
+    drawn = tp.sample_topology(logits, mask, config, torch.Generator().manual_seed(2), num_samples=samples)
+    counts = Counter(tuple(g) for g in drawn.spatial.reshape(-1, 9).tolist())
+    keys = list(marginal)
+    assert chi_square_p_value([counts.get(k, 0) for k in keys], [samples * marginal[k] for k in keys]) > 1e-3
+
+
+def test_out_of_support_graphs_have_probability_zero():
+    config = tp.TopologyConfig(num_agents=3, mode="mesh")
+    mask = tp.spatial_mask("chain", 3)
+    logits = random_logits(config, seed=0)
+    backward = torch.zeros(3, 3, dtype=torch.bool)
+    backward[0, 2] = True  # not a chain edge
+    topo = tp.Topology(backward, torch.zeros(3, 3, dtype=torch.bool), torch.arange(3),
+                       torch.ones(3, dtype=torch.bool), torch.zeros(()))
+    assert tp.log_prob(logits, mask, config, topo).item() == -math.inf
+
+
+# ---------------------------------------------------------------------------- invariants
+
+
+def _check_invariants(topo: tp.Topology, mask: torch.Tensor, config: tp.TopologyConfig) -> None:
+    n = config.num_agents
+    for k in range(topo.spatial.shape[0]):
+        spatial, order = topo.spatial[k], topo.order[k]
+        assert not (spatial & ~mask).any(), "an edge outside the mask"
+        assert sorted(order.tolist()) == list(range(n))
+        pos = torch.argsort(order)
+        assert not (spatial & ~(pos[:, None] < pos[None, :])).any(), "order is not topological"
+        # Independent acyclicity check: the adjacency is nilpotent.
+        power = torch.linalg.matrix_power(spatial.double(), n) if n > 0 else spatial.double()
+        assert not power.any()
+        assert bool(tp.is_acyclic(spatial))
+        tp.topological_order(spatial)
+        full = tp.with_decision_node(tp.Topology(*(f[k] for f in topo)))
+        reach = tp.reachability(full)
+        assert reach[:n, n].all(), "the decision node is not reachable from every agent"
+        assert not full[n].any(), "the decision node has an outgoing edge"
+        assert torch.isfinite(topo.log_prob[k])
+        if config.num_rounds == 1:
+            assert not topo.temporal[k].any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), seed=seeds(), mode=st.sampled_from(tp.MODES), decision=st.sampled_from(tp.DECISION_RULES),
+       rounds=st.integers(1, 3), optimize_spatial=st.booleans(), optimize_temporal=st.booleans())
+def test_sampled_graphs_are_dags_within_the_mask(data, seed, mode, decision, rounds, optimize_spatial,
+                                                 optimize_temporal):
+    n, mask = data.draw(masks(mode="full" if mode == "full" else "mesh"))
+    config = tp.TopologyConfig(num_agents=n, mode=mode, num_rounds=rounds, decision=decision,
+                               optimize_spatial=optimize_spatial, optimize_temporal=optimize_temporal)
+    logits = random_logits(config, seed % 1000, spread=3.0)
+    topo = tp.sample_topology(logits, mask, config, torch.Generator().manual_seed(seed), num_samples=8)
+    _check_invariants(topo, mask, config)
+    det = tp.deterministic_topology(logits, mask, config)
+    _check_invariants(tp.Topology(*(f[None] for f in det)), mask, config)
+
+
+@settings(max_examples=30, deadline=None)
+@given(adjacency=dag_adjacencies())
+def test_graph_helpers_agree(adjacency):
+    n = adjacency.shape[0]
+    order = tp.topological_order(adjacency)
+    pos = {node: k for k, node in enumerate(order)}
+    for j in range(n):
+        preds = tp.predecessors(adjacency, j)
+        assert all(pos[i] < pos[j] for i in preds)
+        assert preds == [i for i in range(n) if adjacency[i, j]]
+        assert tp.successors(adjacency, j) == [i for i in range(n) if adjacency[j, i]]
+    closure = torch.linalg.matrix_exp(adjacency.double()) - torch.eye(n, dtype=torch.float64)
+    assert torch.equal(tp.reachability(adjacency), closure > 1e-12)
+    sinks = tp.decision_inputs(adjacency, "sinks")
+    assert sinks.tolist() == [not adjacency[i].any() for i in range(n)]
+
+
+def test_topological_order_rejects_cycles():
+    cycle = torch.tensor([[False, True], [True, False]])
+    with pytest.raises(ValueError, match="cycle"):
+        tp.topological_order(cycle)
+    assert not bool(tp.is_acyclic(cycle))
+
+
+@pytest.mark.parametrize("mode", tp.MODES)
+def test_masks_are_dags_in_their_order(mode):
+    for n in range(1, 8):
+        mask = tp.spatial_mask(mode, n, torch.Generator().manual_seed(n))
+        assert mask.shape == (n, n) and mask.dtype == torch.bool and not mask.diagonal().any()
+        if mode == "full":
+            assert mask.sum() == n * (n - 1)
+        else:
+            assert not mask.tril().any()
+    assert tp.spatial_mask("star", 4)[0, 1:].all() and tp.spatial_mask("star", 4)[1:].sum() == 0
+    assert tp.spatial_mask("chain", 4).sum() == 3
+    assert tp.spatial_mask("debate", 4).sum() == 0
+    assert tp.spatial_mask("layered", 4).tolist() == [[False, False, True, True]] * 2 + [[False] * 4] * 2
+
+
+def test_random_mask_is_seeded():
+    a = tp.spatial_mask("random", 6, torch.Generator().manual_seed(1))
+    b = tp.spatial_mask("random", 6, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    draws = {tuple(tp.spatial_mask("random", 6, torch.Generator().manual_seed(s)).flatten().tolist())
+             for s in range(5)}
+    assert len(draws) > 1
+
+
+def test_no_optimization_takes_every_candidate_with_log_prob_zero():
+    config = tp.TopologyConfig(num_agents=4, mode="full", num_rounds=2, optimize_spatial=False,
+                               optimize_temporal=False)
+    mask = tp.spatial_mask("full", 4)
+    topo = tp.sample_topology(random_logits(config, 0), mask, config, torch.Generator().manual_seed(0))
+    assert torch.equal(topo.spatial, tp.spatial_mask("mesh", 4))
+    assert topo.temporal.all()
+    assert topo.log_prob.item() == 0.0
+
+
+def test_sampling_is_reproducible_and_does_not_mutate_inputs():
+    config = tp.TopologyConfig(num_agents=4, mode="full", num_rounds=2)
+    mask = tp.spatial_mask("full", 4)
+    logits = random_logits(config, 0)
+    before = [t.clone() for t in logits] + [mask.clone()]
+    a = tp.sample_topology(logits, mask, config, torch.Generator().manual_seed(3), num_samples=5)
+    b = tp.sample_topology(logits, mask, config, torch.Generator().manual_seed(3), num_samples=5)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    for x, y in zip(list(logits) + [mask], before):
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------- policy
+
+
+def _policy_setup(mode: str = "full", rounds: int = 2, feature_dim: int = 24, n: int = 4):
+    config = tp.TopologyConfig(num_agents=n, mode=mode, num_rounds=rounds)
+    g = torch.Generator().manual_seed(0)
+    params = tp.init_policy(config, feature_dim, g)
+    features = torch.randn(n, feature_dim, generator=g)
+    prior = ~torch.eye(n, dtype=torch.bool)
+    return config, params, features, prior, tp.spatial_mask(mode, n)
+
+
+def test_gradient_reaches_every_parameter():
+    config, params, features, prior, mask = _policy_setup()
+    logits = tp.policy_logits(params, features, prior)
+    topo = tp.sample_topology(logits, mask, config, torch.Generator().manual_seed(1), num_samples=16)
+    advantages = torch.linspace(-1, 1, 16)
+
+    def loss(p):
+        lp = tp.log_prob(tp.policy_logits(p, features, prior), mask, config, topo)
+        return -(advantages * lp).mean()
+
+    grads = torch.func.grad(loss)(params)
+    for name, grad in grads._asdict().items():
+        assert torch.isfinite(grad).all(), name
+        assert grad.abs().sum() > 0, f"no gradient reaches {name}"
+    # The sampler's own log_prob is differentiable too, with the same gradient.
+    leaves = tp.PolicyParams(*(t.detach().requires_grad_() for t in params))
+    sampled = tp.sample_topology(tp.policy_logits(leaves, features, prior), mask, config,
+                                 torch.Generator().manual_seed(1), num_samples=16)
+    assert torch.equal(sampled.spatial, topo.spatial)
+    (-(advantages * sampled.log_prob).mean()).backward()
+    for leaf, grad in zip(leaves, grads):
+        torch.testing.assert_close(leaf.grad, grad)
+
+
+def test_policy_distinguishes_agents_under_a_complete_prior():
+    """A GCN alone over a complete prior maps every node to the same vector; the skip keeps them apart."""
+    config, params, features, prior, mask = _policy_setup(rounds=1)
+    logits = tp.policy_logits(params, features, prior)
+    assert logits.edge.std() > 1e-3
+    assert not torch.allclose(logits.edge, logits.edge.T)  # i -> j and j -> i are scored apart
+
+
+def test_probabilities_can_approach_zero_and_one():
+    config, params, features, prior, mask = _policy_setup(rounds=1)
+    sharp = params._replace(log_scale=torch.tensor(6.0))
+    probs = tp.edge_probs(sharp, features, prior)
+    off_diagonal = probs[~torch.eye(4, dtype=torch.bool)]
+    assert off_diagonal.min() < 0.01 and off_diagonal.max() > 0.99
+    assert tp.edge_probs(params._replace(bias=torch.tensor(-30.0)), features, prior).max() < 1e-9
+
+
+def test_batched_questions_match_one_by_one():
+    config, params, features, prior, mask = _policy_setup(rounds=1)
+    batch = torch.stack([features, features.flip(0), 2 * features])
+    together = tp.policy_logits(params, batch, prior)
+    for q in range(3):
+        alone = tp.policy_logits(params, batch[q], prior)
+        torch.testing.assert_close(together.edge[q], alone.edge)
+        torch.testing.assert_close(together.order[q], alone.order)
+
+
+def test_node_features_concatenate_role_and_query():
+    roles = torch.randn(3, 5)
+    query = torch.randn(5)
+    feats = tp.node_features(roles, query)
+    assert feats.shape == (3, 10)
+    assert torch.equal(feats[:, :5], roles) and torch.equal(feats[1, 5:], query)
+    assert tp.node_features(roles, torch.randn(2, 5)).shape == (2, 3, 10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_training_learns_whom_to_listen_to(seed):
+    task = make_task(seed, mode="full")
+    result = train(seed, task, steps=40, batch_size=16, lr=0.003, baseline="batch")
+    start, end = result.expected_rewards[0], result.expected_rewards[-1]
+    assert start < 0.5
+    assert end >= 0.9
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_naming_the_argument():
+    with pytest.raises(ValueError, match="num_agents"):
+        tp.TopologyConfig(num_agents=0)
+    with pytest.raises(ValueError, match="num_agents"):
+        tp.spatial_mask("mesh", 0)
+    with pytest.raises(ValueError, match="mode"):
+        tp.TopologyConfig(num_agents=3, mode="ring")
+    with pytest.raises(ValueError, match="mode"):
+        tp.spatial_mask("ring", 3)
+    with pytest.raises(ValueError, match="generator"):
+        tp.spatial_mask("random", 3)
+    with pytest.raises(ValueError, match="decision"):
+        tp.TopologyConfig(num_agents=3, decision="last")
+    with pytest.raises(ValueError, match="num_rounds"):
+        tp.TopologyConfig(num_agents=3, num_rounds=0)
+    config, params, features, prior, mask = _policy_setup(rounds=1)
+    logits = tp.policy_logits(params, features, prior)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="mask"):
+        tp.sample_topology(logits, torch.ones(3, 3, dtype=torch.bool), config, g)
+    with pytest.raises(TypeError, match="mask"):
+        tp.sample_topology(logits, mask.float(), config, g)
+    with pytest.raises(ValueError, match="mask"):
+        tp.sample_topology(logits, mask | torch.eye(4, dtype=torch.bool), config, g)
+    mesh = tp.TopologyConfig(num_agents=4, mode="mesh")
+    with pytest.raises(ValueError, match="mask"):
+        tp.sample_topology(logits, mask, mesh, g)  # a full mask is not upper triangular
+    bad = logits._replace(edge=logits.edge.clone().fill_(float("nan")))
+    with pytest.raises(ValueError, match="logits.edge"):
+        tp.sample_topology(bad, mask, config, g)
+    with pytest.raises(ValueError, match="logits.edge"):
+        tp.log_prob(bad, mask, config, tp.deterministic_topology(logits, mask, config))
+    inf_features = features.clone()
+    inf_features[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="finite"):
+        tp.sample_topology(tp.policy_logits(params, inf_features, prior), mask, config, g)
+    with pytest.raises(ValueError, match="features"):
+        tp.policy_logits(params, features[:3], prior)
+    with pytest.raises(ValueError, match="features"):
+        tp.policy_logits(params, features[:, :5], prior)
+    with pytest.raises(ValueError, match="num_samples"):
+        tp.sample_topology(logits, mask, config, g, num_samples=0)
+    with pytest.raises(ValueError, match="feature_dim"):
+        tp.init_policy(config, 0, g)
