@@ -14,7 +14,8 @@ Hugging Face id.
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -300,16 +301,16 @@ def load_model(
 # --------------------------------------------------------------------------- tiny random models
 
 
-_embedded_tokenizer: dict[str, Any] = {}
+@functools.lru_cache(maxsize=1)
+def _embedded_tokenizer(folder: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def embedded_tokenizer() -> Any:
-    """The embedded model's tokenizer (vocabulary 49152), loaded once per process from the safetensors copy."""
-    if "tok" not in _embedded_tokenizer:
-        from transformers import AutoTokenizer
-
-        _embedded_tokenizer["tok"] = AutoTokenizer.from_pretrained(str(ensure_embedded_copy()))
-    return _embedded_tokenizer["tok"]
+    """A fresh copy of the embedded model's tokenizer (vocabulary 49152), read once per process."""
+    return copy.deepcopy(_embedded_tokenizer(str(ensure_embedded_copy())))
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> LocalModel:
@@ -335,6 +336,9 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> LocalMod
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=4096,
+        # Wider than transformers' 0.02: with it a random model's greedy output is one
+        # repeated token, which would let decoding tests pass by accident.
+        initializer_range=0.3,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
