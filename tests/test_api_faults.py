@@ -132,28 +132,39 @@ def test_retry_after_from_the_server_replaces_the_backoff():
 def test_the_concurrency_limit_bounds_requests_in_flight():
     conversations = [[{"role": "user", "content": f"question {i}"}] for i in range(6)]
 
-    async def go(api: ApiClient) -> list[Completion]:
-        return await api.complete_many(conversations, max_tokens=4)
+    async def go(config: ApiConfig) -> list[Completion]:
+        async with ApiClient(config) as api:
+            return await api.complete_many(conversations, max_tokens=4)
 
     with OpenAIServer(latency_s=0.15) as server:
-        done = asyncio.run(go(ApiClient(_config(server, max_concurrency=2))))
+        done = asyncio.run(go(_config(server, max_concurrency=2)))
     assert server.max_in_flight == 2
     assert [c.text for c in done] == [f"echo: question {i}" for i in range(6)]  # in input order
 
 
 def test_complete_many_raises_the_failure_after_every_request_ended():
     conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
+    async def go(config: ApiConfig) -> list[Completion]:
+        async with ApiClient(config) as api:
+            return await api.complete_many(conversations, max_tokens=4)
+
     with OpenAIServer(script=[Reply("status", 400)], latency_s=0.05) as server:
         with pytest.raises(ApiStatusError):
-            asyncio.run(ApiClient(_config(server, max_concurrency=1)).complete_many(conversations, max_tokens=4))
+            asyncio.run(go(_config(server, max_concurrency=1)))
         assert len(server.requests) == 3
 
 
 def test_one_client_serves_several_event_loops():
+    async def once(api: ApiClient) -> Completion:
+        try:
+            return await api.complete(MESSAGES, max_tokens=4)
+        finally:
+            await api.aclose()  # the connections belong to this loop
+
     with OpenAIServer() as server:
         api = ApiClient(_config(server))
-        first = asyncio.run(api.complete(MESSAGES, max_tokens=4))
-        second = asyncio.run(api.complete(MESSAGES, max_tokens=4))
+        first = asyncio.run(once(api))
+        second = asyncio.run(once(api))
     assert first == second
     assert api.totals["requests"] == 2 and api.totals["completion_tokens"] == 2 * first.completion_tokens
 

@@ -504,7 +504,8 @@ async def generate_answer(
     cache: [L, B, H, T, D] with B = len(conversations), or None; ``api`` takes none.
     cache_info: what the ``api_hint`` sentence describes, one for all rows or one per row
     (needed by api_hint). The local model decodes all rows as one batch; the API gets them as
-    concurrent requests (up to the client's ``max_concurrency``).
+    concurrent requests (up to the client's ``max_concurrency``), and the client's connections
+    are closed before returning (the client itself stays usable, in this loop or another).
     Raises ValueError/TypeError naming what is missing or wrong, ApiError when the API fails.
     """
     mode = check_mode(mode)
@@ -528,6 +529,29 @@ async def generate_answer(
         return [Answer(d.text, _local_tokens(d), _no_api()) for d in decoded]
 
     assert api is not None
+    try:
+        return await _api_answers(mode, rows, local=local, api=api, cache=cache, cache_info=cache_info,
+                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  generator=generator)  # fmt: skip
+    finally:
+        # Runners call this under asyncio.run, one loop per batch: close the connections
+        # before the loop ends, so none is left bound to a dead loop.
+        await api.aclose()
+
+
+async def _api_answers(
+    mode: str,
+    rows: list[Conversation],
+    *,
+    local: "LocalModel | None",
+    api: ApiClient,
+    cache: "KVCache | None",
+    cache_info: CacheInfo | Sequence[CacheInfo] | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    generator: "torch.Generator | None",
+) -> list[Answer]:
     if mode == "api":
         done = await api.complete_many(rows, max_tokens=max_new_tokens, temperature=temperature)
         return [Answer(c.text, _no_local(), _api_tokens(c)) for c in done]
@@ -543,6 +567,7 @@ async def generate_answer(
         return [Answer(c.text, _no_local(), _api_tokens(c)) for c in done]
 
     # hybrid
+    assert local is not None
     drafts = generate_local(
         local, rows, cache=cache, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, generator=generator,
