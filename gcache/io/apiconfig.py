@@ -1,6 +1,6 @@
 """Where the OpenAI-compatible API is, and what each generation mode needs.
 
-This module is light on purpose (no torch, no openai import): the CLI resolves
+This module imports neither transformers nor openai: the CLI resolves
 the API configuration and checks the mode's needs with it *before* any model is
 loaded, so a missing key or base URL costs the user one clear line, not a
 15-second model load followed by a traceback.
@@ -158,7 +158,7 @@ def resolve_api_config(
 
 
 def check_mode(mode: str) -> GenerationMode:
-    """``mode`` if it is one of the four generation modes; ValueError naming the choices otherwise."""
+    """``mode`` if it is one of the four generation modes. Raises ValueError naming the choices otherwise."""
     if mode not in GENERATION_MODES:
         raise ValueError(f"mode: expected one of {', '.join(GENERATION_MODES)}; got {mode!r}")
     return mode  # type: ignore[return-value]

@@ -30,8 +30,11 @@ import asyncio
 import json
 import logging
 import random
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
+import torch
+
+from gcache.core.cache import KVCache
 from gcache.io.apiconfig import (
     API_MODES,
     GENERATION_MODES,
@@ -44,11 +47,7 @@ from gcache.io.apiconfig import (
     resolve_api_config,
 )
 
-if TYPE_CHECKING:
-    import torch
-
-    from gcache.core.cache import KVCache
-    from gcache.io.models import LocalModel
+from gcache.io.models import LocalModel
 
 __all__ = [
     "GENERATION_MODES",
@@ -364,7 +363,10 @@ def _check_conversation(messages: Conversation, name: str) -> list[Message]:
 
 
 def with_cache_hint(messages: Conversation, hint: str) -> list[Message]:
-    """The conversation with ``hint`` prepended to its last user message (a new list; the input is kept)."""
+    """The conversation with ``hint`` prepended to its last user message (a new list; the input is kept).
+
+    Raises TypeError on a malformed conversation, ValueError when it has no user message.
+    """
     out = _check_conversation(messages, "messages")
     for m in reversed(out):
         if m["role"] == "user":
@@ -384,6 +386,7 @@ def with_draft(messages: Conversation, draft: str) -> list[Message]:
     """The conversation followed by the local draft (as the assistant's turn) and a request to check it.
 
     Roles keep alternating user / assistant / user, which strict chat templates require.
+    Raises TypeError on a malformed conversation.
     """
     out = _check_conversation(messages, "messages")
     return out + [{"role": "assistant", "content": draft}, {"role": "user", "content": HYBRID_INSTRUCTION}]
@@ -402,14 +405,14 @@ class LocalText(NamedTuple):
 
 
 def generate_local(
-    local: "LocalModel",
+    local: LocalModel,
     conversations: Sequence[Conversation],
     *,
-    cache: "KVCache | None" = None,
+    cache: KVCache | None = None,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    generator: "torch.Generator | None" = None,
+    generator: torch.Generator | None = None,
 ) -> list[LocalText]:
     """Decode one answer per conversation with the local model, on top of ``cache`` when given.
 
@@ -489,14 +492,14 @@ async def generate_answer(
     mode: str,
     conversations: Sequence[Conversation],
     *,
-    local: "LocalModel | None" = None,
+    local: LocalModel | None = None,
     api: ApiClient | None = None,
-    cache: "KVCache | None" = None,
+    cache: KVCache | None = None,
     cache_info: CacheInfo | Sequence[CacheInfo] | None = None,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    generator: "torch.Generator | None" = None,
+    generator: torch.Generator | None = None,
 ) -> list[Answer]:
     """One answer per conversation (batch row) in the given generation mode (see the module docstring).
 
@@ -543,14 +546,14 @@ async def _api_answers(
     mode: str,
     rows: list[Conversation],
     *,
-    local: "LocalModel | None",
+    local: LocalModel | None,
     api: ApiClient,
-    cache: "KVCache | None",
+    cache: KVCache | None,
     cache_info: CacheInfo | Sequence[CacheInfo] | None,
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    generator: "torch.Generator | None",
+    generator: torch.Generator | None,
 ) -> list[Answer]:
     if mode == "api":
         done = await api.complete_many(rows, max_tokens=max_new_tokens, temperature=temperature)
