@@ -240,25 +240,32 @@ def _normalise_text(text: str) -> str:
 
 
 def _option_in(text: str, options: Sequence[str], letters: str) -> str | None:
-    """The letter of the option whose text appears in `text`; when several do, the one
-    mentioned last, unless one option's text contains another's (then the longest)."""
-    hay = " " + _normalise_text(text) + " "
-    hits = []
-    for i, option in enumerate(options[: len(letters)]):
-        needle = _normalise_text(option)
-        if not needle:
-            continue
-        at = hay.rfind(" " + needle + " ")
-        if at >= 0:
-            hits.append((at, len(needle), letters[i]))
-    if not hits:
-        return None
-    # Prefer the longest match (an option that contains another), then the last mentioned.
+    """The letter of the option whose text appears in `text`: first comparing the texts as
+    written (case and spacing aside), then with punctuation ignored. When several options
+    appear, one that contains the others wins, else the one mentioned last."""
+    for normalise in (_spacing, _normalise_text):
+        hay = normalise(text)
+        hits = []
+        for i, option in enumerate(options[: len(letters)]):
+            needle = normalise(option)
+            if not needle:
+                continue
+            found = [m.start() for m in re.finditer(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", hay)]
+            if found:
+                hits.append((found[-1], len(needle), letters[i]))
+        if hits:
+            return _pick(hits)
+    return None
+
+
+def _spacing(text: str) -> str:
+    return re.sub(r"\s+", " ", text.lower()).strip()
+
+
+def _pick(hits: list[tuple[int, int, str]]) -> str:
     hits.sort(key=lambda h: (h[1], h[0]))
     longest = hits[-1]
-    contained = [h for h in hits if h is not longest and _contained(h, longest)]
-    others = [h for h in hits if h is not longest and h not in contained]
-    if not others:
+    if all(h is longest or _contained(h, longest) for h in hits):
         return longest[2]
     return max(hits, key=lambda h: h[0])[2]
 

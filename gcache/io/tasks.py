@@ -49,6 +49,7 @@ __all__ = [
     "mbpp_inputs",
     "data_dir",
     "build_mbpp_expected",
+    "gold_replies",
 ]
 
 log = logging.getLogger(__name__)
@@ -669,6 +670,40 @@ def _doctest_asserts(prompt: str) -> list[str]:
                     continue
                 out.append(candidate)
     return out
+
+
+def gold_replies(item: Item) -> list[str]:
+    """Replies that state the gold answer, for self-tests: five common answer styles for math
+    and multiple choice, the canonical program in a fenced block for code."""
+    family = task_family(item.task)
+    if family == "code":
+        return [f"Here is the solution.\n\n```python\n{item.gold}\n```\n"]
+    if family == "math":
+        value = extract.parse_number(item.gold)
+        if value is None:
+            raise ValueError(f"task {item.task}, item {item.id}: gold {item.gold!r} is not a number")
+        plain = extract.format_number(value)
+        if value.denominator == 1:
+            commas = f"{value.numerator:,}"
+            zeros = f"{value.numerator}.00"
+        else:
+            commas = zeros = plain
+        return [
+            f"We add up the parts step by step.\n#### {commas}",
+            f"Putting it together, the answer is {commas}.",
+            f"So the result is $\\boxed{{{plain}}}$.",
+            f"First 2 + 3 = 5 is not it. After all steps, the total comes to {zeros} units.",
+            f"**Final answer:** {plain}",
+        ]
+    letter = item.gold
+    text = item.meta["options"]["ABCD".index(letter)]
+    return [
+        f"After comparing the options, ({letter}) is correct.",
+        f"{letter}. {text}",
+        f"Reasoning about each option in turn.\nAnswer: {letter}",
+        f"The best option is $\\boxed{{{letter}}}$.",
+        f"The correct response is {text}",
+    ]
 
 
 if __name__ == "__main__":
