@@ -219,6 +219,15 @@ def test_api_mode_sends_the_conversation_as_is_and_reads_usage():
         assert answer.tokens == {"prompt": 0, "latent": 0, "generated": 0}
 
 
+def test_sampling_settings_reach_the_api_and_top_p_only_when_set():
+    with OpenAIServer() as server:
+        asyncio.run(generate_answer("api", [SHORT], api=_client(server), max_new_tokens=5, temperature=0.7, top_p=0.9))
+        asyncio.run(generate_answer("api", [SHORT], api=_client(server), max_new_tokens=5))
+    nucleus, default = server.requests
+    assert (nucleus["temperature"], nucleus["top_p"], nucleus["max_tokens"]) == (0.7, 0.9, 5)
+    assert default["temperature"] == 0.0 and "top_p" not in default
+
+
 def test_api_hint_mode_prepends_one_hint_per_row():
     infos = [CacheInfo(2, 40, 5), CacheInfo(4, 90, 5)]
     with OpenAIServer() as server:

@@ -555,8 +555,9 @@ async def _api_answers(
     top_p: float,
     generator: torch.Generator | None,
 ) -> list[Answer]:
+    api_top_p = None if top_p == 1.0 else top_p  # servers differ in defaults: send it only when set
     if mode == "api":
-        done = await api.complete_many(rows, max_tokens=max_new_tokens, temperature=temperature)
+        done = await api.complete_many(rows, max_tokens=max_new_tokens, temperature=temperature, top_p=api_top_p)
         return [Answer(c.text, _no_local(), _api_tokens(c)) for c in done]
 
     if mode == "api_hint":
@@ -566,7 +567,7 @@ async def _api_answers(
         if len(infos) != len(rows) or not all(isinstance(i, CacheInfo) for i in infos):
             raise ValueError(f"cache_info: expected one CacheInfo or {len(rows)} of them, got {cache_info!r:.120}")
         hinted = [with_cache_hint(r, describe_cache_hint(*i)) for r, i in zip(rows, infos)]
-        done = await api.complete_many(hinted, max_tokens=max_new_tokens, temperature=temperature)
+        done = await api.complete_many(hinted, max_tokens=max_new_tokens, temperature=temperature, top_p=api_top_p)
         return [Answer(c.text, _no_local(), _api_tokens(c)) for c in done]
 
     # hybrid
@@ -576,5 +577,5 @@ async def _api_answers(
         temperature=temperature, top_p=top_p, generator=generator,
     )  # fmt: skip
     prompts = [with_draft(r, d.text) for r, d in zip(rows, drafts)]
-    done = await api.complete_many(prompts, max_tokens=max_new_tokens, temperature=temperature)
+    done = await api.complete_many(prompts, max_tokens=max_new_tokens, temperature=temperature, top_p=api_top_p)
     return [Answer(c.text, _local_tokens(d), _api_tokens(c), draft=d.text) for c, d in zip(done, drafts)]
