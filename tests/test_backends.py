@@ -118,6 +118,7 @@ def test_the_key_is_masked_in_repr_and_left_out_of_records():
     assert "api_key=None" in repr(ApiConfig())
     assert scrub(f"Bearer {KEY} and {KEY}", KEY) == "Bearer *** and ***"
     assert scrub("nothing", None) == "nothing"
+    assert scrub("an EMPTY key", "EMPTY") == "an EMPTY key"  # a placeholder, not a secret
 
 
 # --------------------------------------------------------------------------- mode requirements

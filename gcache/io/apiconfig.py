@@ -38,6 +38,7 @@ BASE_URL_VARS = ("BASE_URL", "OPENAI_BASE_URL")
 MODEL_VARS = ("API_MODEL", "OPENAI_MODEL")
 
 _MASK = "***"
+_MIN_SECRET_LEN = 8
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -98,8 +99,13 @@ class ApiConfig:
 
 
 def scrub(text: str, secret: str | None) -> str:
-    """``text`` with every occurrence of ``secret`` replaced by ``***`` (unchanged when secret is None/empty)."""
-    if not secret:
+    """``text`` with every occurrence of ``secret`` replaced by ``***``.
+
+    Unchanged when secret is None or shorter than 8 characters: such a value is a
+    placeholder for a server that checks no key ("EMPTY", "ollama"), and masking
+    every occurrence of a short word would garble the text.
+    """
+    if not secret or len(secret) < _MIN_SECRET_LEN:
         return text
     return text.replace(secret, _MASK)
 
