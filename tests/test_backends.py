@@ -137,7 +137,7 @@ def test_an_api_mode_without_a_setting_is_one_line_naming_it(mode, missing):
     with pytest.raises(ValueError) as caught:
         require_api(mode, config)
     message = str(caught.value)
-    words = {"base_url": "base URL", "api_key": "a key", "model": "model name"}
+    words = {"base_url": "no base URL", "api_key": "no key", "model": "no model name"}
     assert "\n" not in message and mode in message and words[missing] in message
     assert KEY not in message
     require_api(mode, ApiConfig(**full))  # complete: no error
@@ -145,7 +145,7 @@ def test_an_api_mode_without_a_setting_is_one_line_naming_it(mode, missing):
 
 def test_require_api_names_every_missing_setting_and_rejects_unknown_modes():
     message = str(pytest.raises(ValueError, require_api, "hybrid", ApiConfig()).value)
-    assert "base URL" in message and "a key" in message and "model name" in message
+    assert "no base URL" in message and "no key" in message and "no model name" in message
     with pytest.raises(ValueError, match="local, api_hint, hybrid, api"):
         require_api("cloud", ApiConfig())
     assert GENERATION_MODES == ("local", "api_hint", "hybrid", "api")

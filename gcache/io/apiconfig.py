@@ -174,14 +174,15 @@ def missing_api_settings(config: ApiConfig) -> list[str]:
     """The settings an API call needs that ``config`` lacks, each named with where to set it."""
     missing = []
     if config.base_url is None:
-        missing.append("a base URL (--base-url, or BASE_URL / OPENAI_BASE_URL in the environment or .env)")
+        missing.append("base URL (--base-url, or BASE_URL / OPENAI_BASE_URL in the environment or .env)")
     if config.api_key is None:
+        # No flag named here: a key belongs in the environment or .env, not in shell history.
         missing.append(
-            "a key (--api-key, or API_KEY / OPENAI_API_KEY in the environment or .env;"
-            " any non-empty value for a local server that checks none)"
+            "key (API_KEY / OPENAI_API_KEY in the environment or .env;"
+            " any value for a local server that checks none)"
         )
     if config.model is None:
-        missing.append("a model name (--api-model, or API_MODEL / OPENAI_MODEL in the environment or .env)")
+        missing.append("model name (--api-model, or API_MODEL / OPENAI_MODEL in the environment or .env)")
     return missing
 
 

@@ -165,7 +165,7 @@ class ApiClient:
     def __init__(self, config: ApiConfig) -> None:
         missing = missing_api_settings(config)
         if missing:
-            raise ValueError(f"config: the API client needs {'; '.join(missing)}")
+            raise ValueError(f"config: the API client has no {'; no '.join(missing)}")
         self.config = config
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
