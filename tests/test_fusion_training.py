@@ -277,9 +277,9 @@ def test_training_on_the_embedded_model_raises_the_heldout_likelihood_of_true_an
         answers = [lm.tokenizer(f" {ans}")["input_ids"] for _, ans in qs]
         return caches, answer_batch(prompts, answers, pad_token_id=lm.pad_token_id)
 
-    train_set, held_set = task(range(6)), task(range(50, 56))
+    train_set, held_set = task(range(4)), task(range(50, 54))
     untrained = init_fuser(FuserConfig(lm.fns.num_layers, NUM_AGENTS))
-    trained = train(lm, train_set, "learned", steps=8, lr=0.3)
+    trained = train(lm, train_set, "learned", steps=6, lr=0.3)
     before, after = heldout(lm, held_set, untrained, "learned"), heldout(lm, held_set, trained, "learned")
     assert after < before - 0.1, (before, after)
     assert int(trained.source_logits[SOURCES].argmax()) == 0
