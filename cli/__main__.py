@@ -1,0 +1,3 @@
+from gcache_cli.main import app
+
+app(prog_name="gcache")

@@ -1,0 +1,160 @@
+"""End to end: `gcache run` on the tiny random model for every task and method, resume after
+kill -9, determinism, and one clear error per bad flag combination."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gcache.io.config import METHODS, build_config
+from gcache.io.experiment import run_experiment
+from gcache.io.runlog import read_records
+from gcache.io.tasks import TASKS
+from gcache_cli.main import app
+
+TINY = dict(model="tiny-llama", max_new_tokens=6, latent_steps=2, batch_size=2)
+
+
+def _config(tmp_path: Path, task: str, method: str, **extra):
+    flags = {"task": task, "method": method, "out": str(tmp_path / f"{task}-{method}"), **TINY, **extra}
+    if method in ("single", "latent-mas"):
+        flags.pop("latent_steps") if method == "single" else None
+    if method in ("single", "text-mas"):
+        flags.pop("latent_steps", None)
+    if method in ("gcache", "text-mas"):
+        flags.setdefault("num_iterations", 1)
+        flags.setdefault("train_size", 2)
+        flags.setdefault("agent_nums", 3)
+    return build_config(flags)
+
+
+def _check_run(folder: Path, n_eval: int, n_train: int) -> list[dict]:
+    records = read_records(folder / "results.jsonl")
+    evals = [r for r in records if r["phase"] == "eval"]
+    trains = [r for r in records if r["phase"] == "train"]
+    assert len(evals) == n_eval and len(trains) == n_train
+    assert len({(r["phase"], r["id"]) for r in records}) == len(records)
+    for r in records:
+        assert r["error"] is None, r["error"]
+        assert isinstance(r["correct"], bool)
+        assert r["tokens"]["prompt"] > 0 and r["tokens"]["generated"] > 0
+        assert r["trace"], "every answer has a per-agent trace"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["n"] == n_eval and summary["config"]["method"] in METHODS
+    return records
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_end_to_end_on_gsm8k(tmp_path, method):
+    config = _config(tmp_path, "gsm8k", method, limit=2)
+    summary = run_experiment(config)
+    n_train = 2 if config.learns else 0
+    records = _check_run(config.out_dir, 2, n_train)
+    latent = [r["tokens"]["latent"] for r in records]
+    if method in ("latent-mas", "gcache"):
+        assert all(n > 0 for n in latent), "latent methods run latent steps"
+    else:
+        assert all(n == 0 for n in latent), "text methods run none"
+    assert summary["accuracy"] is not None
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "gsm8k"])
+def test_every_task_runs_end_to_end(tmp_path, task):
+    for method in ("gcache", "text-mas"):
+        config = _config(tmp_path, task, method, limit=1, num_iterations=1, batch_size=1, train_size=1)
+        run_experiment(config)
+        _check_run(config.out_dir, 1, 1)
+
+
+def test_same_seed_same_topologies_and_answers(tmp_path):
+    a = _config(tmp_path / "a", "gsm8k", "gcache", limit=2, seed=3)
+    b = _config(tmp_path / "b", "gsm8k", "gcache", limit=2, seed=3)
+    run_experiment(a)
+    run_experiment(b)
+    ra, rb = read_records(a.out_dir / "results.jsonl"), read_records(b.out_dir / "results.jsonl")
+    strip = lambda r: {k: r[k] for k in ("id", "phase", "edges", "answer", "prediction", "tokens")}  # noqa: E731
+    assert [strip(r) for r in ra] == [strip(r) for r in rb]
+
+
+def test_decision_rules_run(tmp_path):
+    for decision in ("direct", "vote"):
+        config = _config(tmp_path / decision, "gsm8k", "gcache", limit=1, decision=decision, num_iterations=1)
+        run_experiment(config)
+        _check_run(config.out_dir, 1, 2)
+    config = _config(tmp_path / "code", "humaneval", "gcache", limit=1, decision="code", num_iterations=0)
+    run_experiment(config)
+    _check_run(config.out_dir, 1, 0)
+
+
+def test_two_rounds_with_temporal_edges(tmp_path):
+    config = _config(tmp_path, "gsm8k", "gcache", limit=1, num_rounds=2, optimize_temporal=True)
+    run_experiment(config)
+    records = _check_run(config.out_dir, 1, 2)
+    assert any(e["kind"] == "temporal" for e in records[-1]["edges"])
+    assert any(t["node"].startswith("r1:") for t in records[-1]["trace"])
+
+
+def test_resume_after_kill_loses_and_duplicates_nothing(tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "gcache_cli", "run", "gsm8k", "--method", "latent-mas", "--model", "tiny-llama",
+        "--limit", "6", "--batch-size", "1", "--max-new-tokens", "24", "--latent-steps", "2", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.exists() and len(read_records(results)) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = read_records(results)
+    assert 1 <= len(before) < 6, "the kill must land midway"
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = read_records(results)
+    ids = [r["id"] for r in after]
+    assert len(ids) == 6 and len(set(ids)) == 6
+    assert after[: len(before)] == before, "finished lines are kept as they were"
+
+
+BAD_FLAGS = [
+    (["--method", "single", "--latent-steps", "3"], "--latent-steps does not apply to --method single"),
+    (["--method", "latent-mas", "--topology", "star"], "--topology does not apply to --method latent-mas"),
+    (["--method", "text-mas", "--fusion", "learned"], "--fusion does not apply to --method text-mas"),
+    (["--method", "gcache", "--generation-mode", "api"], "api is the text-only mode"),
+    (["--method", "single", "--generation-mode", "hybrid"], "--generation-mode hybrid does not apply"),
+    (["--topology", "ring"], "--topology: expected one of"),
+    (["--latent-steps", "-1"], "--latent-steps: expected a value >= 0"),
+    (["--decision", "code"], "--decision code runs programs"),
+    (["--optimize-temporal"], "needs --num-rounds >= 2"),
+    (["--question-id", "1", "--limit", "2"], "do not combine"),
+    (["--method", "text-mas", "--generation-mode", "api"], "API"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS)
+def test_bad_flag_combinations_fail_with_one_clear_line(tmp_path, flags, message, monkeypatch):
+    for var in ("API_KEY", "BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", "gsm8k", *flags, "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    text = result.output
+    assert message in text, text
+    assert "Traceback" not in text
+    assert not (tmp_path / "x" / "results.jsonl").exists()
+
+
+def test_unknown_task_is_refused(tmp_path):
+    result = CliRunner().invoke(app, ["run", "gsm9k", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "gsm9k" in result.output
