@@ -22,7 +22,8 @@ Three modes, all pure functions of explicit parameters:
     permuting the predecessors with their weights cannot change the result, and keeps every
     output a convex combination of the inputs, so it stays inside their per-element range.
     ``g_l`` says how far layer ``l`` moves from the plain average toward the weighted one.
-    With one predecessor the output is that predecessor's cache, whatever the gate.
+    With one predecessor the output is that predecessor's cache, whatever the gate. Where the
+    weights are uniform the gates change nothing (and get no gradient) until the weights part.
 
 ``learned``
     As ``weighted``, with weights that also depend on the fuser's parameters::
