@@ -31,9 +31,10 @@ __all__ = [
 # part, an optional "/denominator".
 _NUMBER = re.compile(
     r"""
-    (?P<sign>[-+\u2212]?)\s*
+    (?P<sign>[-+\u2212]?)
     (?:[$\u20ac\u00a3\u00a5]\s*)?
     (?P<sign2>[-+\u2212]?)
+    (?=\d|\.\d)
     (?P<int>\d{1,3}(?:,\d{3})+|\d+)?
     (?P<frac>\.\d+)?
     (?:\s*/\s*(?P<den>\d+(?:\.\d+)?))?
@@ -185,7 +186,7 @@ def numbers_equal(prediction: str | None, gold: str) -> bool:
 
 _LETTER_PATTERNS = (
     # "answer is (B)", "Answer: B", "correct option is B", "final answer: **B**"
-    r"(?:answer|option|choice)\s*(?:is|:|=)?\s*(?:option|choice)?\s*[:\-]?\s*[\*\(\[]*\s*({L})\b",
+    r"(?:answer|option|choice)[\s\*]*(?:is|:|=)?[\s\*]*(?:option|choice)?[\s\*]*[:\-]?[\s\*\(\[]*({L})\b",
     # a line that starts with the letter: "(B)", "B.", "B)", "**B**"
     r"(?m)^\s*[\*\(\[]*({L})\s*[\)\]\.:\*](?:\s|$)",
     # "(B)" anywhere

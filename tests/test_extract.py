@@ -1,0 +1,123 @@
+"""Answer extraction: the parsing traps of the seed systems, as properties where natural."""
+
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gcache.io.extract import extract_choice, extract_code, extract_number, format_number, numbers_equal, parse_number
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("#### 1,000", "1000"),
+        ("The answer is 18.00", "18"),
+        ("so we get -5", "-5"),
+        ("Answer: -$5", "-5"),
+        ("The answer is \\boxed{\\frac{3}{4}}", "0.75"),
+        ("She has 3-5 = 2 left", "2"),
+        ("#### 7 apples\nlater text 99", "7"),
+        ("First 12, then \\boxed{45} and more text 3", "45"),
+        ("It costs $1,234,567.50 in total.", "1234567.5"),
+        ("ratio 1/3", "1/3"),
+        ("values 1,2,3", "3"),
+        ("no digits here", None),
+    ],
+)
+def test_extract_number_cases(reply, expected):
+    assert extract_number(reply) == expected
+
+
+def test_numbers_compare_numerically_and_keep_signs():
+    assert numbers_equal("18.00", "18")
+    assert numbers_equal("1,000", "1000")
+    assert not numbers_equal("-5", "5")
+    assert not numbers_equal(None, "5")
+    assert numbers_equal("0.5", "1/2")
+
+
+def _formats(n: int, zeros: int, currency: str) -> str:
+    body = f"{abs(n):,}" + ("." + "0" * zeros if zeros else "")
+    return ("-" if n < 0 else "") + currency + body
+
+
+@given(
+    n=st.integers(-10**12, 10**12),
+    zeros=st.integers(0, 3),
+    currency=st.sampled_from(["", "$", "€"]),
+    style=st.sampled_from(["#### {}", "The answer is {}.", "\\boxed{{{}}}", "so the total is {} dollars", "Answer: {} units"]),
+)
+@settings(max_examples=300, deadline=None)
+def test_any_integer_formatted_round_trips(n, zeros, currency, style):
+    reply = "Some work: 2 + 2 = 4.\n" + style.format(_formats(n, zeros, currency))
+    assert parse_number(extract_number(reply)) == n
+
+
+@given(num=st.integers(-10**6, 10**6), den=st.integers(1, 10**4))
+@settings(max_examples=200, deadline=None)
+def test_format_number_is_exact(num, den):
+    value = Fraction(num, den)
+    assert parse_number(format_number(value)) == value
+
+
+@given(st.text(max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_extractors_never_raise_on_text(text):
+    extract_number(text)
+    extract_choice(text, ["alpha", "beta", "gamma", "delta"])
+    assert isinstance(extract_code(text), str)
+
+
+OPTIONS = ["Hemolytic uremic syndrome", "Oral ulcers", "Colorectal cancer", "Pancreatic cancer"]
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("The answer is (B)", "B"),
+        ("B. Oral ulcers", "B"),
+        ("Answer: C", "C"),
+        ("answer: c", "C"),
+        ("Final: \\boxed{D}", "D"),
+        ("\\boxed{\\text{(A)}}", "A"),
+        ("The patient is at risk of colorectal cancer.", "C"),
+        ("**Answer:** **B**", "B"),
+        ("D", "D"),
+        ("the answer is a cat", None),
+        ("I cannot tell.", None),
+    ],
+)
+def test_extract_choice_cases(reply, expected):
+    assert extract_choice(reply, OPTIONS) == expected
+
+
+def test_option_text_with_symbols_matches_as_written():
+    options = ["(1+n*v)/(n+v)", "1", "(1-n*v)/(n+v)", "(1+n*v)/(n-v)"]
+    assert extract_choice("so it is (1-n*v)/(n+v)", options) == "C"
+    # an option that contains another ("1" inside the fraction) does not steal the match
+    assert extract_choice("so it is (1+n*v)/(n-v)", options) == "D"
+
+
+@pytest.mark.parametrize("lang", ["python", "py", "Python3", ""])
+@pytest.mark.parametrize("first", ["print(1)", "python_version = 3", "yield_value = 2", "type(x)", "hello()"])
+def test_code_fence_keeps_code_starting_with_tag_letters(lang, first):
+    # lstrip("```python") would eat the leading "p", "y", "t" ... of such code
+    reply = f"Here:\n```{lang}\n{first}\nx = 1\n```\nDone."
+    assert extract_code(reply) == f"{first}\nx = 1\n"
+
+
+def test_extract_code_takes_last_block_or_whole_reply():
+    reply = "```python\ndef f():\n    return 1\n```\nthen fixed:\n```python\ndef f():\n    return 2\n```"
+    assert extract_code(reply) == "def f():\n    return 2\n"
+    assert extract_code("def g():\n    return 3\n") == "def g():\n    return 3\n"
+    assert extract_code("```python\ndef h():\n    return 4\n") == "def h():\n    return 4\n"
+    assert extract_code("````python\nx = '```'\n````") == "x = '```'\n"
+
+
+def test_bad_types_raise_type_error():
+    with pytest.raises(TypeError, match="reply"):
+        extract_number(None)
+    with pytest.raises(TypeError, match="reply"):
+        extract_code(3)
