@@ -31,7 +31,9 @@ class ModelFns(NamedTuple):
 
     embed(input_ids [B, S]) -> [B, S, d]
     forward(inputs_embeds [B, S, d], attention_mask [B, T+S] bool, position_ids [B, S], state)
-        -> (last_hidden [B, S, d] after the final norm, state holding T+S positions)
+        -> (last_hidden [B, S, d] after the final norm, state holding T+S positions);
+        attention_mask None means every position is real, position_ids None means the
+        new positions continue at the state's length (both only when that is true)
     logits(hidden [..., d]) -> [..., V]
     to_state(cache: KVCache | None) -> state (None: an empty state); may share the cache's storage
         but must never write into it
@@ -165,13 +167,15 @@ def latent_step(
     realign: Realign,
     hidden: Tensor,  # [B, d]
     state: State,
-    attention_mask: Tensor,  # [B, T + 1] bool, covering the state and the new position
-    position_ids: Tensor,  # [B, 1]
+    attention_mask: Tensor | None,  # [B, T + 1] bool, covering the state and the new position
+    position_ids: Tensor | None,  # [B, 1]
 ) -> tuple[Tensor, State]:
     """Feed the realigned hidden state as the next input embedding; returns (new last hidden [B, d], state).
 
     One backbone forward of one position plus one [d, d] product: no lm_head, no
     intermediate hidden states. The state grows by one position in place.
+    attention_mask and position_ids may be None when every position is real and
+    every row's next position is the state's length (see ModelFns.forward).
     """
     embeds = apply_realign(realign, hidden)[:, None, :]  # [B, 1, d]
     out, state = fns.forward(embeds, attention_mask, position_ids, state)
@@ -204,10 +208,14 @@ def rollout(
     # One mask for every step, sliced per step, so the loop allocates nothing for it.
     mask = torch.cat([pre.mask, pre.mask.new_ones(batch, latent_steps)], dim=1)  # [B, T + S + steps]
     hidden, state = pre.hidden[:, -1], pre.state
+    # Without padding and with positions that continue at the cache's length (one unsliced
+    # prompt, the common case) the model's defaults are exact, and skipping the explicit
+    # mask and positions makes a latent step cost what a bare forward costs.
+    dense = bool(pre.mask.all()) and bool((pre.next_pos == past).all())
     for i in range(latent_steps):
-        hidden, state = latent_step(
-            fns, realign, hidden, state, mask[:, : past + i + 1], (pre.next_pos + i)[:, None]
-        )
+        step_mask = None if dense else mask[:, : past + i + 1]
+        step_pos = None if dense else (pre.next_pos + i)[:, None]
+        hidden, state = latent_step(fns, realign, hidden, state, step_mask, step_pos)
     next_pos = pre.next_pos + latent_steps
     kept = mask[:, past:] if latent_only else mask
     out = fns.from_state(state, kept, next_pos)

@@ -14,7 +14,6 @@ Hugging Face id.
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.metadata
 import importlib.util
@@ -309,8 +308,9 @@ def _embedded_tokenizer(folder: str) -> Any:
 
 
 def embedded_tokenizer() -> Any:
-    """A fresh copy of the embedded model's tokenizer (vocabulary 49152), read once per process."""
-    return copy.deepcopy(_embedded_tokenizer(str(ensure_embedded_copy())))
+    """The embedded model's tokenizer (vocabulary 49152, left padding), read once per process and
+    shared by every tiny model: copy it (copy.deepcopy) before changing it."""
+    return _embedded_tokenizer(str(ensure_embedded_copy()))
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> LocalModel:

@@ -1,0 +1,168 @@
+"""One gcache latent step against one bare transformers forward of one input embedding, same cache.
+
+    python benchmarks/latent_step.py            # embedded model, cache lengths 128, 512, 2048
+    python benchmarks/latent_step.py --smoke    # tiny random model, few repetitions (CI)
+
+Both sides run on the same DynamicCache of ``cache_len`` positions, interleaved
+(the order rotating every repetition) after a warm-up, and the cache is cropped back
+after every call so each repetition sees the same length. The "bare" call is
+``model.model(inputs_embeds=e, cache=c, use_cache=True)`` with no mask and no
+positions, the least a latent step can cost. gcache's step is what ``rollout``
+runs on an unpadded cache (the realignment product, then the same forward);
+the step with an explicit 2D mask and positions, which rollout runs for padded
+batches and sliced caches, is timed as ``gcache_masked_ms``. For reference, the full
+``LlamaForCausalLM`` forward with all hidden states (what LatentMAS runs per
+latent step) is timed too. Medians are written to benchmarks/results/latent_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gcache.core.latent import latent_step, prefill
+from gcache.io.hf import backbone
+from gcache.io.models import load_model, tiny_model
+
+log = logging.getLogger("benchmarks.latent_step")
+ROOT = Path(__file__).resolve().parent
+LENGTHS = (128, 512, 2048)
+
+
+def _machine() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(lm, cache_len: int, reps: int, warmup: int, generator: torch.Generator) -> dict:
+    """Medians in ms of the gcache latent step, the bare backbone forward and the full forward."""
+    fns, device = lm.fns, lm.device
+    ids = torch.randint(0, lm.model.config.vocab_size, (1, cache_len), generator=generator).to(device)
+    pre = prefill(fns, ids, torch.ones_like(ids, dtype=torch.bool))
+    state, hidden = pre.state, pre.hidden[:, -1]
+    mask = torch.ones(1, cache_len + 1, dtype=torch.bool, device=device)
+    pos = pre.next_pos[:, None]
+    embeds = torch.randn(1, 1, fns.hidden_size, generator=generator).to(device=device, dtype=lm.dtype)
+    body = backbone(lm.model)
+
+    # What rollout passes per step on an unpadded cache whose positions continue at its length.
+    dense = bool(pre.mask.all()) and bool((pre.next_pos == cache_len).all())
+    assert dense
+
+    def gcache_step():
+        latent_step(fns, lm.realign, hidden, state, None, None)
+
+    def gcache_masked_step():
+        latent_step(fns, lm.realign, hidden, state, mask, pos)
+
+    def bare_step():
+        body(inputs_embeds=embeds, cache=state, use_cache=True)
+
+    def full_step():
+        lm.model(inputs_embeds=embeds, cache=state, use_cache=True, output_hidden_states=True)
+
+    steps = {"gcache": gcache_step, "bare": bare_step, "gcache_masked": gcache_masked_step, "full": full_step}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    names = list(steps)
+    for i in range(warmup + reps):
+        # Rotate the order so that no side always runs first (or right after the slow full forward).
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            fn = steps[name]
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            elapsed = (time.perf_counter() - start) * 1000
+            state.crop(-1)
+            if i >= warmup:
+                times[name].append(elapsed)
+    assert state.get_seq_length() == cache_len
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "cache_len": cache_len,
+        "gcache_ms": med["gcache"],
+        "bare_ms": med["bare"],
+        "ratio": med["gcache"] / med["bare"],
+        "gcache_masked_ms": med["gcache_masked"],
+        "masked_ratio": med["gcache_masked"] / med["bare"],
+        "full_forward_ms": med["full"],
+        "reps": reps,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the loader's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    parser.add_argument("--reps", type=int, default=20, help="timed repetitions per side (median taken)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, 3 repetitions")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "latent_step.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.smoke:
+        lm = tiny_model("llama", seed=args.seed)
+        reps, warmup = 3, 1
+    else:
+        lm = load_model(args.model, device=args.device, dtype=args.dtype)
+        reps, warmup = args.reps, args.warmup
+    generator = torch.Generator().manual_seed(args.seed)
+    results = []
+    with torch.inference_mode():
+        for n in args.lengths:
+            r = measure(lm, n, reps, warmup, generator)
+            log.info("cache_len %5d  gcache %7.2f ms  bare %7.2f ms  ratio %.3f  "
+                     "(explicit mask+positions %7.2f ms, ratio %.3f)  full forward %7.2f ms",
+                     n, r["gcache_ms"], r["bare_ms"], r["ratio"], r["gcache_masked_ms"], r["masked_ratio"],
+                     r["full_forward_ms"])
+            results.append(r)
+    report = {
+        "model": lm.name,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "device": str(lm.device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "machine": _machine(),
+        "smoke": args.smoke,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
