@@ -169,6 +169,16 @@ def test_child_environment_has_no_secrets(monkeypatch):
     assert res.passed, res.error
 
 
+@pytest.mark.parametrize("without_landlock", [False, True])
+def test_parent_environment_is_not_readable(monkeypatch, without_landlock):
+    monkeypatch.setenv("GCACHE_TEST_API_KEY", "sk-parent-secret")
+    for path in ("f'/proc/{os.getppid()}/environ'", "'/proc/1/environ'", f"'/proc/{os.getpid()}/environ'"):
+        program = f"import os\ndef f(x):\n    return open({path}, 'rb').read().decode(errors='replace')\n"
+        test = "def check(candidate):\n    assert 'sk-parent-secret' in candidate(0)\n"
+        res = run_tests(check_job(program, test=test, without_landlock=without_landlock), FAST)
+        assert not res.passed and "ermission" in res.error, res.error
+
+
 def test_tests_are_bound_before_the_candidate_runs():
     # the candidate defines its own `check` and a helper the real test also defines
     program = "def check(candidate):\n    pass\ndef f(x):\n    return 0\n"

@@ -13,7 +13,9 @@ One child process per candidate program runs all of that program's tests. The la
   Python, that refuses process creation (fork, exec, spawn, system, subprocess), signals to
   other processes, ctypes and sockets;
 - Landlock (PyPI ``landlock``): writes, truncations, creations, renames and deletions outside
-  the temporary directory fail with PermissionError, while reads work. Where Landlock is
+  the temporary directory fail with PermissionError; reads work everywhere except under
+  /proc (so other processes' environments, the parent's API keys included, stay unreadable;
+  the audit hook refuses them too). Where Landlock is
   missing, a warning is logged once and the audit hook refuses writing opens and deletions
   outside the temporary directory instead (a weaker wall);
 - per-test time limits (SIGALRM in the child) inside the wall-clock limit.
@@ -175,9 +177,21 @@ def _landlock(workdir):
                       | FSAccess.MAKE_SYM)
         if abi >= 2:
             dir_rights |= FSAccess.REFER
-        ruleset = landlock.Ruleset(restrict_rules=file_rights | dir_rights)
-        ruleset.allow(workdir, rules=file_rights | dir_rights)
-        ruleset.allow("/dev/null", rules=file_rights)
+        read_file = FSAccess.READ_FILE | FSAccess.EXECUTE
+        read_dir = read_file | FSAccess.READ_DIR
+        ruleset = landlock.Ruleset(restrict_rules=file_rights | dir_rights | read_dir)
+        ruleset.allow(workdir, rules=file_rights | dir_rights | read_dir)
+        # Reads everywhere except /proc (other processes' environments), own /proc entry kept.
+        for entry in os.listdir("/"):
+            if entry == "proc":
+                continue
+            path = "/" + entry
+            try:
+                ruleset.allow(path, rules=read_dir if os.path.isdir(path) else read_file)
+            except Exception:
+                pass
+        ruleset.allow("/proc/%d" % os.getpid(), rules=read_dir)
+        ruleset.allow("/dev/null", rules=file_rights | read_file)
         ruleset.apply()
         return True, None
     except Exception as exc:
@@ -201,9 +215,20 @@ def _install_hook(workdir, landlock_ok):
             return (os.path.realpath(p) + os.sep).startswith(root)
         except Exception:
             return False
+    own = "/proc/%d" % os.getpid()
+    def foreign_proc(path):
+        try:
+            if isinstance(path, int):
+                return False
+            p = os.path.realpath(os.fsdecode(path))
+            return p.startswith("/proc/") and p.split("/")[2].isdigit() and not (p + "/").startswith(own + "/")
+        except Exception:
+            return True
     def hook(event, args):
         if event in _BLOCKED or event.startswith("ctypes."):
             raise PermissionError("sandbox: " + event + " is not allowed")
+        if event == "open" and args and foreign_proc(args[0]):
+            raise PermissionError("sandbox: other processes' /proc entries are not readable")
         if not landlock_ok:
             if event == "open" and len(args) >= 3:
                 mode = args[1] or ""

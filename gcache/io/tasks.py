@@ -516,6 +516,8 @@ def _mbpp_expected(items: Sequence[Item], workers: int | None = None, progress=N
     running the canonical solutions in the sandbox (trusted code; one child per task)."""
     from gcache.io import sandbox
 
+    if not items:
+        return
     _load_shipped_expected()
     todo = [it for it in items if it.id not in _EXPECTED]
     if not todo:
