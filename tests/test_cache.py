@@ -1,0 +1,251 @@
+"""Properties of the KVCache transforms (hypothesis), and the DynamicCache round trip.
+
+The strategies ``cache_dims`` and ``kv_caches`` are written to be moved as they
+are into a public testing module.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gcache.core.cache import (
+    KVCache,
+    check_compatible,
+    concat,
+    empty,
+    keep_last,
+    nbytes,
+    select_rows,
+    trim_padding,
+    validate,
+)
+from gcache.io.hf import from_dynamic_cache, to_dynamic_cache
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def cache_dims(
+    *,
+    max_layers: int = 3,
+    max_batch: int = 3,
+    max_heads: int = 2,
+    max_head_dim: int = 4,
+) -> st.SearchStrategy[tuple[int, int, int, int]]:
+    """(layers, batch, heads, head_dim), each at least 1."""
+    return st.tuples(
+        st.integers(1, max_layers), st.integers(1, max_batch), st.integers(1, max_heads), st.integers(1, max_head_dim)
+    )
+
+
+@st.composite
+def kv_caches(
+    draw,
+    dims: tuple[int, int, int, int] | None = None,
+    *,
+    max_len: int = 6,
+    min_len: int = 0,
+    dtype: torch.dtype | None = None,
+    left_padded: bool = False,
+) -> KVCache:
+    """A valid KVCache with random contents.
+
+    dims fixes (layers, batch, heads, head_dim) (drawn when None); the length is
+    drawn in [min_len, max_len]; dtype is drawn from float32/16, bfloat16, float64
+    when None. The mask is arbitrary, or left padding per row when left_padded;
+    next_pos is at least the number of real positions of each row.
+    """
+    layers, batch, heads, head_dim = dims if dims is not None else draw(cache_dims())
+    length = draw(st.integers(min_len, max_len))
+    dtype = dtype if dtype is not None else draw(st.sampled_from(DTYPES))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    shape = (layers, batch, heads, length, head_dim)
+    keys = torch.randn(shape, generator=g).to(dtype)
+    values = torch.randn(shape, generator=g).to(dtype)
+    if left_padded:
+        pads = draw(st.lists(st.integers(0, length), min_size=batch, max_size=batch))
+        mask = torch.arange(length)[None, :] >= torch.tensor(pads)[:, None]
+    else:
+        bits = draw(st.lists(st.booleans(), min_size=batch * length, max_size=batch * length))
+        mask = torch.tensor(bits, dtype=torch.bool).reshape(batch, length)
+    extra = draw(st.lists(st.integers(0, 50), min_size=batch, max_size=batch))
+    next_pos = mask.sum(dim=1) + torch.tensor(extra, dtype=torch.long)
+    return KVCache(keys, values, mask, next_pos)
+
+
+@st.composite
+def compatible_caches(draw, count: int, **kwargs) -> list[KVCache]:
+    """``count`` caches that share layers, batch, heads, head_dim and dtype (lengths differ)."""
+    dims = draw(cache_dims())
+    dtype = draw(st.sampled_from(DTYPES))
+    return [draw(kv_caches(dims, dtype=dtype, **kwargs)) for _ in range(count)]
+
+
+def assert_same(a: KVCache, b: KVCache) -> None:
+    """Equal shapes, dtypes and contents, field by field."""
+    for name, x, y in zip(KVCache._fields, a, b):
+        assert x.shape == y.shape and x.dtype == y.dtype, name
+        assert torch.equal(x, y), name
+
+
+def snapshot(caches) -> list[list[torch.Tensor]]:
+    return [[t.clone() for t in c] for c in caches]
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@given(compatible_caches(2))
+def test_keep_last_of_concat_gives_the_second_part(pair):
+    a, b = pair
+    before = snapshot(pair)
+    joined = concat([a, b])
+    assert joined.seq_len == a.seq_len + b.seq_len
+    tail = keep_last(joined, b.seq_len)
+    assert_same(tail._replace(next_pos=b.next_pos), b)
+    assert torch.equal(joined.next_pos, torch.maximum(a.next_pos, b.next_pos))
+    n = a.seq_len
+    head = KVCache(joined.keys[:, :, :, :n], joined.values[:, :, :, :n], joined.mask[:, :n], a.next_pos)
+    assert_same(head, a)
+    for c, snap in zip(pair, before):
+        assert all(torch.equal(t, s) for t, s in zip(c, snap))
+
+
+@given(compatible_caches(3))
+def test_concat_is_associative(triple):
+    a, b, c = triple
+    left = concat([concat([a, b]), c])
+    right = concat([a, concat([b, c])])
+    flat = concat([a, b, c])
+    assert_same(left, right)
+    assert_same(left, flat)
+
+
+@given(kv_caches(), st.integers(0, 8), st.integers(0, 8))
+def test_truncations_compose(cache, n, m):
+    twice = keep_last(keep_last(cache, n), m)
+    assert_same(twice, keep_last(cache, min(n, m)))
+    once = keep_last(cache, n)
+    assert once.seq_len == min(n, cache.seq_len)
+    assert once.keys.dtype == cache.keys.dtype and torch.equal(once.next_pos, cache.next_pos)
+    assert torch.equal(once.keys, cache.keys[:, :, :, cache.seq_len - once.seq_len :])
+
+
+@given(kv_caches())
+def test_keep_all_and_concat_of_one_are_identity(cache):
+    assert_same(keep_last(cache, cache.seq_len), cache)
+    assert_same(keep_last(cache, cache.seq_len + 3), cache)
+    assert_same(concat([cache]), cache)
+    assert keep_last(cache, 0).seq_len == 0
+    with pytest.raises(ValueError, match="n: expected a non-negative"):
+        keep_last(cache, -1)
+
+
+@given(kv_caches(), st.data())
+def test_select_rows_picks_rows_in_order(cache, data):
+    rows = data.draw(st.lists(st.integers(0, cache.batch_size - 1), max_size=5))
+    picked = select_rows(cache, rows)
+    assert picked.batch_size == len(rows)
+    for i, r in enumerate(rows):
+        assert torch.equal(picked.keys[:, i], cache.keys[:, r])
+        assert torch.equal(picked.values[:, i], cache.values[:, r])
+        assert torch.equal(picked.mask[i], cache.mask[r])
+        assert int(picked.next_pos[i]) == int(cache.next_pos[r])
+    perm = data.draw(st.permutations(list(range(cache.batch_size))))
+    inverse = [perm.index(i) for i in range(cache.batch_size)]
+    assert_same(select_rows(select_rows(cache, perm), inverse), cache)
+    with pytest.raises(IndexError, match="rows"):
+        select_rows(cache, [cache.batch_size])
+
+
+@given(kv_caches(left_padded=True))
+def test_trim_padding_keeps_every_real_position(cache):
+    trimmed = trim_padding(cache)
+    assert trimmed.seq_len <= cache.seq_len
+    for b in range(cache.batch_size):
+        assert torch.equal(trimmed.keys[:, b][:, :, trimmed.mask[b]], cache.keys[:, b][:, :, cache.mask[b]])
+    if bool(cache.mask.any()):
+        assert bool(trimmed.mask[:, 0].any())  # no column left that is padding in every row
+    else:
+        assert trimmed.seq_len == 0
+    assert torch.equal(trimmed.next_pos, cache.next_pos)
+
+
+@given(kv_caches())
+def test_nbytes_counts_every_tensor(cache):
+    item = cache.keys.element_size()
+    want = 2 * cache.keys.numel() * item + cache.mask.numel() + 8 * cache.batch_size
+    assert nbytes(cache) == want
+
+
+@given(cache_dims(), st.sampled_from(DTYPES))
+def test_empty_is_valid_and_neutral_for_concat(dims, dtype):
+    layers, batch, heads, head_dim = dims
+    e = validate(empty(layers, batch, heads, head_dim, dtype=dtype))
+    assert e.seq_len == 0 and e.keys.dtype == dtype and int(e.next_pos.sum()) == 0
+
+
+@given(compatible_caches(1))
+def test_empty_is_a_unit_of_concat(one):
+    (c,) = one
+    e = empty(c.num_layers, c.batch_size, c.num_heads, c.head_dim, dtype=c.keys.dtype)
+    assert_same(concat([e, c]), c)
+    assert_same(concat([c, e]), c)
+
+
+@given(kv_caches(min_len=1), kv_caches(min_len=1))
+def test_concat_of_incompatible_caches_names_both_shapes(a, b):
+    mismatch = tuple(a.keys.shape[i] for i in (0, 1, 2, 4)) != tuple(b.keys.shape[i] for i in (0, 1, 2, 4))
+    if mismatch:
+        with pytest.raises(ValueError, match=r"caches\[0\] and caches\[1\] differ in shape") as err:
+            concat([a, b])
+        assert str(tuple(a.keys.shape)) in str(err.value) and str(tuple(b.keys.shape)) in str(err.value)
+    elif a.keys.dtype != b.keys.dtype:
+        with pytest.raises(ValueError, match="dtype"):
+            concat([a, b])
+    else:
+        assert concat([a, b]).seq_len == a.seq_len + b.seq_len
+
+
+def test_validate_and_check_compatible_reject_bad_caches():
+    c = empty(2, 1, 2, 4)
+    with pytest.raises(TypeError, match="cache: expected a KVCache"):
+        validate((c.keys, c.values, c.mask, c.next_pos))
+    with pytest.raises(ValueError, match=r"cache.keys: expected shape \[L, B, H, T, D\]"):
+        validate(c._replace(keys=c.keys[0]))
+    with pytest.raises(ValueError, match="mask"):
+        validate(c._replace(mask=torch.zeros(2, 0, dtype=torch.bool)))
+    with pytest.raises(TypeError, match="next_pos"):
+        validate(c._replace(next_pos=c.next_pos.float()))
+    with pytest.raises(ValueError, match=r"differ in shape.*\(2, 1, 2, 0, 4\).*\(3, 1, 2, 0, 4\)"):
+        check_compatible(c, empty(3, 1, 2, 4))
+    with pytest.raises(ValueError, match="caches: expected at least one"):
+        concat([])
+
+
+# --------------------------------------------------------------------------- DynamicCache round trip
+
+
+@given(kv_caches(dtype=torch.float32))
+def test_dynamic_cache_round_trip(cache):
+    dc = to_dynamic_cache(cache)
+    assert len(dc.layers) == cache.num_layers
+    assert dc.get_seq_length() == cache.seq_len or cache.seq_len == 0
+    assert_same(from_dynamic_cache(dc, cache.mask, cache.next_pos), cache)
+
+
+def test_dynamic_cache_grows_without_touching_the_kvcache():
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(torch.randn(2, 1, 2, 3, 4, generator=g), torch.randn(2, 1, 2, 3, 4, generator=g),
+                    torch.ones(1, 3, dtype=torch.bool), torch.tensor([3]))
+    before = [t.clone() for t in cache]
+    dc = to_dynamic_cache(cache)
+    for layer in range(2):
+        dc.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), layer)
+    assert dc.get_seq_length() == 4
+    assert all(torch.equal(t, s) for t, s in zip(cache, before))
