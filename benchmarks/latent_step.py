@@ -115,6 +115,26 @@ def measure(lm, cache_len: int, reps: int, warmup: int, generator: torch.Generat
     }
 
 
+def measure_decode_dtypes(model: str, dtypes: list[str], cache_len: int, reps: int, warmup: int,
+                          generator: torch.Generator) -> list[dict]:
+    """Median ms of one greedy decode step (full forward of one token, lm_head included) per dtype,
+    on a cache of ``cache_len`` positions, dtypes interleaved: the measurement behind the CPU default."""
+    lms = {d: load_model(model, device="cpu", dtype=d) for d in dtypes}
+    ids = torch.randint(0, 49152, (1, cache_len), generator=generator)
+    token = torch.randint(0, 49152, (1, 1), generator=generator)
+    states = {d: prefill(lm.fns, ids, torch.ones_like(ids, dtype=torch.bool)).state for d, lm in lms.items()}
+    times: dict[str, list[float]] = {d: [] for d in dtypes}
+    for i in range(warmup + reps):
+        for d in dtypes[i % len(dtypes) :] + dtypes[: i % len(dtypes)]:
+            start = time.perf_counter()
+            lms[d].model(input_ids=token, cache=states[d], use_cache=True).logits.argmax(-1)
+            elapsed = (time.perf_counter() - start) * 1000
+            states[d].crop(-1)
+            if i >= warmup:
+                times[d].append(elapsed)
+    return [{"dtype": d, "cache_len": cache_len, "decode_ms": statistics.median(v), "reps": reps} for d, v in times.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -126,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny random model, 3 repetitions")
+    parser.add_argument("--decode-dtypes", nargs="*", default=None, metavar="DTYPE",
+                        help="also time one decode step per dtype on CPU (e.g. float32 bfloat16)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "latent_step.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -147,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                      n, r["gcache_ms"], r["bare_ms"], r["ratio"], r["gcache_masked_ms"], r["masked_ratio"],
                      r["full_forward_ms"])
             results.append(r)
+    decode = []
+    if args.decode_dtypes and not args.smoke:
+        with torch.inference_mode():
+            decode = measure_decode_dtypes(args.model, args.decode_dtypes, 256, reps, warmup, generator)
+        for r in decode:
+            log.info("decode %-8s cache_len %d  %7.2f ms/token", r["dtype"], r["cache_len"], r["decode_ms"])
     report = {
         "model": lm.name,
         "dtype": str(lm.dtype).removeprefix("torch."),
@@ -158,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "results": results,
     }
+    if decode:
+        report["decode"] = decode
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     log.info("wrote %s", args.out)
