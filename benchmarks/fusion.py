@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         reps, warmup = args.reps, args.warmup
         out = args.out or ROOT / "results" / "fusion.json"
     generator = torch.Generator().manual_seed(args.seed)
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     configs = [(k, n, m) for k in args.ks for n in args.lengths for m in args.modes]
     results = []
     from rich.progress import Progress
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
-        "machine": _machine(),
+        "machine": {**_machine(), "load_average_start": load_start},
         "smoke": args.smoke,
         "all_below_one_decode_step": all(r["fuse_ms"] < r["decode_step_ms"] for r in results),
         "results": results,

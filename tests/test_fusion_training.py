@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gcache.core.cache import keep_last
-from gcache.core.fusion import FuserConfig, FuserParams, fuse, init_fuser
+from gcache.core.fusion import FuserConfig, FuserParams, init_fuser
 from gcache.core.latent import generate, rollout
 from gcache.core.objectives import (
     AnswerBatch,
@@ -202,6 +202,21 @@ def test_learned_fusion_passes_gradient_to_edge_probabilities(lm, train_task):
     detached = probs.detach()
     loss = fuser_loss(params, lm.fns, caches, detached, batch, mode="learned", sources=SOURCES)
     assert not loss.requires_grad
+
+
+def test_gates_open_where_the_edge_weights_favour_the_informed_agent(lm, train_task):
+    caches, batch = train_task
+    params = init_fuser(FuserConfig(lm.fns.num_layers, NUM_AGENTS))
+    favour = [0.8, 0.1, 0.1]
+    _, grads = fuser_grads(lambda p: fuser_loss(p, lm.fns, caches, favour, batch, mode="weighted"), params)
+    assert bool((grads.gate_logits < 0).all())  # descending opens every gate
+
+    def at(gate):
+        p = params._replace(gate_logits=torch.full_like(params.gate_logits, gate))
+        with torch.no_grad():
+            return float(fuser_loss(p, lm.fns, caches, favour, batch, mode="weighted"))
+
+    assert at(math.inf) < at(0.0) < at(-math.inf)
 
 
 def test_fuser_step_returns_new_params_and_refuses_non_finite_gradients(lm, train_task):
