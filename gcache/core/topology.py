@@ -67,11 +67,49 @@ a 2-layer GCN over the symmetrically normalized role-prior adjacency (with
 self-loops), plus a linear skip from the raw features (a GCN over a complete
 prior alone averages every node to the same vector and could not tell agents
 apart), then an MLP, then separate source and target heads: s_ij = <q_i, k_j>
-/ sqrt(head_dim), so i -> j and j -> i differ. Edge logits are
+/ head_dim, so i -> j and j -> i differ. Edge logits are
 exp(log_scale) * s_ij + bias and probabilities sigmoid(logits): they can reach
 0 and 1 (no minmax squashing). Every tensor of ``PolicyParams`` shapes the
 distribution and is meant to be optimized (``order_head`` only in ``full`` mode,
 ``temporal_logits`` only with ``num_rounds > 1``).
+
+Parameterization: one Adam step moves every pre-activation by about lr.
+Adam moves every weight entry by about lr per step whatever its gradient's size,
+and the step of a weight matrix is aligned with its input (the gradient of
+``x @ W`` is ``x`` times something, so Adam's early, sign-like step is
+``lr * sign(x)`` along each output). A plain ``x @ W`` therefore moves its
+output by ``lr * sum_i |x_i|`` per step: for 768-d features (two unit-norm
+MiniLM embeddings) and lr 0.1 that drove the logits to 1e5 within a few steps,
+and the policy collapsed onto one graph, with no gradient left to leave it.
+The policy is therefore written so that the size of a step in the function does
+not depend on the feature width, nor on the scale of the encoder's vectors
+(the per-layer multipliers of muP / "abc" parameterizations, for Adam):
+
+- every layer's input is RMS-normalized without parameters (each node's vector
+  is divided by its root mean square; ``_rms_norm``): the raw features, the GCN
+  output and the MLP output. An embedding of any width or norm enters as a vector
+  of RMS 1, and a hidden layer cannot grow the next layer's step.
+- every weight matrix is applied as ``x @ W / fan_in`` (``_linear``), stored with
+  raw entries of standard deviation sqrt(fan_in), so the effective weight
+  ``W / fan_in`` starts at LeCun's variance 1 / fan_in and activations start at
+  O(1). Since sum_i |x_i| <= fan_in for an input of RMS 1 (Cauchy-Schwarz), a
+  step of lr in every raw entry moves every output by at most lr.
+- the score is <q, k> / head_dim, not / sqrt(head_dim): training aligns q and k,
+  and aligned vectors' product grows like head_dim (muP's attention scaling).
+
+Through the ~8 layers between the features and a logit these per-layer moves
+add up: at lr 0.1, Adam's first step (lr * sign(grad) in every entry at once)
+moves an edge logit by about 1 at most, whatever the feature width, and the
+REINFORCE steps of the synthetic training (tests/_topology_helpers.py) by
+0.1-0.7; the plain parameterization moved them by ~1e5 within a few steps.
+Saturating probabilities thus takes several steps of consistent reward signal,
+not one noisy batch, and the same lr suits every feature width. Nothing bounds
+the logits: log_scale and bias (learned, unclamped) and the weights can take
+every probability as close to 0 or 1 as the reward asks (the tests train a
+policy beyond G-Designer's [0.27, 0.73]). The price: a smaller lr learns
+proportionally slower (the product's lr 0.1, the seed system's, is the intended
+one). Temporal logits are free [N, N] parameters: one Adam step already moves
+each by about lr.
 
 Training recipe (REINFORCE, see gcache/core/reinforce.py and gcache/core/optim.py)::
 
@@ -153,7 +191,11 @@ class TopologyConfig:
 
 
 class PolicyParams(NamedTuple):
-    """Every tensor of the topology policy (F: feature dim, H: hidden_dim, E: head_dim, N: agents)."""
+    """Every tensor of the topology policy (F: feature dim, H: hidden_dim, E: head_dim, N: agents).
+
+    Weights are raw: the policy applies each as ``weight / fan_in`` (fan_in: its first dim), see
+    "Parameterization" in the module docstring.
+    """
 
     gcn_weight_1: Tensor  # [F, H]
     gcn_bias_1: Tensor  # [H]
@@ -358,8 +400,19 @@ def normalized_adjacency(role_adjacency: Tensor) -> Tensor:
     return inv_sqrt[:, None] * a * inv_sqrt[None, :]
 
 
-def _glorot(fan_in: int, fan_out: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
-    bound = math.sqrt(6.0 / (fan_in + fan_out))
+def _rms_norm(x: Tensor) -> Tensor:
+    """x [..., D] divided by its root mean square over D (no parameters): each row has RMS 1 (0 stays 0)."""
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-12)
+
+
+def _linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x [..., fan_in] @ weight [fan_in, out] / fan_in (see "Parameterization" in the module docstring)."""
+    return x @ weight / weight.shape[0]
+
+
+def _raw_weight(fan_in: int, fan_out: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """[fan_in, fan_out] uniform with std sqrt(fan_in): ``weight / fan_in`` has LeCun's variance 1 / fan_in."""
+    bound = math.sqrt(3.0 * fan_in)
     u = torch.rand(fan_in, fan_out, generator=generator, device=generator.device, dtype=dtype)
     return (2 * u - 1) * bound
 
@@ -371,8 +424,9 @@ def init_policy(
     *,
     dtype: torch.dtype = torch.float32,
 ) -> PolicyParams:
-    """Fresh policy parameters on the generator's device: Glorot weights, zero biases,
-    log_scale 0, bias 0, temporal logits 0 (every edge starts near p = 1/2).
+    """Fresh policy parameters on the generator's device: raw weights of std sqrt(fan_in)
+    (applied as ``weight / fan_in``, see "Parameterization"), zero biases, log_scale 0, bias 0,
+    temporal logits 0 (every edge starts near p = 1/2).
     Raises ValueError on a bad feature_dim."""
     if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
         raise ValueError(f"feature_dim: expected an integer >= 1, got {feature_dim!r}")
@@ -383,18 +437,18 @@ def init_policy(
         return torch.zeros(*shape, dtype=dtype, device=dev)
 
     return PolicyParams(
-        gcn_weight_1=_glorot(feature_dim, h, generator, dtype),
+        gcn_weight_1=_raw_weight(feature_dim, h, generator, dtype),
         gcn_bias_1=zeros(h),
-        gcn_weight_2=_glorot(h, h, generator, dtype),
+        gcn_weight_2=_raw_weight(h, h, generator, dtype),
         gcn_bias_2=zeros(h),
-        skip_weight=_glorot(feature_dim, h, generator, dtype),
-        mlp_weight_1=_glorot(h, h, generator, dtype),
+        skip_weight=_raw_weight(feature_dim, h, generator, dtype),
+        mlp_weight_1=_raw_weight(h, h, generator, dtype),
         mlp_bias_1=zeros(h),
-        mlp_weight_2=_glorot(h, h, generator, dtype),
+        mlp_weight_2=_raw_weight(h, h, generator, dtype),
         mlp_bias_2=zeros(h),
-        source_head=_glorot(h, e, generator, dtype),
-        target_head=_glorot(h, e, generator, dtype),
-        order_head=_glorot(h, 1, generator, dtype).squeeze(-1),
+        source_head=_raw_weight(h, e, generator, dtype),
+        target_head=_raw_weight(h, e, generator, dtype),
+        order_head=_raw_weight(h, 1, generator, dtype).squeeze(-1),
         log_scale=zeros(()),
         bias=zeros(()),
         temporal_logits=zeros(n, n),
@@ -423,15 +477,17 @@ def policy_logits(params: PolicyParams, features: Tensor, role_adjacency: Tensor
             f"got {tuple(params.temporal_logits.shape)}"
         )
     a_hat = normalized_adjacency(role_adjacency).to(features.dtype)  # [N, N]
-    x = features
-    h = F.relu(a_hat @ (x @ params.gcn_weight_1) + params.gcn_bias_1)  # [..., N, H]
-    h = a_hat @ (h @ params.gcn_weight_2) + params.gcn_bias_2 + x @ params.skip_weight  # [..., N, H]
-    z = F.relu(h @ params.mlp_weight_1 + params.mlp_bias_1) @ params.mlp_weight_2 + params.mlp_bias_2
-    q = z @ params.source_head  # [..., N, E]
-    k = z @ params.target_head  # [..., N, E]
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [..., N, N]
+    x = _rms_norm(features)  # [..., N, F]
+    h = F.relu(a_hat @ _linear(x, params.gcn_weight_1) + params.gcn_bias_1)  # [..., N, H]
+    h = a_hat @ _linear(h, params.gcn_weight_2) + params.gcn_bias_2 + _linear(x, params.skip_weight)
+    h = _rms_norm(h)  # [..., N, H]
+    z = _linear(F.relu(_linear(h, params.mlp_weight_1) + params.mlp_bias_1), params.mlp_weight_2)
+    z = _rms_norm(z + params.mlp_bias_2)  # [..., N, H]
+    q = _linear(z, params.source_head)  # [..., N, E]
+    k = _linear(z, params.target_head)  # [..., N, E]
+    scores = q @ k.transpose(-1, -2) / q.shape[-1]  # [..., N, N]
     edge = params.log_scale.exp() * scores + params.bias
-    order = z @ params.order_head  # [..., N]
+    order = _linear(z, params.order_head[:, None]).squeeze(-1)  # [..., N]
     return PolicyLogits(edge=edge, order=order, temporal=params.temporal_logits)
 
 
