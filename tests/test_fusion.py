@@ -312,6 +312,17 @@ def test_gradient_is_finite_at_a_zero_edge_weight():
     assert all(bool(torch.isfinite(g).all()) for g in grads)
 
 
+def test_inference_mode_caches_are_refused_only_where_a_gradient_is_needed():
+    with torch.inference_mode():
+        caches = [make_cache(i, 3) for i in range(2)]
+    params = FuserParams(*(t.requires_grad_(True) for t in random_params(0)))
+    with pytest.raises(ValueError, match=r"caches\[0\]: made under torch.inference_mode\(\)"):
+        fuse(params, caches, [0.4, 0.6], mode="learned", sources=[0, 1])
+    with torch.no_grad():
+        fuse(params, caches, [0.4, 0.6], mode="learned", sources=[0, 1])
+    fuse(None, caches, [0.4, 0.6], mode="weighted")
+
+
 def test_bf16_caches_fuse_in_their_dtype():
     caches = [KVCache(c.keys.bfloat16(), c.values.bfloat16(), c.mask, c.next_pos) for c in
               (make_cache(1, 3), make_cache(2, 3))]

@@ -175,7 +175,8 @@ def fuse(
     params: gates and source logits; may be None for "concat" and "weighted" (open gates).
     Returns a new KVCache; the inputs are not modified.
     Raises ValueError on an empty list, mismatched caches, a weight count different from
-    the cache count, non-finite or negative weights, missing or out-of-range sources.
+    the cache count, non-finite or negative weights, missing or out-of-range sources, and on
+    inference-mode caches when the result would need a gradient.
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -189,6 +190,13 @@ def fuse(
 
     w = source_weights(params, e, mode=mode, sources=sources, batch_size=first.batch_size)  # [k, B]
     g = gates(params, first.num_layers, device=first.keys.device)  # [L]
+    if (w.requires_grad or g.requires_grad) and torch.is_grad_enabled():
+        for i, c in enumerate(caches):
+            if c.keys.is_inference() or c.values.is_inference():
+                raise ValueError(
+                    f"caches[{i}]: made under torch.inference_mode(), it cannot carry gradient to the fuser; "
+                    "build it under torch.no_grad() instead (or clone it outside inference mode)"
+                )
     return _mix(_align_right(caches), w, g, present)
 
 
