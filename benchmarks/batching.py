@@ -1,0 +1,142 @@
+"""Batching: latent rollouts plus decoding for 1, 4 and 8 questions at once, against one by one.
+
+    python benchmarks/batching.py            # embedded SmolLM2-135M, float32, greedy, 8 questions
+    python benchmarks/batching.py --smoke --out /tmp/x    # tiny random model (CI)
+
+The method is latent-mas (three thinkers' latent rollouts, then the judger decodes), run
+by ``Pipeline.evaluate`` on batches of ``b`` questions: every wave is one left-padded
+batched forward. The same ``max(batches)`` GSM8K test questions are answered at every
+batch size, ``--reps`` times with the order of batch sizes rotating, after a warm-up;
+questions per second is the question count over the wall time of one pass, median over
+repetitions. Answers at batch b must equal, question by question, the answers decoded
+one question at a time (greedy, float32). Writes <out>/batching.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+
+import _common as common
+import torch
+
+BATCHES = (1, 4, 8)
+
+
+def one_pass(pipeline, items, batch: int) -> tuple[float, dict, dict]:
+    """Wall seconds to answer ``items`` in batches of ``batch``; answers and records by question id."""
+    answers, records = {}, {}
+    start = time.perf_counter()
+    for i in range(0, len(items), batch):
+        for record in pipeline.evaluate(items[i : i + batch]):
+            answers[record["id"]] = record["answer"]
+            records[record["id"]] = record
+    return time.perf_counter() - start, answers, records
+
+
+def split_seconds(records: dict) -> dict:
+    """Seconds spent in latent nodes and in decoding nodes (node seconds are per row of their wave)."""
+    think = decode = 0.0
+    for r in records.values():
+        for node in r["trace"]:
+            if node["text"] is None:
+                think += float(node["seconds"])
+            else:
+                decode += float(node["seconds"])
+    return {"think_seconds": round(think, 3), "decode_seconds": round(decode, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser, max_new_tokens=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="batch sizes (1 is always run)")
+    parser.add_argument("--latent-steps", type=int, default=10, help="latent steps per thinking agent")
+    parser.add_argument("--reps", type=int, default=3, help="passes per batch size (median taken)")
+    args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "float32"
+    common.setup(args)
+    if args.smoke:
+        args.batches, args.reps = [1, 2], 1
+    batches = sorted(set(args.batches) | {1})
+    if batches[0] < 1 or args.reps < 1:
+        parser.error("--batches and --reps: expected values >= 1")
+    load_before = common.load_average()
+    started = time.perf_counter()
+
+    from gcache.io.tasks import load_items
+
+    n = max(batches)
+    items = load_items("gsm8k", "test", limit=n + 1, seed=args.seed)
+    warm_item, items = items[-1], items[:n]
+    flags = dict(common.base_flags(args), method="latent-mas", latent_steps=args.latent_steps)
+    pipelines, local = common.build_pipelines({"latent-mas": flags})
+    pipeline = pipelines["latent-mas"]
+    with common.short_decoding(pipeline, 8):
+        pipeline.evaluate([warm_item])
+        pipeline.evaluate([warm_item] * max(batches))  # the largest batch's shapes, once
+
+    seconds: dict[int, list[float]] = {b: [] for b in batches}
+    answers: dict[int, list[dict]] = {b: [] for b in batches}
+    records: dict[int, dict] = {}
+    with common.progress() as bar:
+        task = bar.add_task("batching", total=args.reps * len(batches), status="")
+        for rep in range(args.reps):
+            for b in batches[rep % len(batches):] + batches[: rep % len(batches)]:
+                bar.update(task, status=f"batch {b}, pass {rep + 1}")
+                wall, ans, recs = one_pass(pipeline, items, b)
+                seconds[b].append(wall)
+                answers[b].append(ans)
+                records[b] = recs
+                bar.advance(task)
+
+    reference = answers[1][0]
+    results = []
+    base_qps = len(items) / common.median(seconds[1])
+    for b in batches:
+        qps = len(items) / common.median(seconds[b])
+        same = [a[i.id] == reference[i.id] for a in answers[b] for i in items]
+        results.append({
+            "batch": b,
+            "questions_per_s": round(qps, 4),
+            "equal_to_unbatched": all(same),
+            "equal_answers": f"{sum(same)}/{len(same)}",
+            "speedup_vs_batch_1": round(qps / base_qps, 3),
+            "seconds_median": round(common.median(seconds[b]), 3),
+            "seconds": [round(s, 3) for s in seconds[b]],
+            "generated_tokens": sum(r["tokens"]["generated"] for r in records[b].values()),
+            **split_seconds(records[b]),
+        })
+    report = {
+        "model": local.name,
+        "dtype": common.dtype_name(local),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": common.machine_info(),
+        "load_average_before": load_before,
+        "load_average_after": common.load_average(),
+        "settings": {"method": "latent-mas", "task": "gsm8k", "questions": len(items), "reps": args.reps,
+                     "max_new_tokens": args.max_new_tokens, "latent_steps": args.latent_steps,
+                     "temperature": 0.0, "padding": "left", "seed": args.seed},
+        "results": results,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    common.print_table(
+        f"batching: latent-mas on {len(items)} GSM8K questions, {local.name} {report['dtype']}, "
+        f"{report['threads']} threads",
+        ["batch", "questions/s", "x batch 1", "s (median)", "equal to unbatched", "think s", "decode s"],
+        [[r["batch"], r["questions_per_s"], r["speedup_vs_batch_1"], r["seconds_median"],
+          f"{r['equal_to_unbatched']} ({r['equal_answers']})", r["think_seconds"], r["decode_seconds"]]
+         for r in results],
+    )
+    common.write_json(args.out / "batching.json", report)
+    print(f"wrote {args.out / 'batching.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
