@@ -7,7 +7,7 @@ Every size argument takes an ``int`` (fixed) or a hypothesis strategy of ints
     from gcache import keep_last
     from gcache.testing import assert_caches_close, kv_caches
 
-    @given(kv_caches(num_layers=2, seq_len=st.integers(0, 8)))
+    @given(kv_caches((2, 1, 2, 4), max_len=8, left_padded=True))
     def test_keep_all(cache):
         assert_caches_close(keep_last(cache, cache.seq_len), cache)
 
@@ -17,10 +17,11 @@ shrinks to 0), or element by element from a float strategy passed as
 
 What is generated, and the invariants it keeps:
 
-- ``kv_caches``: keys/values [L, B, H, T, D] of one dtype, a LEFT-padded mask [B, T]
-  (row b is False on its first pad[b] positions, True after), next_pos [B]
-  >= each row's real count (a cache read from position 0, plus a drawn offset).
-  ``gcache.validate`` passes on every one.
+- ``cache_dims``, ``kv_caches``: keys/values [L, B, H, T, D] of one dtype (float32, float16,
+  bfloat16, float64 by default), a mask [B, T] that is arbitrary, LEFT-padded
+  (``left_padded``: row b False on its first pad[b] positions, True after) or full, and
+  next_pos [B] >= each row's real count. ``gcache.validate`` passes on every one.
+- ``left_padded_masks``: [B, T] bool masks alone.
 - ``compatible_caches``: k caches sharing L, B, H, D, dtype (what concat and fuse accept).
 - ``adjacency_matrices``: [..., N, N] bool; DAGs (edges forward in a drawn node order),
   graphs with at least one cycle, or anything.
@@ -53,6 +54,7 @@ Size = Union[int, SearchStrategy]  # a fixed int or a strategy of ints
 DTypes = Union[torch.dtype, Sequence[torch.dtype], SearchStrategy]
 
 _SEEDS = st.integers(0, 2**32 - 1)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _draw_size(draw: _Any, value: Size, name: str, minimum: int) -> int:
@@ -118,81 +120,108 @@ def left_padded_masks(
     return torch.arange(t)[None, :] >= torch.tensor(pads, dtype=torch.long).reshape(b, 1)
 
 
+def cache_dims(
+    *,
+    max_layers: int = 3,
+    max_batch: int = 3,
+    max_heads: int = 2,
+    max_head_dim: int = 4,
+) -> SearchStrategy:
+    """Strategy of (layers, batch, heads, head_dim) tuples, each in [1, max_*]."""
+    for name, value in (("max_layers", max_layers), ("max_batch", max_batch), ("max_heads", max_heads),
+                        ("max_head_dim", max_head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return st.tuples(
+        st.integers(1, max_layers), st.integers(1, max_batch), st.integers(1, max_heads), st.integers(1, max_head_dim)
+    )
+
+
+Dims = Union[tuple, SearchStrategy, None]  # (layers, batch, heads, head_dim), fixed or drawn
+
+
+def _draw_dims(draw: _Any, dims: Dims) -> tuple[int, int, int, int]:
+    value = draw(cache_dims()) if dims is None else draw(dims) if isinstance(dims, SearchStrategy) else dims
+    if not isinstance(value, (tuple, list)) or len(value) != 4:
+        raise ValueError(f"dims: expected (layers, batch, heads, head_dim), got {value!r}")
+    names = ("layers", "batch", "heads", "head_dim")
+    return tuple(_draw_size(draw, v, f"dims.{n}", 1) for n, v in zip(names, value))  # type: ignore[return-value]
+
+
 @st.composite
 def kv_caches(
     draw: _Any,
-    num_layers: Size = st.integers(1, 3),
-    batch_size: Size = st.integers(1, 3),
-    num_heads: Size = st.integers(1, 3),
-    seq_len: Size = st.integers(0, 6),
-    head_dim: Size = st.integers(1, 8),
+    dims: Dims = None,
     *,
-    dtypes: DTypes = (torch.float32,),
-    padding: bool = True,
+    max_len: int = 6,
+    min_len: int = 0,
+    dtype: torch.dtype | None = None,
+    dtypes: DTypes = DTYPES,
+    left_padded: bool = False,
+    full_masks: bool = False,
     min_real: int = 0,
-    max_pos_offset: int = 20,
+    max_pos_offset: int = 50,
     elements: SearchStrategy | None = None,
 ) -> KVCache:
-    """Valid caches: keys/values [L, B, H, T, D] of one drawn dtype, a left-padded mask [B, T]
-    (see ``left_padded_masks``: ``padding``, ``min_real``) and next_pos [B] = each row's real
-    count plus an offset drawn in [0, max_pos_offset] (the rows were read from some position on).
+    """Valid caches (``gcache.validate`` passes): keys/values [L, B, H, T, D] of one dtype,
+    mask [B, T] bool, next_pos [B] long.
 
+    dims: (layers, batch, heads, head_dim), fixed, drawn from a strategy, or drawn from
+    ``cache_dims()`` when None. T is drawn in [min_len, max_len]. dtype fixes the dtype;
+    otherwise it is drawn from ``dtypes`` (default: float32, float16, bfloat16, float64).
+    Masks: arbitrary (any pattern, as ``concat`` produces) by default; LEFT padding with
+    ``left_padded`` (row b False on its first pad[b] positions, True after; each row keeps
+    at least ``min_real`` real positions, T raised to min_real if needed); all True with
+    ``full_masks``. next_pos = each row's real count + an offset in [0, max_pos_offset].
     Contents: standard normal from a drawn seed, or drawn one by one from ``elements``.
-    Raises ValueError on bad sizes or dtypes.
+    Raises ValueError on bad sizes, dtypes, or min_real without left_padded.
     """
-    shape = [
-        _draw_size(draw, num_layers, "num_layers", 1),
-        _draw_size(draw, batch_size, "batch_size", 1),
-        _draw_size(draw, num_heads, "num_heads", 1),
-        _draw_size(draw, seq_len, "seq_len", 0),
-        _draw_size(draw, head_dim, "head_dim", 1),
-    ]
+    layers, batch, heads, head_dim = _draw_dims(draw, dims)
+    if not 0 <= min_len <= max_len:
+        raise ValueError(f"min_len, max_len: expected 0 <= min_len <= max_len, got {min_len}, {max_len}")
     if max_pos_offset < 0:
         raise ValueError(f"max_pos_offset: expected an integer >= 0, got {max_pos_offset!r}")
-    dtype = _draw_dtype(draw, dtypes)
-    mask = draw(left_padded_masks(shape[1], shape[3], min_real=min_real, padding=padding))  # [B, T]
-    shape[3] = mask.shape[1]
+    if min_real and not left_padded:
+        raise ValueError(f"min_real: only meaningful with left_padded=True, got min_real={min_real}")
+    length = draw(st.integers(min_len, max_len))
+    dtype = _draw_dtype(draw, dtypes if dtype is None else dtype)
+    if full_masks:
+        mask = torch.ones(batch, length, dtype=torch.bool)
+    elif left_padded:
+        mask = draw(left_padded_masks(batch, length, min_real=min_real))  # [B, T]
+        length = mask.shape[1]
+    else:
+        bits = draw(st.lists(st.booleans(), min_size=batch * length, max_size=batch * length))
+        mask = torch.tensor(bits, dtype=torch.bool).reshape(batch, length)
+    shape = (layers, batch, heads, length, head_dim)
     keys = _draw_tensor(draw, shape, dtype, elements)  # [L, B, H, T, D]
     values = _draw_tensor(draw, shape, dtype, elements)  # [L, B, H, T, D]
-    offsets = torch.tensor([draw(st.integers(0, max_pos_offset)) for _ in range(shape[1])], dtype=torch.long)
-    return KVCache(keys, values, mask, mask.sum(dim=1) + offsets)
+    offsets = draw(st.lists(st.integers(0, max_pos_offset), min_size=batch, max_size=batch))
+    return KVCache(keys, values, mask, mask.sum(dim=1) + torch.tensor(offsets, dtype=torch.long))
 
 
 @st.composite
 def compatible_caches(
     draw: _Any,
-    num_caches: Size = st.integers(1, 4),
-    num_layers: Size = st.integers(1, 3),
-    batch_size: Size = st.integers(1, 3),
-    num_heads: Size = st.integers(1, 3),
-    seq_len: Size = st.integers(0, 6),
-    head_dim: Size = st.integers(1, 8),
+    count: Size = st.integers(1, 4),
+    dims: Dims = None,
     *,
     equal_lengths: bool = False,
-    dtypes: DTypes = (torch.float32,),
-    padding: bool = True,
-    min_real: int = 0,
-    max_pos_offset: int = 20,
-    elements: SearchStrategy | None = None,
+    dtype: torch.dtype | None = None,
+    dtypes: DTypes = DTYPES,
+    **kwargs: _Any,
 ) -> list[KVCache]:
-    """k >= 1 caches that share layers, batch, heads, head dim and dtype (what ``concat``,
-    ``stack_rows`` and ``fuse`` accept); each has its own length unless ``equal_lengths``,
-    its own mask and next positions. Other arguments as in ``kv_caches``."""
-    k = _draw_size(draw, num_caches, "num_caches", 1)
-    fixed = dict(
-        num_layers=_draw_size(draw, num_layers, "num_layers", 1),
-        batch_size=_draw_size(draw, batch_size, "batch_size", 1),
-        num_heads=_draw_size(draw, num_heads, "num_heads", 1),
-        head_dim=_draw_size(draw, head_dim, "head_dim", 1),
-        dtypes=_draw_dtype(draw, dtypes),
-        padding=padding,
-        min_real=min_real,
-        max_pos_offset=max_pos_offset,
-        elements=elements,
-    )
-    t0 = _draw_size(draw, seq_len, "seq_len", 0)
-    lengths = [t0 if equal_lengths or i == 0 else _draw_size(draw, seq_len, "seq_len", 0) for i in range(k)]
-    return [draw(kv_caches(seq_len=t, **fixed)) for t in lengths]
+    """``count`` caches sharing layers, batch, heads, head dim and dtype (what ``concat``,
+    ``stack_rows`` and ``fuse`` accept): dims and dtype are drawn once. Lengths, masks and
+    positions are each cache's own (one length for all with ``equal_lengths``). Other
+    keyword arguments (max_len, min_len, left_padded, ...) go to ``kv_caches``."""
+    k = _draw_size(draw, count, "count", 1)
+    fixed = _draw_dims(draw, dims)
+    chosen = _draw_dtype(draw, dtypes if dtype is None else dtype)
+    if equal_lengths:
+        length = draw(st.integers(kwargs.get("min_len", 0), kwargs.get("max_len", 6)))
+        kwargs = {**kwargs, "min_len": length, "max_len": length}
+    return [draw(kv_caches(fixed, dtype=chosen, **kwargs)) for _ in range(k)]
 
 
 # ----------------------------------------------------------------------------- graphs
@@ -439,35 +468,35 @@ class FusionCase(NamedTuple):
 @st.composite
 def fusion_cases(
     draw: _Any,
-    num_caches: Size = st.integers(1, 5),
-    batch_size: Size = st.integers(1, 3),
-    seq_len: Size = st.integers(1, 6),
     *,
-    num_layers: Size = 3,
-    num_heads: Size = 2,
-    head_dim: Size = 4,
+    num_caches: Size = st.integers(1, 5),
+    dims: Dims = (3, st.integers(1, 3), 2, 4),
+    min_len: int = 1,
+    max_len: int = 6,
     num_agents: int = 6,
     equal_lengths: bool = False,
     full_masks: bool = False,
     per_row: bool | None = None,
     absent: bool = False,
-    dtypes: DTypes = (torch.float32,),
-    max_pos_offset: int = 20,
+    dtype: torch.dtype = torch.float32,
+    max_pos_offset: int = 19,
+    scale: float = 2.0,
 ) -> FusionCase:
-    """Everything ``fuse`` needs for k predecessors: ``compatible_caches`` (left-padded masks,
-    rows may be all padding, unless ``full_masks``), ``edge_weights`` (see there for ``per_row``
-    and ``absent``), k agent ids in [0, num_agents) (repeats allowed) and ``fuser_params``
-    with gate_logits [L] and source_logits [num_agents]."""
+    """Everything ``fuse`` needs for k predecessors: ``compatible_caches`` with left-padded
+    masks (a row may be all padding) or, with ``full_masks``, none; ``edge_weights`` (see there
+    for ``per_row`` and ``absent``); k agent ids in [0, num_agents) (repeats allowed); and
+    ``fuser_params`` with gate_logits [L] and source_logits [num_agents] (normal * scale).
+    dims defaults to L = 3, B in [1, 3], H = 2, D = 4."""
     caches = draw(
         compatible_caches(
-            num_caches, num_layers, batch_size, num_heads, seq_len, head_dim,
-            equal_lengths=equal_lengths, dtypes=dtypes, padding=not full_masks, max_pos_offset=max_pos_offset,
+            num_caches, dims, equal_lengths=equal_lengths, dtype=dtype, min_len=min_len, max_len=max_len,
+            left_padded=not full_masks, full_masks=full_masks, max_pos_offset=max_pos_offset,
         )
     )
     k, first = len(caches), caches[0]
     weights = draw(edge_weights(k, first.batch_size, per_row=per_row, absent=absent))
     sources = draw(st.lists(st.integers(0, num_agents - 1), min_size=k, max_size=k))
-    params = draw(fuser_params(first.num_layers, num_agents))
+    params = draw(fuser_params(first.num_layers, num_agents, scale=scale))
     return FusionCase(caches, weights, sources, params)
 
 
@@ -582,6 +611,8 @@ __all__ = [
     "assert_acyclic",
     "assert_caches_close",
     "assert_left_padded",
+    "DTYPES",
+    "cache_dims",
     "compatible_caches",
     "edge_weights",
     "fuser_configs",
