@@ -1,20 +1,22 @@
 """Learning the communication topology on the synthetic "whom to listen to" task (no LLM).
 
-Trains the GCN policy by REINFORCE + Adam with and without a baseline, for several
-seeds, and writes benchmarks/results/topology_learning.json:
+Trains the GCN policy by REINFORCE + Adam (default lr 0.1, the product's and the
+seed system's) with and without a baseline, for several seeds, and writes
+benchmarks/results/topology_learning.json:
 
     steps, seeds, with_baseline / without_baseline / running_baseline:
         final_expected_reward [per seed], expected_reward_curve [per seed],
         grad_variance (trace of the covariance of one batch's gradient estimate at
         the initial policy, mean over seeds), grad_mean_sq_norm, and the same after
         --mid-training-steps steps (grad_variance_mid_training)
-    seed_default_lr: the same training at the seed system's lr 0.1
+    smaller_lr: the same training (batch baseline) at --compare-lr (default: a third of --lr)
     torch version, machine info
 
 The expected reward is exact (the probability of a right answer, by enumerating
 every graph). The task is described in tests/_topology_helpers.py.
 
-    python benchmarks/topology_learning.py            # full run (about a minute on 2 cores)
+    python benchmarks/topology_learning.py            # full run (a few minutes on 2 shared cores)
+    python benchmarks/topology_learning.py --lr 0.03  # another learning rate
     python benchmarks/topology_learning.py --smoke    # a few steps, for CI
 """
 
@@ -80,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.003)
+    parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate (the product's default)")
+    parser.add_argument("--compare-lr", type=float, default=None,
+                        help="also train (batch baseline) at this smaller lr (default: a third of --lr)")
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--mode", default="full", choices=tp.MODES)
     parser.add_argument("--eval-every", type=int, default=5)
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.steps, args.seeds, args.variance_estimates, args.eval_every = 3, args.seeds[:1], 4, 1
         args.mid_training_steps = 2
+    if args.compare_lr is None:
+        args.compare_lr = args.lr / 3
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -135,12 +141,14 @@ def main(argv: list[str] | None = None) -> dict:
                 entry[f"grad_variance{suffix}_per_seed"] = [v for v, _ in variances]
                 entry[f"grad_mean_sq_norm{suffix}"] = statistics.mean(m for _, m in variances)
         result[key] = entry
-    seed_lr = []
+    smaller = []
     for seed in args.seeds:
         run = helpers.train(seed, helpers.make_task(seed, mode=args.mode), steps=args.steps,
-                            batch_size=args.batch_size, lr=0.1, baseline="batch", noise=args.noise)
-        seed_lr.append(run.expected_rewards[-1])
-    result["seed_default_lr"] = {"lr": 0.1, "baseline": "batch", "final_expected_reward": seed_lr}
+                            batch_size=args.batch_size, lr=args.compare_lr, baseline="batch", noise=args.noise)
+        smaller.append(run.expected_rewards[-1])
+        log.info("smaller lr %g seed %d: expected reward %.3f -> %.3f", args.compare_lr, seed,
+                 run.expected_rewards[0], smaller[-1])
+    result["smaller_lr"] = {"lr": args.compare_lr, "baseline": "batch", "final_expected_reward": smaller}
     result["median_seconds_per_step"] = statistics.median(step_seconds)
     with_var = result["with_baseline"]["grad_variance"]
     without_var = result["without_baseline"]["grad_variance"]

@@ -85,10 +85,12 @@ The policy is therefore written so that the size of a step in the function does
 not depend on the feature width, nor on the scale of the encoder's vectors
 (the per-layer multipliers of muP / "abc" parameterizations, for Adam):
 
-- every layer's input is RMS-normalized without parameters (each node's vector
-  is divided by its root mean square; ``_rms_norm``): the raw features, the GCN
-  output and the MLP output. An embedding of any width or norm enters as a vector
-  of RMS 1, and a hidden layer cannot grow the next layer's step.
+- the input of each block is RMS-normalized without parameters (each node's
+  vector divided by its root mean square; ``_rms_norm``): the raw features (into
+  the GCN and skip), the GCN output (into the MLP), the MLP output (into the
+  heads). An embedding of any width or norm enters as a vector of RMS 1, and
+  growing weights upstream cannot enlarge the steps downstream. The ReLU layers
+  inside a block read the O(1) output of a LeCun-scaled layer.
 - every weight matrix is applied as ``x @ W / fan_in`` (``_linear``), stored with
   raw entries of standard deviation sqrt(fan_in), so the effective weight
   ``W / fan_in`` starts at LeCun's variance 1 / fan_in and activations start at
