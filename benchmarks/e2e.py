@@ -130,6 +130,7 @@ def profile_one(pipeline, item, top: int = 12) -> dict:
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
+        *([] if report.get("complete", True) else ["**Partial run** (cut short; the questions finished so far).", ""]),
         f"GSM8K, {report['n']} test questions, model {report['model']} ({report['dtype']}), "
         f"{report['threads']} threads, max_new_tokens {s['max_new_tokens']}, {s['agent_nums']} agents "
         f"(text-mas, gcache), latent_steps {s['latent_steps']}; gcache topology: {s['gcache_policy']}. "
@@ -154,48 +155,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(parser, max_new_tokens=256)
-    parser.add_argument("-n", "--n", type=int, default=10, help="GSM8K test questions (the first n of the seeded split)")
-    parser.add_argument("--agent-nums", type=int, default=4, help="agents of text-mas and gcache")
-    parser.add_argument("--latent-steps", type=int, default=10, help="latent steps per thinking agent")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--params", type=Path, default=None, help="trained gcache params.safetensors (default: untrained policy)")
-    parser.add_argument("--profile", action="store_true", help="cProfile one question per method after the run")
-    args = parser.parse_args(argv)
-    common.setup(args)
-    if args.smoke:
-        args.n = min(args.n, 2)
-    if args.n < 1:
-        parser.error(f"--n: expected a value >= 1, got {args.n}")
-    load_before = common.load_average()
-    started = time.perf_counter()
-
-    from gcache.io.tasks import load_items
-
-    items = load_items("gsm8k", "test", limit=args.n + 1, seed=args.seed)
-    warm_item, items = items[-1], items[: args.n]
-    pipelines, local = common.build_pipelines(flag_sets(args))
-    if args.params is not None:
-        pipelines["gcache"].load(args.params)
-    common.warm_up(pipelines, warm_item)
-
-    names = list(pipelines)
-    runs: dict[str, list[dict]] = {name: [] for name in names}
-    with common.RssSampler() as sampler, common.progress() as bar:
-        task = bar.add_task("e2e", total=len(items) * len(names), status="")
-        for q, item in enumerate(items):
-            for name in names[q % len(names):] + names[: q % len(names)]:
-                bar.update(task, status=f"{item.id} {name}")
-                with sampler.window() as mem:
-                    t0 = time.perf_counter()
-                    record = pipelines[name].evaluate([item])[0]
-                    seconds = time.perf_counter() - t0
-                runs[name].append({"item": item.id, "seconds": seconds, "record": record,
-                                   "peak": mem.peak, "delta": mem.delta})
-                bar.advance(task)
-
+def build_report(runs: dict[str, list[dict]], items: list, *, complete: bool, args, local, names, load_before,
+                 started) -> dict:
+    """The JSON report over the questions every method has answered so far."""
+    runs = {name: r[: len(items)] for name, r in runs.items()}
     methods = {name: summarize(name, runs[name]) for name in names}
     speedup, reduction, speedup_total = {}, {}, {}
     if BASELINE in runs:
@@ -207,18 +170,13 @@ def main(argv: list[str] | None = None) -> int:
             speedup_total[name] = round(methods[BASELINE]["seconds_total"] / methods[name]["seconds_total"], 3)
             if base_gen:
                 reduction[name] = round(1 - methods[name]["generated_tokens"] / base_gen, 4)
-
-    profile = {}
-    if args.profile:
-        for name in names:
-            profile[name] = profile_one(pipelines[name], items[0])
-
     first = {name: runs[name][0]["record"] for name in names}
-    report = {
+    return {
         "model": local.name,
         "dtype": common.dtype_name(local),
         "threads": torch.get_num_threads(),
         "n": len(items),
+        "complete": complete,
         "torch": torch.__version__,
         "smoke": args.smoke,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -253,9 +211,62 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    if profile:
-        report["profile_one_question"] = profile
 
+
+def write(report: dict, out: Path) -> None:
+    common.write_json(out / "e2e.json", report)
+    (out / "e2e.md").write_text(markdown(report))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser, max_new_tokens=256)
+    parser.add_argument("-n", "--n", type=int, default=10, help="GSM8K test questions (the first n of the seeded split)")
+    parser.add_argument("--agent-nums", type=int, default=4, help="agents of text-mas and gcache")
+    parser.add_argument("--latent-steps", type=int, default=10, help="latent steps per thinking agent")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--params", type=Path, default=None, help="trained gcache params.safetensors (default: untrained policy)")
+    parser.add_argument("--profile", action="store_true", help="cProfile one question per method after the run")
+    args = parser.parse_args(argv)
+    common.setup(args)
+    if args.smoke:
+        args.n = min(args.n, 2)
+    if args.n < 1:
+        parser.error(f"--n: expected a value >= 1, got {args.n}")
+    load_before = common.load_average()
+    started = time.perf_counter()
+
+    from gcache.io.tasks import load_items
+
+    items = load_items("gsm8k", "test", limit=args.n + 1, seed=args.seed)
+    warm_item, items = items[-1], items[: args.n]
+    pipelines, local = common.build_pipelines(flag_sets(args))
+    if args.params is not None:
+        pipelines["gcache"].load(args.params)
+    common.warm_up(pipelines, warm_item)
+
+    names = list(pipelines)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    context = {"args": args, "local": local, "names": names, "load_before": load_before, "started": started}
+    with common.RssSampler() as sampler, common.progress() as bar:
+        task = bar.add_task("e2e", total=len(items) * len(names), status="")
+        for q, item in enumerate(items):
+            for name in names[q % len(names):] + names[: q % len(names)]:
+                bar.update(task, status=f"{item.id} {name}")
+                with sampler.window() as mem:
+                    t0 = time.perf_counter()
+                    record = pipelines[name].evaluate([item])[0]
+                    seconds = time.perf_counter() - t0
+                runs[name].append({"item": item.id, "seconds": seconds, "record": record,
+                                   "peak": mem.peak, "delta": mem.delta})
+                bar.advance(task)
+            # Written after every question, so a run cut short still leaves its finished questions.
+            write(build_report(runs, items[: q + 1], complete=q + 1 == len(items), **context), args.out)
+
+    report = build_report(runs, items, complete=True, **context)
+    if args.profile:
+        report["profile_one_question"] = {name: profile_one(pipelines[name], items[0]) for name in names}
+    methods, speedup, reduction = report["methods"], report["speedup_vs_text_mas"], report["token_reduction_vs_text_mas"]
     common.print_table(
         f"e2e: GSM8K x{len(items)}, {local.name} {report['dtype']}, {report['threads']} threads",
         ["method", "accuracy", "s/q median", "s total", "generated", "prompt+latent", "peak RSS MB", "+RSS MB",
@@ -264,13 +275,10 @@ def main(argv: list[str] | None = None) -> int:
           m["processed_tokens"], m["peak_rss_mb"], m["peak_rss_delta_mb"], speedup.get(name),
           reduction.get(name)] for name, m in methods.items()],
     )
-    if profile:
-        for name, p in profile.items():
-            common.print_table(f"profile, one question: {name} ({p['wall_seconds']} s)", ["function", "cumulative s"],
-                               list(p["cumulative_seconds"].items()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    common.write_json(args.out / "e2e.json", report)
-    (args.out / "e2e.md").write_text(markdown(report))
+    for name, p in report.get("profile_one_question", {}).items():
+        common.print_table(f"profile, one question: {name} ({p['wall_seconds']} s)", ["function", "cumulative s"],
+                           list(p["cumulative_seconds"].items()))
+    write(report, args.out)
     print(f"wrote {args.out / 'e2e.json'} and {args.out / 'e2e.md'}")
     return 0
 

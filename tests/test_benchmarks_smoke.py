@@ -1,0 +1,126 @@
+"""Smoke runs of the end-to-end benchmarks: each script, as a user runs it, on the tiny model.
+
+The three scripts run concurrently in subprocesses (``--smoke --out <tmp>``); the tests
+check that their JSON holds what the README and the issue promise, and that the figures
+agree with each other (token totals with the settings, ratios with the totals, time
+shares with the parts). Speed targets are not checked here: that is what the full
+benchmarks are for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("e2e", "batching", "overhead")
+METHODS = ("single", "text-mas", "latent-mas", "gcache")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict[str, dict]:
+    """Run every benchmark with --smoke at once; their JSON reports by name (and the output folders)."""
+    out = {}
+    procs = {}
+    for name in SCRIPTS:
+        folder = tmp_path_factory.mktemp(name)
+        cmd = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--smoke", "--out", str(folder)]
+        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                       folder)
+    for name, (proc, folder) in procs.items():
+        stdout, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{name}.py --smoke failed:\n{stdout[-4000:]}"
+        report = json.loads((folder / f"{name}.json").read_text())
+        out[name] = {"report": report, "folder": folder, "stdout": stdout}
+    return out
+
+
+def _recorded_environment(report: dict) -> None:
+    assert report["smoke"] is True
+    assert report["model"] == "tiny-llama"
+    assert report["dtype"] == "float32"
+    assert isinstance(report["threads"], int) and report["threads"] >= 1
+    assert report["torch"]
+    machine = report["machine"]
+    for key in ("platform", "processor", "cpu_count", "python", "torch", "torch_threads"):
+        assert key in machine
+
+
+def test_e2e_schema_and_consistency(smoke):
+    report = smoke["e2e"]["report"]
+    _recorded_environment(report)
+    assert report["n"] == 2
+    settings = report["settings"]
+    assert set(report["methods"]) == set(METHODS)
+    for name, m in report["methods"].items():
+        for key in ("accuracy", "seconds_total", "seconds_median", "generated_tokens", "processed_tokens", "peak_rss_mb"):
+            assert key in m, (name, key)
+        assert 0.0 <= m["accuracy"] <= 1.0
+        assert m["seconds_total"] >= m["seconds_median"] > 0
+        assert m["processed_tokens"] == m["prompt_tokens"] + m["latent_tokens"]
+        # every decoding agent stops at max_new_tokens
+        cap = m["decoding_agents_per_question"] * report["n"] * settings["max_new_tokens"]
+        assert 0 < m["generated_tokens"] <= cap
+        assert m["peak_rss_mb"] > 0 and m["peak_rss_delta_mb"] >= 0
+    # latent tokens: latent_steps per thinking agent (3 for latent-mas, agent_nums for gcache), none for text methods
+    steps, n = settings["latent_steps"], report["n"]
+    assert report["methods"]["latent-mas"]["latent_tokens"] == 3 * steps * n
+    assert report["methods"]["gcache"]["latent_tokens"] == settings["agent_nums"] * steps * n
+    assert report["methods"]["single"]["latent_tokens"] == report["methods"]["text-mas"]["latent_tokens"] == 0
+    # text-mas and gcache evaluate the same untrained policy: the same graph
+    assert settings["edges"]["text-mas"] == settings["edges"]["gcache"]
+    base = report["methods"]["text-mas"]
+    for name, m in report["methods"].items():
+        assert math.isclose(report["token_reduction_vs_text_mas"][name],
+                            1 - m["generated_tokens"] / base["generated_tokens"], abs_tol=1e-4)
+        assert report["speedup_vs_text_mas"][name] > 0
+    assert report["speedup_vs_text_mas"]["text-mas"] == 1.0
+    table = (smoke["e2e"]["folder"] / "e2e.md").read_text()
+    for name in METHODS:
+        assert f"| {name} |" in table
+    assert "speed-up" in smoke["e2e"]["stdout"]
+
+
+def test_batching_schema(smoke):
+    report = smoke["batching"]["report"]
+    _recorded_environment(report)
+    results = report["results"]
+    assert [r["batch"] for r in results] == sorted(r["batch"] for r in results) and results[0]["batch"] == 1
+    assert len(results) >= 2
+    for r in results:
+        assert r["questions_per_s"] > 0
+        assert isinstance(r["equal_to_unbatched"], bool)
+        assert math.isclose(r["questions_per_s"], report["settings"]["questions"] / r["seconds_median"], rel_tol=1e-2)
+        equal, total = map(int, r["equal_answers"].split("/"))
+        assert r["equal_to_unbatched"] == (equal == total)
+
+
+def test_overhead_schema_and_shares(smoke):
+    report = smoke["overhead"]["report"]
+    _recorded_environment(report)
+    for key in ("policy_ms", "fusion_ms", "model_ms", "fraction"):
+        assert key in report
+    # every instrumented part was actually reached
+    assert report["policy_ms"] > 0 and report["fusion_ms"] > 0 and report["model_ms"] > 0
+    assert report["phases"]["train"]["update_ms"] > 0
+    assert report["phases"]["eval"]["update_ms"] == 0  # evaluation makes no optimizer step
+    learned = report["policy_ms"] + report["fusion_ms"] + report["update_ms"]
+    assert math.isclose(report["fraction"], learned / report["total_ms"], rel_tol=2e-2)
+    parts = learned + report["model_ms"] + report["other_ms"]
+    assert math.isclose(parts, report["total_ms"], rel_tol=2e-2)
+
+
+def test_smoke_never_overwrites_measured_results(tmp_path):
+    """--smoke without --out writes to a temporary folder, not benchmarks/results/."""
+    code = ("import sys, argparse; sys.path.insert(0, 'benchmarks'); import _common as c; "
+            "p = argparse.ArgumentParser(); c.add_common_args(p, max_new_tokens=8); "
+            "a = p.parse_args(['--smoke']); c.setup(a); print(a.out, a.model, a.max_new_tokens)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    folder, model, tokens = out.split()
+    assert Path(folder).resolve() != (ROOT / "benchmarks" / "results").resolve()
+    assert model == "tiny-llama" and int(tokens) <= 8
