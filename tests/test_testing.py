@@ -280,3 +280,25 @@ def test_tiny_model_is_re_exported_without_importing_it_eagerly():
     assert "tiny_model" in dir(gt)
     with pytest.raises(AttributeError):
         gt.no_such_name  # noqa: B018
+
+
+def test_import_gcache_testing_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, gcache.testing; sys.exit('transformers' in sys.modules or 'gcache.io.models' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_module_docstring_example_runs():
+    import textwrap
+
+    block = []
+    for line in gt.__doc__.split("::\n", 1)[1].splitlines():
+        if line and not line.startswith("    "):
+            break
+        block.append(line)
+    namespace: dict = {}
+    exec(compile(textwrap.dedent("\n".join(block)), "<doc>", "exec"), namespace)  # noqa: S102
+    namespace["test_keep_all"]()
