@@ -25,7 +25,7 @@ What is generated, and the invariants it keeps:
 - ``compatible_caches``: k caches sharing L, B, H, D, dtype (what concat and fuse accept).
 - ``adjacency_matrices``: [..., N, N] bool; DAGs (edges forward in a drawn node order),
   graphs with at least one cycle, or anything.
-- ``topology_configs``, ``spatial_masks``, ``policy_outputs``, ``policy_params``,
+- ``topology_configs``, ``spatial_masks``, ``candidate_masks``, ``policy_outputs``, ``policy_params``,
   ``topology_cases``: what the topology sampler accepts (masks valid for the config's mode).
 - ``fuser_configs``, ``fuser_params``, ``edge_weights``, ``fusion_cases``: fuser inputs.
 
@@ -321,22 +321,37 @@ def spatial_masks(draw: _Any, config: TopologyConfig, *, sub_masks: bool = True)
 
 
 @st.composite
+def candidate_masks(draw: _Any, max_agents: int = 6, mode: str = "full") -> tuple[int, Tensor]:
+    """(N, mask [N, N] bool) with N in [1, max_agents]: for mode "full" any mask with a False
+    diagonal; for any other mode any strictly upper-triangular mask (the identity order must
+    make it a DAG). Every such mask is accepted by a config of that mode and N agents."""
+    if mode not in _TOPOLOGY_MODES:
+        raise ValueError(f"mode: expected one of {', '.join(_TOPOLOGY_MODES)}, got {mode!r}")
+    n = _draw_size(draw, st.integers(1, max_agents), "max_agents", 1)
+    bits = draw(st.lists(st.booleans(), min_size=n * n, max_size=n * n))
+    keep = ~torch.eye(n, dtype=torch.bool) if mode == "full" else torch.ones(n, n, dtype=torch.bool).triu(1)
+    return n, torch.tensor(bits, dtype=torch.bool).reshape(n, n) & keep
+
+
+@st.composite
 def policy_outputs(
     draw: _Any,
     config: TopologyConfig,
     *,
     batch_shape: Sequence[int] = (),
     scale: float = 3.0,
+    dtype: torch.dtype = torch.float32,
     elements: SearchStrategy | None = None,
 ) -> PolicyLogits:
-    """Finite ``PolicyLogits`` for ``config``: edge [*batch_shape, N, N], order [*batch_shape, N],
-    temporal [N, N], normal * ``scale`` from a drawn seed (or drawn from ``elements``)."""
+    """Finite ``PolicyLogits`` for ``config`` in ``dtype``: edge [*batch_shape, N, N], order
+    [*batch_shape, N], temporal [N, N], normal * ``scale`` from a drawn seed (or drawn from
+    ``elements``)."""
     n = config.num_agents
     lead = [int(d) for d in batch_shape]
     return PolicyLogits(
-        edge=_draw_tensor(draw, [*lead, n, n], torch.float32, elements, scale),
-        order=_draw_tensor(draw, [*lead, n], torch.float32, elements, scale),
-        temporal=_draw_tensor(draw, [n, n], torch.float32, elements, scale),
+        edge=_draw_tensor(draw, [*lead, n, n], dtype, elements, scale),
+        order=_draw_tensor(draw, [*lead, n], dtype, elements, scale),
+        temporal=_draw_tensor(draw, [n, n], dtype, elements, scale),
     )
 
 
@@ -613,6 +628,7 @@ __all__ = [
     "assert_left_padded",
     "DTYPES",
     "cache_dims",
+    "candidate_masks",
     "compatible_caches",
     "edge_weights",
     "fuser_configs",

@@ -302,3 +302,15 @@ def test_module_docstring_example_runs():
     namespace: dict = {}
     exec(compile(textwrap.dedent("\n".join(block)), "<doc>", "exec"), namespace)  # noqa: S102
     namespace["test_keep_all"]()
+
+
+@pytest.mark.parametrize("mode", ["full", "mesh", "chain"])
+@given(data=st.data())
+def test_candidate_masks_are_accepted_for_their_mode(mode, data):
+    n, mask = data.draw(gt.candidate_masks(4, mode))
+    assert mask.shape == (n, n) and 1 <= n <= 4 and not bool(mask.diagonal().any())
+    config = gcache.TopologyConfig(num_agents=n, mode=mode)
+    logits = data.draw(gt.policy_outputs(config, dtype=torch.float64))
+    assert logits.edge.dtype == torch.float64
+    topology = gcache.sample_topology(logits, mask, config, torch.Generator().manual_seed(0))
+    assert bool((topology.spatial <= mask).all()) and bool(torch.isfinite(topology.log_prob))
