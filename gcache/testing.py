@@ -1,7 +1,9 @@
 """Hypothesis strategies that generate valid gcache states, and assertion helpers for property tests.
 
-Every size argument takes an ``int`` (fixed) or a hypothesis strategy of ints
-(drawn per example), so a test can pin what it needs and let the rest vary::
+Sizes take an ``int`` (fixed) or a hypothesis strategy of ints (drawn per
+example), including each entry of a cache's ``dims`` (layers, batch, heads,
+head_dim); lengths are drawn in [min_len, max_len]. A test pins what it needs
+and lets the rest vary::
 
     from hypothesis import given
     from gcache import keep_last
