@@ -38,7 +38,7 @@ def check_before_loading(config: RunConfig) -> None:
     if config.task not in TASKS:
         raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {config.task!r}")
     if config.generation_mode != "local":
-        from gcache.io.backends import require_api, resolve_api_config
+        from gcache.io.apiconfig import require_api, resolve_api_config
 
         require_api(config.generation_mode, resolve_api_config(model=config.api_model, base_url=config.base_url))
     out = config.out_dir

@@ -333,8 +333,9 @@ class Pipeline:
             )
 
     def _generate(self, convs: list, caches: list, *, step: int, cache_infos=None):
-        """Answers for a batch of conversations in the run's generation mode (per-row on API failure)."""
-        from gcache.io.backends import ApiError, generate_answer
+        """Answers for a batch of conversations in the run's generation mode. An API failure raises
+        (``evaluate`` then answers the batch's questions one by one, recording each one's error)."""
+        from gcache.io.backends import generate_answer
 
         mode = self.config.generation_mode
         stacked = self._stack(caches) if self.config.latent else None
@@ -669,20 +670,6 @@ class Learner:
         self.params = load_params(Path(path), self.params)
 
 
-def latent_mas_roles():
-    """LatentMAS's sequential agents; the judger is the decision node."""
-    from gcache.io.prompts import Role
-
-    return [
-        Role("Planner", "Planner: lays out a step-by-step plan to solve the question.",
-             "You are the Planner. Think about how to solve the question and lay out a clear step-by-step plan."),
-        Role("Critic", "Critic: checks the plan it received for errors and gaps.",
-             "You are the Critic. Check the plan you have received for mistakes, gaps and misread facts."),
-        Role("Refiner", "Refiner: turns the plan and the critique into a corrected solution.",
-             "You are the Refiner. Combine the plan and the critique you have received into a corrected solution."),
-    ]  # fmt: skip
-
-
 TINY_MODELS = {"tiny-llama": "llama", "tiny-qwen3": "qwen3"}
 
 
@@ -709,7 +696,7 @@ def build_pipeline(config: RunConfig) -> Pipeline:
 
         api = ApiClient(resolve_api_config(model=config.api_model, base_url=config.base_url))
     if config.method == "latent-mas":
-        roles = latent_mas_roles()
+        roles = prompts.latent_mas_roles()
     else:
         roles = prompts.agent_roles(config.task, config.agents, config.agent_nums)
     pipeline = Pipeline(config, local, api, roles, encoder=None)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from gcache.io.tasks import task_family
 
-__all__ = ["Role", "ROLES", "MAIN_ROLE", "AGENT_SETS", "agent_roles", "answer_format", "agent_messages", "decision_messages"]
+__all__ = ["Role", "ROLES", "MAIN_ROLE", "AGENT_SETS", "agent_roles", "latent_mas_roles", "answer_format", "agent_messages", "decision_messages"]
 
 
 @dataclass(frozen=True)
@@ -101,13 +101,29 @@ def agent_roles(task: str, agents: str = "diverse", n: int = 4) -> list[Role]:
     return [roles[i % len(roles)] for i in range(n)]
 
 
+LATENT_MAS_ROLES: tuple[Role, ...] = (
+    _role("Planner", "lays out a step-by-step plan to solve the question.",
+          "You are the Planner. Think about how to solve the question and lay out a clear step-by-step plan."),
+    _role("Critic", "checks the plan it received for errors, gaps and misread facts.",
+          "You are the Critic. Check the plan you have received for mistakes, gaps and misread facts."),
+    _role("Refiner", "turns the plan and the critique into a corrected solution.",
+          "You are the Refiner. Combine the plan and the critique you have received into a corrected solution."),
+)
+
+
+def latent_mas_roles() -> list[Role]:
+    """LatentMAS's sequential thinkers (planner -> critic -> refiner); its judger is the decision node."""
+    return list(LATENT_MAS_ROLES)
+
+
 def answer_format(task: str, *, entry_point: str | None = None) -> str:
     """The sentence that tells the model how to write its final answer for `task`; it matches
     what gcache.io.extract reads."""
     family = task_family(task)
     if family == "math":
-        return ("Finish with one last line of the form '#### <number>', for example '#### 42', "
-                "giving only the number (no units, no words).")
+        # No example number: small models copy a concrete example ('#### 42') as their answer.
+        return ("Show your calculation, then finish with one last line of the form '#### <number>', "
+                "giving only the number you computed (no units, no words).")
     if family in ("science", "medicine"):
         return "Finish with one last line of the form 'Answer: X', where X is one of the letters A, B, C or D."
     name = f"`{entry_point}`" if entry_point else "the requested function"
