@@ -53,7 +53,11 @@ def model_fns(model: PreTrainedModel) -> ModelFns:
     num_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     device = embedding.weight.device
-    layer_devices = [next(layer.parameters()).device for layer in body.layers]
+    layers = getattr(body, "layers", None)
+    if layers is not None and len(layers) == config.num_hidden_layers:
+        layer_devices = [next(layer.parameters()).device for layer in layers]
+    else:
+        layer_devices = [device] * config.num_hidden_layers
 
     def embed(input_ids: Tensor) -> Tensor:  # [B, S] -> [B, S, d]
         return embedding(input_ids)
