@@ -314,3 +314,10 @@ def test_candidate_masks_are_accepted_for_their_mode(mode, data):
     assert logits.edge.dtype == torch.float64
     topology = gcache.sample_topology(logits, mask, config, torch.Generator().manual_seed(0))
     assert bool((topology.spatial <= mask).all()) and bool(torch.isfinite(topology.log_prob))
+
+
+@pytest.mark.parametrize("name", gt.__all__)
+def test_every_testing_name_is_documented(name):
+    obj = getattr(gt, name)
+    doc = (obj.__doc__ or "") if not isinstance(obj, tuple) else "a tuple constant"
+    assert doc.strip() and not doc.startswith(f"{name}("), name
