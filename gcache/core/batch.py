@@ -16,7 +16,10 @@ from gcache.core.cache import KVCache
 
 
 def pad_left(cache: KVCache, length: int) -> KVCache:
-    """The cache left-padded with masked zero positions to ``length`` (>= its own length)."""
+    """The cache left-padded with masked zero positions to ``length``.
+
+    Raises ValueError when ``length`` is shorter than the cache.
+    """
     extra = length - cache.seq_len
     if extra < 0:
         raise ValueError(f"length: expected at least the cache's length {cache.seq_len}, got {length}")

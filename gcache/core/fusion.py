@@ -119,7 +119,10 @@ def init_fuser(
 
 
 def gates(params: FuserParams | None, num_layers: int, *, device: torch.device | str = "cpu") -> Tensor:
-    """Per-layer gates in [0, 1], float32 [L]; all ones (open) when ``params`` is None."""
+    """Per-layer gates in [0, 1], float32 [L]; all ones (open) when ``params`` is None.
+
+    Raises ValueError when ``params.gate_logits`` is not of shape [num_layers].
+    """
     if params is None:
         return torch.ones(num_layers, device=device)
     if params.gate_logits.shape != (num_layers,):

@@ -350,7 +350,10 @@ def is_acyclic(adjacency: Adjacency) -> Tensor:
 
 
 def decision_inputs(spatial: Adjacency, decision: str) -> Tensor:
-    """[..., N] bool: the agents feeding the decision node under rule ``decision`` ("all"/"sinks")."""
+    """[..., N] bool: the agents feeding the decision node under rule ``decision`` ("all"/"sinks").
+
+    Raises ValueError on an unknown rule.
+    """
     if decision == "all":
         return torch.ones(spatial.shape[:-1], dtype=torch.bool, device=spatial.device)
     if decision == "sinks":
@@ -377,7 +380,10 @@ def num_edges(topology: Topology) -> Tensor:
 
 
 def node_features(role_embeddings: Tensor, query_embedding: Tensor) -> Tensor:
-    """Concatenate each role's embedding [N, D] with the question's [D] (or [..., D]) into [..., N, 2D]."""
+    """Concatenate each role's embedding [N, D] with the question's [D] (or [..., D]) into [..., N, 2D].
+
+    Raises ValueError when the shapes are not [N, D] and [..., D] with the same D.
+    """
     if role_embeddings.dim() != 2:
         raise ValueError(f"role_embeddings: expected shape [N, D], got {tuple(role_embeddings.shape)}")
     if query_embedding.shape[-1:] != role_embeddings.shape[-1:]:
@@ -392,7 +398,10 @@ def node_features(role_embeddings: Tensor, query_embedding: Tensor) -> Tensor:
 
 
 def normalized_adjacency(role_adjacency: Tensor) -> Tensor:
-    """D^-1/2 (A + A^T + I) D^-1/2 of a role prior [N, N] (bool or weights), as float [N, N]."""
+    """D^-1/2 (A + A^T + I) D^-1/2 of a role prior [N, N] (bool or weights), as float [N, N].
+
+    Raises ValueError when the prior is not square.
+    """
     if role_adjacency.dim() != 2 or role_adjacency.shape[0] != role_adjacency.shape[1]:
         raise ValueError(f"role_adjacency: expected shape [N, N], got {tuple(role_adjacency.shape)}")
     a = role_adjacency.float()
