@@ -45,7 +45,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Measured with `python benchmarks/latent_step.py --decode-dtypes float32 bfloat16` on the
 # embedded model (one greedy decode step, 256-position cache, dtypes interleaved, medians),
 # Xeon with AVX512-BF16/AMX, 2 cores shared with other jobs (load 6-10, so absolute times are
-# inflated): 1 thread float32 258 ms vs bfloat16 317 ms; 2 threads 503 ms vs 770 ms.
+# inflated): 1 thread float32 258 ms vs bfloat16 317 ms, and 183 ms vs 206 ms in a quieter
+# moment; 2 threads 503 ms vs 770 ms.
 # bfloat16 was slower in both, so float32 is the CPU default.
 CPU_DEFAULT_DTYPE = torch.float32
 
