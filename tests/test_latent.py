@@ -37,9 +37,17 @@ def _one(lm, question: str):
     return lm.encode_chat(conversations([question]))
 
 
-def _close(a, b, atol=ATOL):
+def _close(a, b, atol=ATOL, rtol=1e-4):
     assert a.shape == b.shape
-    assert torch.allclose(a, b, atol=atol, rtol=1e-4), float((a - b).abs().max())
+    assert torch.allclose(a, b, atol=atol, rtol=rtol), float((a - b).abs().max())
+
+
+# A batch and a single row are summed in different orders by the BLAS kernels (the blocking
+# depends on the shapes and the thread count), and latent steps feed those float32 rounding
+# differences back as inputs; on the tiny models' large random weights they reach ~1e-3
+# after a few steps. Batched-vs-single comparisons therefore use this tolerance (the generated
+# tokens must still be identical).
+BATCH_TOL = 2e-3
 
 
 # --------------------------------------------------------------------------- prefill and latent steps
@@ -90,8 +98,8 @@ def _check_batch_equals_single(lm, steps, new_tokens):
         ids1, mask1 = _one(lm, q)
         r1 = rollout(lm.fns, lm.realign, ids1, mask1, latent_steps=steps)
         for got, want in zip(real_positions(r.cache, b), real_positions(r1.cache, 0)):
-            _close(got, want)
-        _close(r.hidden[b], r1.hidden[0])
+            _close(got, want, atol=BATCH_TOL, rtol=BATCH_TOL)
+        _close(r.hidden[b], r1.hidden[0], atol=BATCH_TOL, rtol=BATCH_TOL)
         assert int(r.cache.next_pos[b]) == int(r1.cache.next_pos[0])
         assert int(r.prompt_tokens[b]) == ids1.shape[1]
         g1 = generate(lm.fns, ids1, mask1, max_new_tokens=new_tokens, eos_token_ids=lm.eos_token_ids)
@@ -123,9 +131,9 @@ def test_batch_on_padded_incoming_cache_equals_single_runs(tiny):
         a = rollout(tiny.fns, tiny.realign, ids1, mask1, latent_steps=2)
         s = torch.tensor([rows[b]])
         a2 = rollout(tiny.fns, tiny.realign, s, torch.ones_like(s, dtype=torch.bool), cache=a.cache, latent_steps=2)
-        _close(second.hidden[b], a2.hidden[0])
+        _close(second.hidden[b], a2.hidden[0], atol=BATCH_TOL, rtol=BATCH_TOL)
         for got, want in zip(real_positions(second.cache, b), real_positions(a2.cache, 0)):
-            _close(got, want)
+            _close(got, want, atol=BATCH_TOL, rtol=BATCH_TOL)
         assert int(second.cache.next_pos[b]) == int(a2.cache.next_pos[0])
 
 

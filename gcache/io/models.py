@@ -421,7 +421,10 @@ def encode_chat(
 
 
 def decode_text(local_model: LocalModel, tokens: Tensor, lengths: Tensor | Sequence[int]) -> list[str]:
-    """Row b's text from tokens[b, :lengths[b]] (Generation's tokens and lengths), special tokens skipped."""
+    """Row b's text from tokens[b, :lengths[b]] (Generation's tokens and lengths), special tokens skipped.
+
+    Raises ValueError when tokens is not [B, N] or lengths does not hold one value per row.
+    """
     if tokens.dim() != 2:
         raise ValueError(f"tokens: expected a tensor [B, N], got shape {tuple(tokens.shape)}")
     lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, Tensor) else lengths)]
