@@ -23,74 +23,13 @@ from gcache.core.cache import (
     validate,
 )
 from gcache.io.hf import from_dynamic_cache, to_dynamic_cache
+from gcache.testing import DTYPES, assert_caches_close, cache_dims, compatible_caches, kv_caches
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-# --------------------------------------------------------------------------- strategies
-
-
-def cache_dims(
-    *,
-    max_layers: int = 3,
-    max_batch: int = 3,
-    max_heads: int = 2,
-    max_head_dim: int = 4,
-) -> st.SearchStrategy[tuple[int, int, int, int]]:
-    """(layers, batch, heads, head_dim), each at least 1."""
-    return st.tuples(
-        st.integers(1, max_layers), st.integers(1, max_batch), st.integers(1, max_heads), st.integers(1, max_head_dim)
-    )
-
-
-@st.composite
-def kv_caches(
-    draw,
-    dims: tuple[int, int, int, int] | None = None,
-    *,
-    max_len: int = 6,
-    min_len: int = 0,
-    dtype: torch.dtype | None = None,
-    left_padded: bool = False,
-) -> KVCache:
-    """A valid KVCache with random contents.
-
-    dims fixes (layers, batch, heads, head_dim) (drawn when None); the length is
-    drawn in [min_len, max_len]; dtype is drawn from float32/16, bfloat16, float64
-    when None. The mask is arbitrary, or left padding per row when left_padded;
-    next_pos is at least the number of real positions of each row.
-    """
-    layers, batch, heads, head_dim = dims if dims is not None else draw(cache_dims())
-    length = draw(st.integers(min_len, max_len))
-    dtype = dtype if dtype is not None else draw(st.sampled_from(DTYPES))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    shape = (layers, batch, heads, length, head_dim)
-    keys = torch.randn(shape, generator=g).to(dtype)
-    values = torch.randn(shape, generator=g).to(dtype)
-    if left_padded:
-        pads = draw(st.lists(st.integers(0, length), min_size=batch, max_size=batch))
-        mask = torch.arange(length)[None, :] >= torch.tensor(pads)[:, None]
-    else:
-        bits = draw(st.lists(st.booleans(), min_size=batch * length, max_size=batch * length))
-        mask = torch.tensor(bits, dtype=torch.bool).reshape(batch, length)
-    extra = draw(st.lists(st.integers(0, 50), min_size=batch, max_size=batch))
-    next_pos = mask.sum(dim=1) + torch.tensor(extra, dtype=torch.long)
-    return KVCache(keys, values, mask, next_pos)
-
-
-@st.composite
-def compatible_caches(draw, count: int, **kwargs) -> list[KVCache]:
-    """``count`` caches that share layers, batch, heads, head_dim and dtype (lengths differ)."""
-    dims = draw(cache_dims())
-    dtype = draw(st.sampled_from(DTYPES))
-    return [draw(kv_caches(dims, dtype=dtype, **kwargs)) for _ in range(count)]
 
 
 def assert_same(a: KVCache, b: KVCache) -> None:
     """Equal shapes, dtypes and contents, field by field."""
-    for name, x, y in zip(KVCache._fields, a, b):
-        assert x.shape == y.shape and x.dtype == y.dtype, name
-        assert torch.equal(x, y), name
+    assert_caches_close(a, b, atol=0, rtol=0)
 
 
 def snapshot(caches) -> list[list[torch.Tensor]]:

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gcache.core.cache import KVCache, concat
+from gcache.testing import assert_caches_close, fusion_cases
 from gcache.core.fusion import (
     MODES,
     FuserConfig,
@@ -37,26 +38,6 @@ def make_cache(seed: int, T: int, B: int = 2, *, pad: list[int] | None = None, L
 def random_params(seed: int, *, num_layers: int = L) -> FuserParams:
     g = torch.Generator().manual_seed(seed)
     return FuserParams(torch.randn(num_layers, generator=g) * 2, torch.randn(NUM_AGENTS, generator=g) * 2)
-
-
-@st.composite
-def fusion_case(draw, *, equal_lengths=False, full_masks=False, per_row=None):
-    k = draw(st.integers(1, 5))
-    B = draw(st.integers(1, 3))
-    t0 = draw(st.integers(1, 6))
-    caches = []
-    for i in range(k):
-        T = t0 if equal_lengths else draw(st.integers(1, 6))
-        pad = [0] * B if full_masks else [draw(st.integers(0, T)) for _ in range(B)]
-        caches.append(make_cache(draw(st.integers(0, 10_000)), T, B, pad=pad))
-    rows = draw(st.booleans()) if per_row is None else per_row
-    w_el = st.floats(0.01, 10.0)
-    if rows:
-        weights = torch.tensor([[draw(w_el) for _ in range(B)] for _ in range(k)])
-    else:
-        weights = torch.tensor([draw(w_el) for _ in range(k)])
-    sources = draw(st.lists(st.integers(0, NUM_AGENTS - 1), min_size=k, max_size=k))
-    return caches, weights, sources, random_params(draw(st.integers(0, 10_000)))
 
 
 def reference_fuse(params, caches, edge_weights, *, mode, sources):
@@ -102,11 +83,8 @@ def reference_fuse(params, caches, edge_weights, *, mode, sources):
 
 
 def assert_cache_close(a: KVCache, b: KVCache, atol=1e-5):
-    assert a.keys.shape == b.keys.shape
-    torch.testing.assert_close(a.keys.double(), b.keys.double(), atol=atol, rtol=1e-5)
-    torch.testing.assert_close(a.values.double(), b.values.double(), atol=atol, rtol=1e-5)
-    assert torch.equal(a.mask, b.mask)
-    assert torch.equal(a.next_pos, b.next_pos)
+    # the brute-force reference computes in float64
+    assert_caches_close(a, b, atol=atol, rtol=1e-5, check_dtype=False)
 
 
 def attention(cache: KVCache, query: torch.Tensor) -> torch.Tensor:
@@ -119,7 +97,7 @@ def attention(cache: KVCache, query: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- equivalences
 
 
-@given(fusion_case(), st.sampled_from(["weighted", "learned"]), st.booleans())
+@given(fusion_cases(), st.sampled_from(["weighted", "learned"]), st.booleans())
 def test_mixing_matches_brute_force_reference(case, mode, no_params):
     caches, weights, sources, params = case
     if no_params and mode == "weighted":
@@ -128,7 +106,7 @@ def test_mixing_matches_brute_force_reference(case, mode, no_params):
     assert_cache_close(out, reference_fuse(params, caches, weights, mode=mode, sources=sources))
 
 
-@given(fusion_case())
+@given(fusion_cases())
 def test_learned_with_zero_source_logits_is_weighted(case):
     caches, weights, sources, params = case
     params = params._replace(source_logits=torch.zeros(NUM_AGENTS))
@@ -138,7 +116,7 @@ def test_learned_with_zero_source_logits_is_weighted(case):
     )
 
 
-@given(fusion_case(per_row=True), st.sampled_from(MODES))
+@given(fusion_cases(per_row=True), st.sampled_from(MODES))
 def test_per_row_weights_equal_fusing_each_row_alone(case, mode):
     caches, weights, sources, params = case
     out = fuse(params, caches, weights, mode=mode, sources=sources)
@@ -175,7 +153,7 @@ def test_single_predecessor_is_returned_unchanged(seed, T, mode, weight, random_
         assert torch.equal(got, want)
 
 
-@given(fusion_case(), st.sampled_from(MODES), st.randoms(use_true_random=False))
+@given(fusion_cases(), st.sampled_from(MODES), st.randoms(use_true_random=False))
 def test_permuting_predecessors_with_their_weights_changes_nothing(case, mode, rnd):
     caches, weights, sources, params = case
     perm = list(range(len(caches)))
@@ -192,7 +170,7 @@ def test_permuting_predecessors_with_their_weights_changes_nothing(case, mode, r
         assert_cache_close(out, permuted)
 
 
-@given(fusion_case(full_masks=True), st.sampled_from(["weighted", "learned"]))
+@given(fusion_cases(full_masks=True), st.sampled_from(["weighted", "learned"]))
 def test_mixture_lies_within_the_inputs_elementwise_bounds(case, mode):
     caches, weights, sources, params = case
     out = fuse(params, caches, weights, mode=mode, sources=sources)
@@ -214,7 +192,7 @@ def test_copies_of_one_cache_fuse_to_it(seed, k, mode):
     assert_cache_close(out, cache)
 
 
-@given(fusion_case(), st.sampled_from(MODES))
+@given(fusion_cases(), st.sampled_from(MODES))
 def test_absent_edge_equals_leaving_the_predecessor_out(case, mode):
     caches, weights, sources, params = case
     if len(caches) < 2:
@@ -240,7 +218,7 @@ def test_absent_edge_equals_leaving_the_predecessor_out(case, mode):
     assert torch.equal(out.next_pos, without.next_pos)
 
 
-@given(fusion_case(), st.sampled_from(MODES))
+@given(fusion_cases(), st.sampled_from(MODES))
 def test_inputs_are_not_modified(case, mode):
     caches, weights, sources, params = case
     before = [tuple(t.clone() for t in c) for c in caches], weights.clone(), tuple(p.clone() for p in params)

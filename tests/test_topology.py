@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from gcache.core import optim
 from gcache.core import topology as tp
 from gcache.io.config import RunConfig
+from gcache.testing import adjacency_matrices, candidate_masks
 
 from _topology_helpers import (
     chi_square_p_value,
@@ -29,28 +30,6 @@ PRODUCT_LR = RunConfig().lr
 
 # ---------------------------------------------------------------------------- strategies
 # Reusable hypothesis strategies (meant to move to gcache/testing.py).
-
-
-@st.composite
-def masks(draw, max_agents: int = 6, mode: str = "full") -> tuple[int, torch.Tensor]:
-    """(N, mask): for mode "full" any [N, N] bool with a False diagonal; for every other mode
-    a strictly upper-triangular one (the identity order must make it a DAG)."""
-    n = draw(st.integers(1, max_agents))
-    bits = draw(st.lists(st.booleans(), min_size=n * n, max_size=n * n))
-    mask = torch.tensor(bits, dtype=torch.bool).reshape(n, n)
-    keep = ~torch.eye(n, dtype=torch.bool) if mode == "full" else torch.ones(n, n, dtype=torch.bool).triu(1)
-    return n, mask & keep
-
-
-@st.composite
-def dag_adjacencies(draw, max_agents: int = 6) -> torch.Tensor:
-    """A random DAG [N, N] bool: forward edges of a random order."""
-    n = draw(st.integers(1, max_agents))
-    perm = draw(st.permutations(list(range(n))))
-    bits = draw(st.lists(st.booleans(), min_size=n * n, max_size=n * n))
-    pos = torch.empty(n, dtype=torch.long)
-    pos[torch.tensor(perm, dtype=torch.long)] = torch.arange(n)
-    return torch.tensor(bits, dtype=torch.bool).reshape(n, n) & (pos[:, None] < pos[None, :])
 
 
 def seeds() -> st.SearchStrategy[int]:
@@ -174,7 +153,7 @@ def _check_invariants(topo: tp.Topology, mask: torch.Tensor, config: tp.Topology
        rounds=st.integers(1, 3), optimize_spatial=st.booleans(), optimize_temporal=st.booleans())
 def test_sampled_graphs_are_dags_within_the_mask(data, seed, mode, decision, rounds, optimize_spatial,
                                                  optimize_temporal):
-    n, mask = data.draw(masks(mode="full" if mode == "full" else "mesh"))
+    n, mask = data.draw(candidate_masks(mode="full" if mode == "full" else "mesh"))
     config = tp.TopologyConfig(num_agents=n, mode=mode, num_rounds=rounds, decision=decision,
                                optimize_spatial=optimize_spatial, optimize_temporal=optimize_temporal)
     logits = random_logits(config, seed % 1000, spread=3.0)
@@ -185,7 +164,7 @@ def test_sampled_graphs_are_dags_within_the_mask(data, seed, mode, decision, rou
 
 
 @settings(max_examples=30, deadline=None)
-@given(adjacency=dag_adjacencies())
+@given(adjacency=adjacency_matrices(st.integers(1, 6)))
 def test_graph_helpers_agree(adjacency):
     n = adjacency.shape[0]
     order = tp.topological_order(adjacency)
