@@ -100,12 +100,9 @@ def embed_texts(texts: Sequence[str], *, encoder: Any = None, batch_size: int = 
 
 def embeddings_dir() -> Path:
     """Where role embeddings are cached on disk (see the module docstring)."""
-    root = os.environ.get("GCACHE_CACHE_DIR")
-    if root:
-        return Path(root).expanduser() / "embeddings"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "gcache" / "embeddings"
+    from gcache.io.paths import cache_root
+
+    return cache_root() / "embeddings"
 
 
 def text_key(text: str) -> str:

@@ -116,12 +116,9 @@ def parse_device(device: str | torch.device) -> str:
 
 def cache_dir() -> Path:
     """Where converted models are kept (see the module docstring)."""
-    root = os.environ.get("GCACHE_CACHE_DIR")
-    if root:
-        return Path(root).expanduser() / "models"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "gcache" / "models"
+    from gcache.io.paths import cache_root
+
+    return cache_root() / "models"
 
 
 def embedded_gguf() -> Path:
