@@ -3,7 +3,7 @@
 import pytest
 
 from gcache.io.extract import extract_choice, extract_number
-from gcache.io.prompts import ROLES, Role, agent_messages, agent_roles, answer_format, decision_messages
+from gcache.io.prompts import ROLES, agent_messages, agent_roles, answer_format, decision_messages
 from gcache.io.tasks import TASKS, load_items, score, task_family
 
 

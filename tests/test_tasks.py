@@ -3,15 +3,11 @@
 import csv
 import dataclasses
 import gzip
-import io
-import json
-import logging
 
 import pytest
 
 from gcache.io.tasks import (
     TASKS,
-    Item,
     RowError,
     Verdict,
     data_dir,

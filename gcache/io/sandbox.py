@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import pickle
-import re
 import secrets
 import shutil
 import signal
