@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import typer
 
@@ -21,6 +22,11 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # transformers draws a progress bar per weight load; gcache shows its own progress.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
