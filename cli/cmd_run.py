@@ -23,6 +23,9 @@ def run(
     latent_only: Optional[bool] = typer.Option(
         None, "--latent-only/--full-cache", help="Pass only the latent positions to successors (gcache default: latent-only; latent-mas: full-cache)."
     ),
+    sink_positions: Optional[int] = typer.Option(
+        None, help="With --latent-only, also pass each agent's first positions (the attention sink) (default: 4)."
+    ),
     agents: Optional[str] = typer.Option(None, help="diverse or uniform agent roles (default: diverse)."),
     agent_nums: Optional[int] = typer.Option(None, help=f"Number of agents (default: {_D.agent_nums})."),
     topology: Optional[str] = typer.Option(

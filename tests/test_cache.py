@@ -16,7 +16,9 @@ from gcache.core.cache import (
     check_compatible,
     concat,
     empty,
+    keep_first,
     keep_last,
+    latent_part,
     nbytes,
     select_rows,
     trim_padding,
@@ -188,3 +190,21 @@ def test_dynamic_cache_grows_without_touching_the_kvcache():
         dc.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), layer)
     assert dc.get_seq_length() == 4
     assert all(torch.equal(t, s) for t, s in zip(cache, before))
+
+
+@given(kv_caches(), st.integers(0, 8), st.integers(0, 8))
+def test_latent_part_is_the_sink_then_the_latent_positions(cache, steps, sink):
+    part = latent_part(cache, steps, sink)
+    if sink + steps >= cache.seq_len:
+        assert_same(part, cache)
+    else:
+        assert part.seq_len == sink + steps
+        assert_same(keep_first(part, sink), keep_first(cache, sink))
+        assert_same(keep_last(part, steps), keep_last(cache, steps))
+    assert torch.equal(part.next_pos, cache.next_pos)
+
+
+def test_latent_part_rejects_negative_counts():
+    cache = empty(1, 1, 1, 2)
+    with pytest.raises(ValueError, match="sink_positions"):
+        latent_part(cache, 2, -1)

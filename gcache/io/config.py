@@ -24,9 +24,9 @@ _METHOD_FLAGS: dict[str, set[str]] = {
         "agents", "agent_nums", "topology", "optimize_spatial", "optimize_temporal", "num_rounds",
         "decision", "train_size", "num_iterations", "lr", "params",
     },
-    "latent-mas": {"latent_steps", "latent_only"},
+    "latent-mas": {"latent_steps", "latent_only", "sink_positions"},
     "gcache": {
-        "latent_steps", "latent_only", "agents", "agent_nums", "topology", "optimize_spatial",
+        "latent_steps", "latent_only", "sink_positions", "agents", "agent_nums", "topology", "optimize_spatial",
         "optimize_temporal", "num_rounds", "decision", "fusion", "train_size", "num_iterations",
         "lr", "params",
     },
@@ -53,6 +53,7 @@ class RunConfig:
     generation_mode: str = "local"
     latent_steps: int = 10
     latent_only: bool = True
+    sink_positions: int = 4
     agents: str = "diverse"
     agent_nums: int = 4
     topology: str = "full"
@@ -155,6 +156,7 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
     _choice("fusion", config.fusion, FUSIONS)
     _choice("agents", config.agents, AGENT_SETS)
     _at_least("latent_steps", config.latent_steps, 0)
+    _at_least("sink_positions", config.sink_positions, 0)
     _at_least("agent_nums", config.agent_nums, 1)
     _at_least("num_rounds", config.num_rounds, 1)
     _at_least("batch_size", config.batch_size, 1)

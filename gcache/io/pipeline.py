@@ -324,7 +324,7 @@ class Pipeline:
         for i, (q, node) in enumerate(rows):
             c = kv.trim_padding(kv.select_rows(ro.cache, [i]))
             if self.config.latent_only:
-                c = kv.keep_last(c, self.config.latent_steps)
+                c = kv.latent_part(c, self.config.latent_steps, self.config.sink_positions)
             outputs[q][node] = NodeOut(
                 role=self.roles[node[1]].name,
                 cache=c,
