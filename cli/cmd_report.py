@@ -55,7 +55,7 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run folders to put side
         secs = s.get("seconds")
         acc = s.get("accuracy")
         table.add_row(
-            str(run), str(s.get("task")), str(s.get("method")), str(s.get("generation_mode")), str(n),
+            run.name, str(s.get("task")), str(s.get("method")), str(s.get("generation_mode")), str(n),
             "-" if acc is None else f"{acc:.3f}",
             str(t.get("prompt", "-")), str(t.get("latent", "-")), str(t.get("generated", "-")),
             "-" if not n or secs is None else f"{secs / n:.2f}",

@@ -158,3 +158,21 @@ def test_bad_flag_combinations_fail_with_one_clear_line(tmp_path, flags, message
 def test_unknown_task_is_refused(tmp_path):
     result = CliRunner().invoke(app, ["run", "gsm9k", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "gsm9k" in result.output
+
+
+def test_report_and_compare_read_finished_runs(tmp_path):
+    a = _config(tmp_path / "a", "gsm8k", "gcache", limit=2)
+    b = _config(tmp_path / "b", "gsm8k", "single", limit=2)
+    run_experiment(a)
+    run_experiment(b)
+    runner = CliRunner(env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["report", str(a.out_dir)])
+    assert result.exit_code == 0, result.output
+    assert "eval" in result.output and "train" in result.output
+    png = a.out_dir / "topology.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = runner.invoke(app, ["compare", str(a.out_dir), str(b.out_dir)])
+    assert result.exit_code == 0, result.output
+    assert "gcache" in result.output and "single" in result.output
+    result = runner.invoke(app, ["report", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "no summary.json" in result.output

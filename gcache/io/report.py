@@ -27,11 +27,14 @@ def records_table(summary: dict, records: list[dict]) -> Table:
     return table
 
 
-def edge_matrix(records: list[dict], phase: str = "eval") -> tuple[list[str], np.ndarray, np.ndarray]:
+def edge_matrix(
+    records: list[dict], phase: str = "eval", kind: str = "spatial"
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Mean edge probability and the number of times each edge was taken, over a phase's records.
 
-    Records carry ``edges`` as a list of {"src", "dst", "p", "taken"} with node names
-    (agents as "i:Role", the decision node as "decision"). Returns (names, probs [n, n], taken [n, n]).
+    Records carry ``edges`` as a list of {"src", "dst", "kind", "p", "taken"} with agents named
+    "i:Role"; ``kind`` selects spatial (within a round) or temporal (between rounds) edges.
+    Returns (names, probs [n, n], taken [n, n]).
     """
     names: list[str] = []
     sums: dict[tuple[str, str], float] = {}
@@ -41,6 +44,8 @@ def edge_matrix(records: list[dict], phase: str = "eval") -> tuple[list[str], np
         if r["phase"] != phase:
             continue
         for e in r.get("edges") or []:
+            if e.get("kind", "spatial") != kind:
+                continue
             for node in (e["src"], e["dst"]):
                 if node not in names:
                     names.append(node)
@@ -48,7 +53,7 @@ def edge_matrix(records: list[dict], phase: str = "eval") -> tuple[list[str], np
             sums[key] = sums.get(key, 0.0) + float(e["p"])
             n_rec[key] = n_rec.get(key, 0) + 1
             taken[key] = taken.get(key, 0) + int(bool(e.get("taken")))
-    names.sort(key=lambda s: (s == "decision", s))
+    names.sort(key=lambda s: int(s.split(":", 1)[0]) if s.split(":", 1)[0].isdigit() else 1 << 30)
     idx = {name: i for i, name in enumerate(names)}
     probs = np.zeros((len(names), len(names)))
     counts = np.zeros((len(names), len(names)), dtype=int)
