@@ -65,7 +65,23 @@ def machine_info() -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    info["source"] = source_info()
     return info
+
+
+def source_info() -> dict | None:
+    """The git commit of the code measured and the tracked files that differed from it (None outside git)."""
+    import subprocess
+
+    repo = ROOT.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "modified": sorted(line[3:] for line in status.splitlines() if line.strip())}
 
 
 # --------------------------------------------------------------------------- flags

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if batches[0] < 1 or args.reps < 1:
         parser.error("--batches and --reps: expected values >= 1")
     load_before = common.load_average()
+    machine = common.machine_info()  # before the library is imported: the code measured is the code recorded
     started = time.perf_counter()
 
     from gcache.io.tasks import load_items
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "smoke": args.smoke,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": common.machine_info(),
+        "machine": machine,
         "load_average_before": load_before,
         "load_average_after": common.load_average(),
         "settings": {"method": "latent-mas", "task": "gsm8k", "questions": len(items), "reps": args.reps,

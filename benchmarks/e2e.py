@@ -156,7 +156,7 @@ def markdown(report: dict) -> str:
 
 
 def build_report(runs: dict[str, list[dict]], items: list, *, complete: bool, args, local, names, load_before,
-                 started) -> dict:
+                 machine, started) -> dict:
     """The JSON report over the questions every method has answered so far."""
     runs = {name: r[: len(items)] for name, r in runs.items()}
     methods = {name: summarize(name, runs[name]) for name in names}
@@ -180,7 +180,7 @@ def build_report(runs: dict[str, list[dict]], items: list, *, complete: bool, ar
         "torch": torch.__version__,
         "smoke": args.smoke,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": common.machine_info(),
+        "machine": machine,
         "load_average_before": load_before,
         "load_average_after": common.load_average(),
         "settings": {
@@ -206,7 +206,10 @@ def build_report(runs: dict[str, list[dict]], items: list, *, complete: bool, ar
         "per_question": [
             {"id": item.id, **{name: {"seconds": round(runs[name][q]["seconds"], 3),
                                       "generated": runs[name][q]["record"]["tokens"]["generated"],
-                                      "correct": runs[name][q]["record"]["correct"]} for name in names}}
+                                      "correct": runs[name][q]["record"]["correct"],
+                                      "prediction": runs[name][q]["record"]["prediction"],
+                                      "answer": (runs[name][q]["record"]["answer"] or "")[:300]}
+                 for name in names}, "gold": item.gold}
             for q, item in enumerate(items)
         ],
         "wall_seconds": round(time.perf_counter() - started, 1),
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         parser.error(f"--n: expected a value >= 1, got {args.n}")
     load_before = common.load_average()
+    machine = common.machine_info()  # before the library is imported: the code measured is the code recorded
     started = time.perf_counter()
 
     from gcache.io.tasks import load_items
@@ -241,13 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     items = load_items("gsm8k", "test", limit=args.n + 1, seed=args.seed)
     warm_item, items = items[-1], items[: args.n]
     pipelines, local = common.build_pipelines(flag_sets(args))
-    if args.params is not None:
+    if args.params is not None and "gcache" in pipelines:
         pipelines["gcache"].load(args.params)
     common.warm_up(pipelines, warm_item)
 
     names = list(pipelines)
     runs: dict[str, list[dict]] = {name: [] for name in names}
-    context = {"args": args, "local": local, "names": names, "load_before": load_before, "started": started}
+    context = {"args": args, "local": local, "names": names, "load_before": load_before, "machine": machine,
+               "started": started}
     with common.RssSampler() as sampler, common.progress() as bar:
         task = bar.add_task("e2e", total=len(items) * len(names), status="")
         for q, item in enumerate(items):
