@@ -9,12 +9,16 @@ batched forward. The same ``max(batches)`` GSM8K test questions are answered at 
 batch size, ``--reps`` times with the order of batch sizes rotating, after a warm-up;
 questions per second is the question count over the wall time of one pass, median over
 repetitions. Answers at batch b must equal, question by question, the answers decoded
-one question at a time (greedy, float32). Writes <out>/batching.json.
+one question at a time (greedy, float32). Where the time goes is recorded per batch size
+(``core``): seconds in the latent core's prefills, latent steps and decoding loops, and the
+decoding loop's steps (a batch decodes until its longest answer ends). Writes
+<out>/batching.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import sys
 import time
@@ -25,15 +29,46 @@ import torch
 BATCHES = (1, 4, 8)
 
 
-def one_pass(pipeline, items, batch: int) -> tuple[float, dict, dict]:
-    """Wall seconds to answer ``items`` in batches of ``batch``; answers and records by question id."""
+@contextlib.contextmanager
+def core_timers(timers: common.Timers, steps: dict):
+    """Time the latent core's prefills, latent steps and decoding loops (exclusive) for the block.
+
+    rollout and generate look ``prefill`` and ``latent_step`` up in their module at call
+    time, so wrapping the module's names reaches every call. ``steps["decode"]`` counts the
+    decoding loop's iterations (batched rows advance together, so a batch costs its longest row).
+    """
+    from gcache.core import latent
+
+    generate = latent.generate
+
+    def counted_generate(*a, **k):
+        with timers.timed("decode"):
+            out = generate(*a, **k)
+        steps["decode"] = steps.get("decode", 0) + int(out.tokens.shape[1])
+        return out
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(common.patched(latent, "prefill", timers.wrap(latent.prefill, "prefill")))
+        stack.enter_context(common.patched(latent, "latent_step", timers.wrap(latent.latent_step, "latent_steps")))
+        stack.enter_context(common.patched(latent, "generate", counted_generate))
+        yield
+
+
+def one_pass(pipeline, items, batch: int) -> tuple[float, dict, dict, dict]:
+    """Wall seconds to answer ``items`` in batches of ``batch``; answers and records by question id;
+    seconds in prefill, latent steps and decoding (prefill excluded) and the decoding loop's steps."""
     answers, records = {}, {}
-    start = time.perf_counter()
-    for i in range(0, len(items), batch):
-        for record in pipeline.evaluate(items[i : i + batch]):
-            answers[record["id"]] = record["answer"]
-            records[record["id"]] = record
-    return time.perf_counter() - start, answers, records
+    timers, steps = common.Timers(), {}
+    with core_timers(timers, steps):
+        start = time.perf_counter()
+        for i in range(0, len(items), batch):
+            for record in pipeline.evaluate(items[i : i + batch]):
+                answers[record["id"]] = record["answer"]
+                records[record["id"]] = record
+        wall = time.perf_counter() - start
+    split = {f"{k}_seconds": round(v, 3) for k, v in timers.seconds.items()}
+    split["decode_loop_steps"] = steps.get("decode", 0)
+    return wall, answers, records, split
 
 
 def split_seconds(records: dict) -> dict:
@@ -82,15 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[int, list[float]] = {b: [] for b in batches}
     answers: dict[int, list[dict]] = {b: [] for b in batches}
     records: dict[int, dict] = {}
+    splits: dict[int, list[dict]] = {b: [] for b in batches}
     with common.progress() as bar:
         task = bar.add_task("batching", total=args.reps * len(batches), status="")
         for rep in range(args.reps):
             for b in batches[rep % len(batches):] + batches[: rep % len(batches)]:
                 bar.update(task, status=f"batch {b}, pass {rep + 1}")
-                wall, ans, recs = one_pass(pipeline, items, b)
+                wall, ans, recs, split = one_pass(pipeline, items, b)
                 seconds[b].append(wall)
                 answers[b].append(ans)
                 records[b] = recs
+                splits[b].append(split)
                 bar.advance(task)
 
     reference = answers[1][0]
@@ -109,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": [round(s, 3) for s in seconds[b]],
             "generated_tokens": sum(r["tokens"]["generated"] for r in records[b].values()),
             **split_seconds(records[b]),
+            # where the time goes (medians over passes): batching pays off in latent and decoding
+            # steps, not in prefill, which is compute-bound already for one prompt
+            "core": {k: common.median([sp.get(k, 0) for sp in splits[b]])
+                     for k in ("prefill_seconds", "latent_steps_seconds", "decode_seconds", "decode_loop_steps")},
         })
     report = {
         "model": local.name,
@@ -129,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     common.print_table(
         f"batching: latent-mas on {len(items)} GSM8K questions, {local.name} {report['dtype']}, "
         f"{report['threads']} threads",
-        ["batch", "questions/s", "x batch 1", "s (median)", "equal to unbatched", "think s", "decode s"],
+        ["batch", "questions/s", "x batch 1", "s (median)", "equal to unbatched", "prefill s", "latent steps s",
+         "decode s", "decode steps"],
         [[r["batch"], r["questions_per_s"], r["speedup_vs_batch_1"], r["seconds_median"],
-          f"{r['equal_to_unbatched']} ({r['equal_answers']})", r["think_seconds"], r["decode_seconds"]]
+          f"{r['equal_to_unbatched']} ({r['equal_answers']})", r["core"]["prefill_seconds"],
+          r["core"]["latent_steps_seconds"], r["core"]["decode_seconds"], r["core"]["decode_loop_steps"]]
          for r in results],
     )
     common.write_json(args.out / "batching.json", report)

@@ -98,6 +98,10 @@ def test_batching_schema(smoke):
         assert math.isclose(r["questions_per_s"], report["settings"]["questions"] / r["seconds_median"], rel_tol=1e-2)
         equal, total = map(int, r["equal_answers"].split("/"))
         assert r["equal_to_unbatched"] == (equal == total)
+        # the core's split was measured, and a batch's decoding loop runs at most max_new_tokens per batch
+        core, n = r["core"], report["settings"]["questions"]
+        assert core["prefill_seconds"] > 0 and core["latent_steps_seconds"] > 0 and core["decode_seconds"] > 0
+        assert 1 <= core["decode_loop_steps"] <= -(-n // r["batch"]) * report["settings"]["max_new_tokens"]
 
 
 def test_overhead_schema_and_shares(smoke):
