@@ -129,7 +129,8 @@ def build_config(explicit: dict[str, Any]) -> RunConfig:
     if method == "latent-mas":
         base = replace(base, **LATENT_MAS_DEFAULTS, num_iterations=0)
     elif method == "single":
-        base = replace(base, agent_nums=1, num_iterations=0, optimize_spatial=False, fusion="concat")
+        # One agent answers directly: no judger re-reads its answer (LatentMAS's single baseline).
+        base = replace(base, agent_nums=1, num_iterations=0, optimize_spatial=False, fusion="concat", decision="direct")
     elif method == "text-mas":
         base = replace(base, fusion="concat")
     config = replace(base, **explicit)
