@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import machine_info
 
 from gcache.core.cache import KVCache
 from gcache.core.fusion import MODES, FuserConfig, fuse, init_fuser
@@ -35,22 +35,6 @@ log = logging.getLogger("benchmarks.fusion")
 ROOT = Path(__file__).resolve().parent
 KS = (2, 4, 8)
 LENGTHS = (10, 200)
-
-
-def _machine() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        info["load_average"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
 
 
 def _sync(device: torch.device) -> None:
@@ -165,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
-        "machine": {**_machine(), "load_average_start": load_start},
+        "machine": {**machine_info(), "load_average_start": load_start},
         "smoke": args.smoke,
         "all_below_one_decode_step": all(r["fuse_ms"] < r["decode_step_ms"] for r in results),
         "results": results,

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import machine_info
 
 from gcache.core.latent import latent_step, prefill
 from gcache.io.hf import backbone
@@ -36,22 +35,6 @@ from gcache.io.models import load_model, tiny_model
 log = logging.getLogger("benchmarks.latent_step")
 ROOT = Path(__file__).resolve().parent
 LENGTHS = (128, 512, 2048)
-
-
-def _machine() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        info["load_average"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
 
 
 def _sync(device: torch.device) -> None:
@@ -182,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
-        "machine": _machine(),
+        "machine": machine_info(),
         "smoke": args.smoke,
         "results": results,
     }

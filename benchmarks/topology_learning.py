@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -64,17 +63,6 @@ def gradient_variance(task: helpers.SyntheticTask, seed: int, *, baseline: str, 
         flat.append(torch.cat([grad.flatten() for grad in grads]))
     stacked = torch.stack(flat).double()
     return float(stacked.var(0).sum()), float(stacked.mean(0).square().sum())
-
-
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "note": "shared 2-core machine with other engineers' jobs running: timings are disturbed",
-    }
 
 
 def main(argv: list[str] | None = None) -> dict:

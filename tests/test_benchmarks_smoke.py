@@ -128,3 +128,29 @@ def test_smoke_never_overwrites_measured_results(tmp_path):
     folder, model, tokens = out.split()
     assert Path(folder).resolve() != (ROOT / "benchmarks" / "results").resolve()
     assert model == "tiny-llama" and int(tokens) <= 8
+
+
+def _run_smoke(script: str, out: Path) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--smoke", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_topology_learning_smoke_writes_its_schema(tmp_path):
+    report = _run_smoke("topology_learning", tmp_path / "topology_learning.json")
+    for variant in ("with_baseline", "without_baseline"):
+        rewards = report[variant]["final_expected_reward"]
+        assert len(rewards) == len(report["seeds"]) and all(0.0 <= r <= 1.0 for r in rewards)
+        assert report[variant]["grad_variance"] >= 0
+    assert report["steps"] >= 1 and "machine" in report
+
+
+def test_fusion_smoke_writes_its_schema(tmp_path):
+    report = _run_smoke("fusion", tmp_path / "fusion.json")
+    rows = report["results"]
+    assert {r["mode"] for r in rows} == {"concat", "weighted", "learned"}
+    for r in rows:
+        assert r["fuse_ms"] > 0 and r["decode_step_ms"] > 0 and r["k"] in (2, 4, 8)
