@@ -34,7 +34,7 @@ _METHOD_FLAGS: dict[str, set[str]] = {
 _COMMON_FLAGS = {
     "task", "method", "generation_mode", "batch_size", "limit", "question_id", "model", "device",
     "dtype", "threads", "api_model", "base_url", "max_new_tokens", "temperature", "seed", "out",
-    "resume", "train_limit",
+    "resume",
 }
 _MODES_BY_METHOD = {
     "single": ("local", "api"),
@@ -80,7 +80,6 @@ class RunConfig:
     out: str | None = None
     resume: bool = False
     params: str | None = None
-    train_limit: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,7 +162,7 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
     _at_least("batch_size", config.batch_size, 1)
     _at_least("num_iterations", config.num_iterations, 0)
     _at_least("max_new_tokens", config.max_new_tokens, 1)
-    for name in ("train_size", "limit", "train_limit"):
+    for name in ("train_size", "limit"):
         value = getattr(config, name)
         if value is not None:
             _at_least(name, value, 1)

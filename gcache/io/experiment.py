@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gcache.io.config import RunConfig
-from gcache.io.runlog import CONFIG, PARAMS, SUMMARY, RunLog, read_records, summarize, write_json_atomic
+from gcache.io.runlog import CONFIG, SUMMARY, RunLog, read_records, summarize, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -200,4 +200,4 @@ def load_summary(folder: Path) -> dict:
     return {"task": "?", "method": folder.name, "generation_mode": "?", "wall_seconds": None, **s}
 
 
-__all__ = ["check_before_loading", "run_experiment", "load_summary", "PARAMS"]
+__all__ = ["check_before_loading", "run_experiment", "load_summary"]

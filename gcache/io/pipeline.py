@@ -646,16 +646,18 @@ class Learner:
     def save(self, out: Path, step: int) -> None:
         """Write params.safetensors, then the optimizer/baseline state with the finished step count."""
         from gcache.io.params import save_params
+        from gcache.io.runlog import PARAMS, STATE
 
-        save_params(Path(out) / "params.safetensors", self.params)
+        save_params(Path(out) / PARAMS, self.params)
         state = {"opt_state": self.opt_state, "baseline": self.baseline, "step": torch.tensor(step)}
-        save_params(Path(out) / "train_state.safetensors", state)
+        save_params(Path(out) / STATE, state)
 
     def restore(self, out: Path) -> int:
         """Reload the last checkpoint of a run folder; returns the number of finished steps (0: none)."""
         from gcache.io.params import load_params
+        from gcache.io.runlog import PARAMS, STATE
 
-        path, state = Path(out) / "params.safetensors", Path(out) / "train_state.safetensors"
+        path, state = Path(out) / PARAMS, Path(out) / STATE
         if not path.exists() or not state.exists():
             return 0
         like = {"opt_state": self.opt_state, "baseline": self.baseline, "step": torch.tensor(0)}
