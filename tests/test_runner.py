@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from gcache.io.config import METHODS, build_config
@@ -176,3 +177,18 @@ def test_report_and_compare_read_finished_runs(tmp_path):
     assert "gcache" in result.output and "single" in result.output
     result = runner.invoke(app, ["report", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "no summary.json" in result.output
+
+
+def test_checkpoint_restores_the_learned_parts_and_the_step(tmp_path):
+    import gcache
+    from gcache.io.pipeline import build_pipeline
+
+    config = _config(tmp_path, "gsm8k", "gcache", limit=1, num_iterations=2)
+    run_experiment(config)
+    trained = build_pipeline(config)
+    fresh = [t.clone() for t in gcache.tree_leaves(trained.learner.params)]
+    assert trained.restore(config.out_dir) == 2
+    restored = gcache.tree_leaves(trained.learner.params)
+    assert not all(torch.equal(a, b) for a, b in zip(fresh, restored)), "two Adam steps moved the parameters"
+    assert int(trained.learner.opt_state.count) == 2
+    assert int(trained.learner.baseline.count) == 2
