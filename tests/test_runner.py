@@ -75,9 +75,10 @@ def test_every_task_runs_end_to_end(tmp_path, task):
         _check_run(config.out_dir, 1, 1)
 
 
-def test_same_seed_same_topologies_and_answers(tmp_path):
-    a = _config(tmp_path / "a", "gsm8k", "gcache", limit=2, seed=3)
-    b = _config(tmp_path / "b", "gsm8k", "gcache", limit=2, seed=3)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_same_seed_same_topologies_and_answers(tmp_path, temperature):
+    a = _config(tmp_path / "a", "gsm8k", "gcache", limit=2, seed=3, temperature=temperature)
+    b = _config(tmp_path / "b", "gsm8k", "gcache", limit=2, seed=3, temperature=temperature)
     run_experiment(a)
     run_experiment(b)
     ra, rb = read_records(a.out_dir / "results.jsonl"), read_records(b.out_dir / "results.jsonl")

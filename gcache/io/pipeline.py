@@ -332,14 +332,15 @@ class Pipeline:
                 seconds=per_row,
             )
 
-    def _generate(self, convs: list, caches: list, *, step: int, cache_infos=None):
+    def _generate(self, convs: list, caches: list, *, step: int, key: str, cache_infos=None):
         """Answers for a batch of conversations in the run's generation mode. An API failure raises
         (``evaluate`` then answers the batch's questions one by one, recording each one's error)."""
         from gcache.io.backends import generate_answer
 
         mode = self.config.generation_mode
         stacked = self._stack(caches) if self.config.latent else None
-        gen = torch.Generator().manual_seed(_seed(self.config.seed, "decode", step, len(convs)))
+        # Seeded by the rows it decodes, so sampled answers differ across batches but repeat across runs.
+        gen = torch.Generator().manual_seed(_seed(self.config.seed, "decode", step, key))
         kwargs = dict(
             local=self.local, api=self.api, cache=stacked, cache_info=cache_infos,
             max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature, generator=gen,
@@ -373,7 +374,8 @@ class Pipeline:
                 texts = [(outputs[q][p].role, outputs[q][p].text or "") for p in plans[q].preds(node)]
                 convs.append(self.prompts.agent_messages(self.config.task, role, question, predecessor_texts=texts))
                 caches.append(None)
-        answers = self._generate(convs, caches, step=step, cache_infos=infos if self.config.latent else None)
+        key = ",".join(f"{plans[q].item.id}/{node}" for q, node in rows)
+        answers = self._generate(convs, caches, step=step, key=key, cache_infos=infos if self.config.latent else None)
         per_row = (time.perf_counter() - started) / len(rows)
         for (q, node), a in zip(rows, answers):
             outputs[q][node] = NodeOut(
@@ -400,7 +402,8 @@ class Pipeline:
             losses = self.learner.fuser_losses(self, plans, outputs, qs, convs)
             for q, loss in zip(qs, losses):
                 results[q].fuser_loss = loss
-        answers = self._generate(convs, caches, step=step, cache_infos=infos if self.config.latent else None)
+        key = ",".join(f"{plans[q].item.id}/decision" for q in qs)
+        answers = self._generate(convs, caches, step=step, key=key, cache_infos=infos if self.config.latent else None)
         per_row = (time.perf_counter() - started) / len(qs)
         for q, a in zip(qs, answers):
             results[q].answer = a.text
