@@ -146,14 +146,13 @@ class Pipeline:
     pure Adam); this object is the shell that holds the current ones.
     """
 
-    def __init__(self, config: RunConfig, local, api, roles, encoder) -> None:
+    def __init__(self, config: RunConfig, local, api, roles) -> None:
         from gcache.io import prompts
 
         self.config = config
         self.local = local  # LocalModel or None (text-only API runs)
         self.api = api  # ApiClient or None
         self.roles = roles
-        self.encoder = encoder
         self.prompts = prompts
         self.api_usage = {"prompt": 0, "completion": 0}
         self.learner = None  # set by build_pipeline for methods with learned parts
@@ -704,7 +703,7 @@ def build_pipeline(config: RunConfig) -> Pipeline:
         roles = prompts.latent_mas_roles()
     else:
         roles = prompts.agent_roles(config.task, config.agents, config.agent_nums)
-    pipeline = Pipeline(config, local, api, roles, encoder=None)
+    pipeline = Pipeline(config, local, api, roles)
     if config.learns:
         encoder = None
         if config.optimize_spatial or config.optimize_temporal:
