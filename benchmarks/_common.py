@@ -364,6 +364,23 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def report_header(local: Any, args: Any, machine: dict, load_before: Any) -> dict:
+    """The fields every benchmark JSON starts with: model, dtype, threads, torch, smoke, date, machine, loads."""
+    import datetime as dt
+
+    return {
+        "model": local.name,
+        "dtype": dtype_name(local),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+    }
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Print a rich table to stdout."""
     from rich.console import Console

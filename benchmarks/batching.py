@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import sys
 import time
 
 import _common as common
-import torch
 
 BATCHES = (1, 4, 8)
 
@@ -152,15 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                      for k in ("prefill_seconds", "latent_steps_seconds", "decode_seconds", "decode_loop_steps")},
         })
     report = {
-        "model": local.name,
-        "dtype": common.dtype_name(local),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "smoke": args.smoke,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine,
-        "load_average_before": load_before,
-        "load_average_after": common.load_average(),
+        **common.report_header(local, args, machine, load_before),
         "settings": {"method": "latent-mas", "task": "gsm8k", "questions": len(items), "reps": args.reps,
                      "max_new_tokens": args.max_new_tokens, "latent_steps": args.latent_steps,
                      "temperature": 0.0, "padding": "left", "seed": args.seed},

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime as dt
 import io
 import pstats
 import sys
@@ -34,7 +33,6 @@ import time
 from pathlib import Path
 
 import _common as common
-import torch
 
 METHODS = ("single", "text-mas", "latent-mas", "gcache")
 BASELINE = "text-mas"
@@ -172,17 +170,9 @@ def build_report(runs: dict[str, list[dict]], items: list, *, complete: bool, ar
                 reduction[name] = round(1 - methods[name]["generated_tokens"] / base_gen, 4)
     first = {name: runs[name][0]["record"] for name in names}
     return {
-        "model": local.name,
-        "dtype": common.dtype_name(local),
-        "threads": torch.get_num_threads(),
+        **common.report_header(local, args, machine, load_before),
         "n": len(items),
         "complete": complete,
-        "torch": torch.__version__,
-        "smoke": args.smoke,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine,
-        "load_average_before": load_before,
-        "load_average_after": common.load_average(),
         "settings": {
             "task": "gsm8k",
             "max_new_tokens": args.max_new_tokens,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import sys
 import time
 
@@ -143,15 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     both = {k: phases["train"].get(k, 0.0) + phases["eval"].get(k, 0.0) for k in set(phases["train"]) | set(phases["eval"])}
     overall = per_question(both, counts["train"] + counts["eval"])
     report = {
-        "model": local.name,
-        "dtype": common.dtype_name(local),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "smoke": args.smoke,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine,
-        "load_average_before": load_before,
-        "load_average_after": common.load_average(),
+        **common.report_header(local, args, machine, load_before),
         "settings": {"method": "gcache", "task": "gsm8k", "train_steps": args.train_steps,
                      "batch_size": args.batch_size, "test_questions": args.n, "agent_nums": args.agent_nums,
                      "latent_steps": args.latent_steps, "max_new_tokens": args.max_new_tokens,
