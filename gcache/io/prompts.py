@@ -155,6 +155,13 @@ def _context(predecessor_texts: Sequence[tuple[str, str]], latent: bool) -> str:
     return "\n\n".join(parts)
 
 
+def _user(question: str, predecessor_texts: Sequence[tuple[str, str]], latent: bool, closing: str) -> str:
+    """The user turn: the question, what the earlier agents passed on, then the closing request."""
+    context = _context(predecessor_texts, latent)
+    parts = [f"Question:\n{question.strip()}"] + ([context] if context else []) + [closing]
+    return "\n\n".join(parts)
+
+
 def _messages(system: str, user: str, system_role: bool) -> list[dict[str, str]]:
     if system_role:
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -189,11 +196,7 @@ def agent_messages(
     _check_predecessors(predecessor_texts)
     fmt = answer_format(task, entry_point=_entry_point(task, question, entry_point))
     system = f"{role.instruction} You are one agent in a team that answers the question together. {fmt}"
-    context = _context(predecessor_texts, latent)
-    user = f"Question:\n{question.strip()}"
-    if context:
-        user = f"{user}\n\n{context}"
-    user += f"\n\nGive your reasoning, then your answer. {fmt}"
+    user = _user(question, predecessor_texts, latent, f"Give your reasoning, then your answer. {fmt}")
     return _messages(system, user, system_role)
 
 
@@ -216,9 +219,5 @@ def decision_messages(
     what = "the final program" if family == "code" else "the final answer"
     system = (f"You are the decision maker of a team of agents. Weigh the team's work, correct any mistakes, "
               f"and give {what}. {fmt}")
-    context = _context(predecessor_texts, latent)
-    user = f"Question:\n{question.strip()}"
-    if context:
-        user = f"{user}\n\n{context}"
-    user += f"\n\nNow give {what}. {fmt}"
+    user = _user(question, predecessor_texts, latent, f"Now give {what}. {fmt}")
     return _messages(system, user, system_role)
