@@ -69,27 +69,42 @@ def test_infinite_loop_is_stopped_by_the_limits():
         "import ctypes\nlibc = ctypes.CDLL(None)\nwhile True:\n    libc.fork()\n",
     ],
 )
-def test_fork_bombs_are_contained(bomb):
-    before = _processes_in_my_session()
+def test_fork_bombs_are_contained(bomb, monkeypatch):
+    # Every process the candidate could start inherits the sandbox's fresh working directory;
+    # none may outlive the run. (Counting processes in the test's session is racy: the other
+    # xdist worker shares that session and starts processes of its own.)
+    import gcache.io.sandbox as sandbox
+
+    workdirs = []
+
+    def mkdtemp(*args, **kwargs):
+        workdirs.append(real_mkdtemp(*args, **kwargs))
+        return workdirs[-1]
+
+    real_mkdtemp = sandbox.tempfile.mkdtemp
+    monkeypatch.setattr(sandbox.tempfile, "mkdtemp", mkdtemp)
     res = run_tests(check_job(bomb + GOOD), FAST)
     assert not res.passed
-    assert _processes_in_my_session() <= before
+    assert len(workdirs) == 1
+    assert _live_processes_in(workdirs[0]) == []
     assert os.getpid() > 0  # still here
 
 
-def _processes_in_my_session():
-    sid = os.getsid(0)
-    count = 0
+def _live_processes_in(workdir):
+    """Pids of running (not zombie) processes whose working directory is ``workdir``."""
+    found = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[3]) == sid:
-                    count += 1
-            except (OSError, IndexError, ValueError):
-                pass
-    return count
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and cwd.removesuffix(" (deleted)") == workdir:
+            found.append(int(entry))
+    return found
 
 
 def test_killing_the_parent_is_refused():
