@@ -265,6 +265,50 @@ def test_generation_cache_holds_prompt_and_answer(tiny):
         assert int(g.cache.next_pos[b]) == full.shape[1]
 
 
+def test_stop_rule_ends_rows_after_the_token_it_fires_on(tiny):
+    ids, mask = tiny.encode_chat(conversations())
+    free = generate(tiny.fns, ids, mask, max_new_tokens=8, eos_token_ids=[])
+    ends = [2, None, 5]  # row 0 ends after its 3rd token, row 2 after its 6th, row 1 never
+    seen = []
+
+    def stop(tokens, running):
+        seen.append((tokens.clone(), running.clone()))
+        n = tokens.shape[1]
+        return torch.tensor([e is not None and n == e + 1 for e in ends])
+
+    g = generate(tiny.fns, ids, mask, max_new_tokens=8, eos_token_ids=[], stop=stop, pad_token_id=7)
+    assert g.lengths.tolist() == [3, 8, 6] and g.stopped.tolist() == [True, False, True]
+    for b, n in enumerate(g.lengths.tolist()):
+        assert g.tokens[b, :n].tolist() == free.tokens[b, :n].tolist()  # the rule changes no token
+        assert g.tokens[b, n:].tolist() == [7] * (g.tokens.shape[1] - n)
+    # the rule sees every step's tokens so far, and which rows still run
+    assert [t.shape[1] for t, _ in seen] == list(range(1, 9))
+    assert seen[3][1].tolist() == [False, True, True] and seen[7][1].tolist() == [False, True, False]
+    # the cache holds each row's prompt and exactly its kept answer tokens
+    for b, q in enumerate(QUESTIONS):
+        n = int(g.lengths[b])
+        ids1, _ = _one(tiny, q)
+        full = torch.cat([ids1, g.tokens[b : b + 1, :n]], dim=1)
+        want = rollout(tiny.fns, tiny.realign, full, torch.ones_like(full, dtype=torch.bool), latent_steps=0).cache
+        for got, exp in zip(real_positions(g.cache, b), real_positions(want, 0)):
+            _close(got, exp)
+        assert int(g.cache.next_pos[b]) == full.shape[1]
+
+
+def test_stop_rule_ending_every_row_ends_the_loop(tiny):
+    ids, mask = tiny.encode_chat(conversations())
+    calls = []
+
+    def stop(tokens, running):
+        calls.append(tokens.shape[1])
+        return torch.full((3,), tokens.shape[1] == 2)
+
+    g = generate(tiny.fns, ids, mask, max_new_tokens=50, eos_token_ids=[], stop=stop)
+    assert calls == [1, 2] and g.tokens.shape == (3, 2) and g.lengths.tolist() == [2, 2, 2]
+    with pytest.raises(ValueError, match="stop"):
+        generate(tiny.fns, ids, mask, max_new_tokens=3, eos_token_ids=[], stop=lambda t, r: torch.ones(2, dtype=torch.bool))
+
+
 def test_sampling_is_seeded_and_reproducible(tiny):
     ids, mask = tiny.encode_chat(conversations())
     kw = dict(max_new_tokens=8, eos_token_ids=[], temperature=1.0, top_p=0.95)

@@ -76,14 +76,15 @@ class Generation(NamedTuple):
 
     tokens[b, :lengths[b]] is row b's answer; EOS is NOT counted in ``lengths``.
     When a row stopped at EOS, tokens[b, lengths[b]] is that EOS token; every
-    later slot holds ``pad_token_id``. ``cache`` holds the incoming cache, the
-    prompt and exactly the answer tokens tokens[b, :lengths[b]] (EOS and what
-    follows are masked out), so its next_pos is where a continuation goes.
+    later slot holds ``pad_token_id``. A row ended by ``generate``'s ``stop`` rule
+    keeps (and counts) the token after which the rule fired. ``cache`` holds the
+    incoming cache, the prompt and exactly the answer tokens tokens[b, :lengths[b]]
+    (EOS and what follows are masked out), so its next_pos is where a continuation goes.
     """
 
     tokens: Tensor  # [B, N] long, N <= max_new_tokens
     lengths: Tensor  # [B] long, generated tokens per row, EOS excluded
-    stopped: Tensor  # [B] bool, True where the row ended with an EOS token
+    stopped: Tensor  # [B] bool, True where the row ended before max_new_tokens (EOS or the stop rule)
     cache: KVCache
 
 
@@ -222,6 +223,13 @@ def rollout(
     return Rollout(out, attention_mask.to(torch.bool).sum(dim=1), latent_steps, hidden)
 
 
+def _check_stop(done: Any, batch: int) -> Tensor:
+    if not isinstance(done, Tensor) or done.shape != (batch,):
+        shape = tuple(done.shape) if isinstance(done, Tensor) else type(done).__name__
+        raise ValueError(f"stop: expected the rule to return a [B] = ({batch},) bool tensor, got {shape}")
+    return done.to(torch.bool)
+
+
 def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
     """One token per row from logits [B, V]: argmax when temperature == 0, else nucleus sampling."""
     if temperature == 0.0:
@@ -248,15 +256,21 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     pad_token_id: int | None = None,
+    stop: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Generation:
     """Decode up to ``max_new_tokens`` tokens per row after the prompt (read on top of ``cache``).
 
     Greedy when temperature == 0; otherwise samples from softmax(logits / temperature)
     restricted to the top_p nucleus, drawing with ``generator`` (seeded, reproducible).
     A row stops at its first token in ``eos_token_ids``; the loop stops when every
-    row has. See ``Generation`` for what the result holds. pad_token_id (default:
+    row has. ``stop(tokens, running) -> done``, when given, is called after each step
+    with the tokens decoded so far ([B, n] long, to be read, not written) and the rows
+    still running ([B] bool); a running row where ``done`` ([B] bool) is True ends
+    after that step's token, which it keeps (for example once an answer line is
+    complete). See ``Generation`` for what the result holds. pad_token_id (default:
     the first EOS id, else 0) fills slots after a row's end. Raises ValueError on
-    max_new_tokens < 0, temperature < 0, top_p outside (0, 1], and the errors of ``prefill``.
+    max_new_tokens < 0, temperature < 0, top_p outside (0, 1], a ``stop`` result that
+    is not a [B] tensor, and the errors of ``prefill``.
     """
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: expected a non-negative integer, got {max_new_tokens!r}")
@@ -275,6 +289,7 @@ def generate(
     mask = torch.cat([pre.mask, pre.mask.new_zeros(batch, max_new_tokens)], dim=1)  # [B, T + S + N]
     running = torch.ones(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    ended_by_rule = torch.zeros(batch, dtype=torch.bool, device=device)
     state, next_pos = pre.state, pre.next_pos
     logits = fns.logits(pre.hidden[:, -1])  # [B, V]
     fed = 0  # answer slots read back by the model
@@ -287,15 +302,23 @@ def generate(
         lengths += running.long()
         if not bool(running.any()):
             break
+        # Rows the stop rule ends keep this token: it is read back with the others below.
+        done = _check_stop(stop(tokens[:, : step + 1], running), batch) & running if stop is not None else None
         # Read the token back even on the last step, so the cache holds every answer token.
         mask[:, past + step] = running
         hidden, state = fns.forward(fns.embed(token[:, None]), mask[:, : past + step + 1], next_pos[:, None], state)
         fed = step + 1
         next_pos = next_pos + running.long()
+        if done is not None:
+            ended_by_rule |= done
+            running = running & ~done
+            if not bool(running.any()):
+                break
         if step + 1 < max_new_tokens:
             logits = fns.logits(hidden[:, -1])
+    at_eos_end = ~running & ~ended_by_rule  # these rows hold their EOS token after the answer
     stopped = ~running
-    width = int((lengths + stopped.long()).max()) if max_new_tokens else 0
+    width = int((lengths + at_eos_end.long()).max()) if max_new_tokens else 0
     out = fns.from_state(state, mask[:, : past + fed], next_pos)
     return Generation(tokens[:, :width].clone(), lengths, stopped, out)
 
