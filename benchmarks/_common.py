@@ -94,6 +94,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> 
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="cap for every decoding agent")
     parser.add_argument("--seed", type=int, default=0, help="question selection and run seed")
+    parser.add_argument("--no-stop-at-answer", dest="stop_at_answer", action="store_false",
+                        help="decode to EOS or --max-new-tokens even after the final answer line (gcache run's default stops)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"CI check: model {SMOKE_MODEL!r} (tiny, random), two questions, few tokens")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder the JSON (and tables) are written to")
@@ -124,7 +126,7 @@ def setup(args: argparse.Namespace) -> None:
 def base_flags(args: argparse.Namespace) -> dict:
     """The `gcache run` flags shared by every method of a benchmark."""
     flags = {"task": "gsm8k", "model": args.model, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-             "temperature": 0.0}
+             "temperature": 0.0, "stop_at_answer": args.stop_at_answer}
     if args.dtype is not None:
         flags["dtype"] = args.dtype
     return flags
@@ -374,6 +376,7 @@ def report_header(local: Any, args: Any, machine: dict, load_before: Any) -> dic
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "smoke": args.smoke,
+        "stop_at_answer": getattr(args, "stop_at_answer", None),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine,
         "load_average_before": load_before,

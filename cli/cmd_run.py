@@ -55,6 +55,10 @@ def run(
     api_model: Optional[str] = typer.Option(None, help="Model name at the OpenAI-compatible endpoint."),
     base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL (else BASE_URL / OPENAI_BASE_URL / .env)."),
     max_new_tokens: Optional[int] = typer.Option(None, help=f"Tokens each decoding agent may write (default: {_D.max_new_tokens})."),
+    stop_at_answer: Optional[bool] = typer.Option(
+        None, "--stop-at-answer/--no-stop-at-answer",
+        help="End local decoding once the final answer line (#### N, Answer: X, a closed code block) is written (default: on).",
+    ),
     temperature: Optional[float] = typer.Option(None, help="0 decodes greedily (default: 0)."),
     seed: Optional[int] = typer.Option(None, help="Seed of every random draw (default: 0)."),
     out: Optional[str] = typer.Option(None, help="Run folder (default: runs/TASK-METHOD)."),

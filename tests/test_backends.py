@@ -344,6 +344,55 @@ def test_the_key_never_reaches_logs_results_or_errors(tiny, caplog):
     assert KEY not in dumped
 
 
+# --------------------------------------------------------------------------- stopping at the answer
+
+
+def test_answer_stop_fires_on_the_token_that_ends_the_answer_line(tiny):
+    from gcache.io.backends import answer_stop
+
+    stop = answer_stop(tiny, "math")
+    text = "Half of 10 is 5, plus 37.\n#### 42\nThen more words\n#### 43\n"
+    ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+    other = tiny.tokenizer("no answer here\nat all\n", add_special_tokens=False)["input_ids"]
+    fired = []
+    for n in range(1, len(ids) + 1):
+        done = stop(torch.tensor([ids[:n]]), torch.tensor([True]))
+        if bool(done[0]):
+            fired.append(n)
+    first = fired[0]
+    assert tiny.tokenizer.decode(ids[:first]).endswith("#### 42\n")
+    assert "\n" not in tiny.tokenizer.decode(ids[first - 1 : first]).rstrip("\n")  # nothing after the line
+    # rows that no longer run are never ended again, and text without the answer line never ends
+    assert not bool(stop(torch.tensor([ids[:first]]), torch.tensor([False]))[0])
+    assert not any(bool(stop(torch.tensor([other[:n]]), torch.tensor([True]))[0]) for n in range(1, len(other) + 1))
+    with pytest.raises(ValueError, match="family"):
+        answer_stop(tiny, "poetry")
+
+
+def test_generate_local_stops_each_row_where_the_rule_first_holds(tiny, monkeypatch):
+    # Brute-force reference: decode freely, then cut each row at the first prefix the rule
+    # accepts. The rule here ('at least 12 characters', every token a candidate) fires on the
+    # random tiny model's output, which never writes '#### N'.
+    import gcache.io.backends as backends
+    import gcache.io.extract as extract
+
+    from gcache.core.latent import generate
+    from gcache.io.models import encode_chat
+
+    rows = [QUESTION, SHORT, [{"role": "user", "content": "Say something long about rivers."}]]
+    ids, mask = encode_chat(tiny, rows)
+    free = generate(tiny.fns, ids, mask, max_new_tokens=12, eos_token_ids=tiny.eos_token_ids, pad_token_id=tiny.pad_token_id)
+    monkeypatch.setattr(extract, "answer_complete", lambda family, text: len(text) >= 12)
+    monkeypatch.setattr(backends, "_newline_token_ids", lambda tokenizer: torch.arange(len(tokenizer)))
+    cut = generate_local(tiny, rows, max_new_tokens=12, stop_family="math")
+    for b, c in enumerate(cut):
+        tokens = free.tokens[b, : int(free.lengths[b])].tolist()
+        texts = [tiny.tokenizer.decode(tokens[:n], skip_special_tokens=True) for n in range(1, len(tokens) + 1)]
+        want = next((n for n, t in enumerate(texts, 1) if len(t) >= 12), len(tokens))
+        assert c.generated_tokens == want and c.text == texts[want - 1]
+    assert sum(c.generated_tokens for c in cut) < int(free.lengths.sum())
+
+
 # --------------------------------------------------------------------------- modes, slow (the embedded model)
 
 
@@ -377,6 +426,30 @@ def _hf_backend(local):
 def model_server(embedded):
     with OpenAIServer(_hf_backend(embedded), api_key=KEY) as server:
         yield server
+
+
+@pytest.mark.slow
+def test_stopping_at_the_answer_only_cuts_the_tail_on_the_embedded_model(embedded):
+    from gcache.io.extract import answer_complete
+    from gcache.io.prompts import decision_messages
+    from gcache.io.tasks import load_items
+
+    # test questions 5, 6 and 8: the model states its answer early, then writes on
+    items = [load_items("gsm8k", "test", limit=9)[i] for i in (5, 6, 8)]
+    rows = [decision_messages("gsm8k", item.question) for item in items]
+    free = generate_local(embedded, rows, max_new_tokens=170)
+    cut = generate_local(embedded, rows, max_new_tokens=170, stop_family="math")
+    stopped = 0
+    for f, c in zip(free, cut):
+        assert f.text.startswith(c.text)
+        lines = f.text.splitlines(keepends=True)
+        ends = [i for i in range(1, len(lines) + 1) if answer_complete("math", "".join(lines[:i]))]
+        if ends:  # the free answer holds a complete answer line: the cut one ends right after it
+            assert c.text == "".join(lines[: ends[0]]) and c.generated_tokens < f.generated_tokens
+            stopped += 1
+        else:
+            assert c == f
+    assert stopped >= 1, [f.text for f in free]
 
 
 @pytest.mark.slow

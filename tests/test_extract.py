@@ -121,3 +121,52 @@ def test_bad_types_raise_type_error():
         extract_number(None)
     with pytest.raises(TypeError, match="reply"):
         extract_code(3)
+
+
+# --------------------------------------------------------------------------- a finished answer
+
+from gcache.io.extract import answer_complete  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "family, text, complete",
+    [
+        ("math", "3 + 4 = 7\n#### 7\n", True),
+        ("math", "#### 1,000 dollars\nand more", True),
+        ("math", "#### 7", False),  # the number may go on: 7 -> 75
+        ("math", "#### \n", False),  # no number on the line
+        ("math", "So the answer is 7 eggs.\n", True),
+        ("math", "\\boxed{7}\n", True),
+        ("math", "The answer is\n", False),
+        ("math", "She has 7 eggs.\nThe answer is clear\n", False),
+        ("science", "Reasoning.\nAnswer: B\n", True),
+        ("medicine", "The answer is (D).\n", True),
+        ("science", "Answer: B", False),
+        ("science", "The answer is a tricky one\n", False),  # lower-case 'a' is a word, not a choice
+        ("science", "Answer: Both are wrong\n", False),
+        ("code", "```python\ndef f(x):\n    return x\n```\n", True),
+        ("code", "```python\ndef f(x):\n    return x\n```", False),  # the fence line is not ended yet
+        ("code", "```python\ndef f(x):\n    return x\n", False),
+        ("code", "```\nprint(f(2))\n```\n", False),  # a closed block without a def
+        ("code", "```\nprint(f(2))\n```\nNow:\n```python\nasync def g():\n    pass\n```\n", True),
+    ],
+)
+def test_answer_complete_cases(family, text, complete):
+    assert answer_complete(family, text) is complete
+
+
+@settings(max_examples=200)
+@given(st.lists(st.sampled_from(["#", "0", "7", " ", "\n", "Answer", " is", ":", "B", "C", "(", ")", "```", "python",
+                                  "def ", "\\boxed{", "}"]), max_size=40).map("".join))
+def test_a_complete_answer_stays_complete_as_text_is_appended(text):
+    # Decoding only appends: once complete, always complete (so stopping never comes too late).
+    for family in ("math", "science", "code"):
+        for cut in range(len(text) + 1):
+            if answer_complete(family, text[:cut]):
+                assert answer_complete(family, text)
+                break
+
+
+def test_answer_complete_rejects_an_unknown_family():
+    with pytest.raises(ValueError, match="family"):
+        answer_complete("poetry", "#### 1\n")

@@ -67,6 +67,38 @@ def test_every_method_runs_end_to_end_on_gsm8k(tmp_path, method):
     assert summary["accuracy"] is not None
 
 
+@pytest.mark.parametrize("task, family", [("gsm8k", "math"), ("medqa", "medicine"), ("mbppplus", "code")])
+@pytest.mark.parametrize("method", ["single", "latent-mas"])
+def test_stop_at_answer_reaches_local_decoding(tmp_path, monkeypatch, task, family, method):
+    import gcache.io.backends as backends
+    from gcache.io.pipeline import build_pipeline
+    from gcache.io.tasks import load_items
+
+    families = []
+    real = backends.generate_answer
+
+    async def spy(mode, conversations, **kwargs):
+        families.append(kwargs.get("stop_family"))
+        return await real(mode, conversations, **kwargs)
+
+    monkeypatch.setattr(backends, "generate_answer", spy)
+    item = load_items(task, "test", limit=1)
+    build_pipeline(_config(tmp_path, task, method)).evaluate(item)
+    build_pipeline(_config(tmp_path, task, method, stop_at_answer=False)).evaluate(item)
+    assert families and set(families) == {family, None}
+    assert families.index(None) == len(families) // 2  # on for the first run's every decode, off for the second's
+
+
+def test_stop_at_answer_flag_parses(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("gcache.io.experiment.run_experiment", lambda config: seen.setdefault("config", config))
+    for flag, want in (([], True), (["--no-stop-at-answer"], False), (["--stop-at-answer"], True)):
+        seen.clear()
+        out = CliRunner().invoke(app, ["run", "gsm8k", "--model", "tiny-llama", "--out", str(tmp_path / "r"), *flag])
+        assert out.exit_code == 0, out.output
+        assert seen["config"].stop_at_answer is want
+
+
 @pytest.mark.parametrize("task", [t for t in TASKS if t != "gsm8k"])
 def test_every_task_runs_end_to_end(tmp_path, task):
     for method in ("gcache", "text-mas"):

@@ -34,7 +34,7 @@ _METHOD_FLAGS: dict[str, set[str]] = {
 _COMMON_FLAGS = {
     "task", "method", "generation_mode", "batch_size", "limit", "question_id", "model", "device",
     "dtype", "threads", "api_model", "base_url", "max_new_tokens", "temperature", "seed", "out",
-    "resume",
+    "resume", "stop_at_answer",
 }
 _MODES_BY_METHOD = {
     "single": ("local", "api"),
@@ -75,6 +75,7 @@ class RunConfig:
     api_model: str | None = None
     base_url: str | None = None
     max_new_tokens: int = 256
+    stop_at_answer: bool = True
     temperature: float = 0.0
     seed: int = 0
     out: str | None = None

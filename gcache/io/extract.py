@@ -24,6 +24,7 @@ __all__ = [
     "extract_choice",
     "extract_code",
     "format_number",
+    "answer_complete",
 ]
 
 # A number as people write it: optional sign, optional currency, either digits grouped by
@@ -305,3 +306,47 @@ def extract_code(reply: str) -> str:
             return inline[-1].strip("\n")
         return reply
     return blocks[-1].rstrip() + "\n"
+
+
+# ------------------------------------------------------------------ a finished answer
+
+# A line with a number after one of the extractor's markers ("####", "The answer is",
+# "Answer:", \boxed{...}), ended by a newline.
+_NUMBER_LINE = re.compile(r"(?:####|(?i:answer)[ \t]*(?:(?i:is)[ \t]*)?:?|\\boxed[ \t]*\{)[^\n]*?\d[^\n]*\n")
+# "Answer: B" / "The answer is (C)" with an upper-case letter, its line ended by a newline.
+_CHOICE_LINE = re.compile(r"\b(?i:answer)\s*(?:(?i:is)\s*)?:?[ \t]*\(?([A-J])\)?(?![A-Za-z0-9])[^\n]*\n")
+
+
+def answer_complete(family: str, text: str) -> bool:
+    """Whether ``text`` already ends a final answer in the format the prompts ask for.
+
+    A decoder may stop there: math once a line with a number after one of the markers that
+    ``extract_number`` reads first (``####``, "The answer is", "Answer:", ``\boxed{``) is
+    complete, science and medicine once an "Answer: X" line is, code once a fenced block
+    holding a ``def`` is closed. A line counts as complete at its newline, so a number or a
+    letter is never cut.
+    Raises ValueError on an unknown family.
+    """
+    if family == "math":
+        return _NUMBER_LINE.search(text) is not None
+    if family in ("science", "medicine"):
+        return _CHOICE_LINE.search(text) is not None
+    if family == "code":
+        return _closed_block_with_def(text)
+    raise ValueError(f"family: expected 'math', 'science', 'medicine' or 'code', got {family!r}")
+
+
+def _closed_block_with_def(text: str) -> bool:
+    pos = 0
+    while True:
+        m = _FENCE.search(text, pos)
+        if m is None:
+            return False
+        fence = m.group(1)
+        close = re.compile(r"^[ \t]*" + re.escape(fence[0]) + "{" + str(len(fence)) + r",}[ \t]*\n", re.MULTILINE)
+        end = close.search(text, m.end())
+        if end is None:
+            return False
+        if re.search(r"(?m)^[ \t]*(?:async[ \t]+)?def[ \t]+\w", text[m.end() : end.start()]):
+            return True
+        pos = end.end()

@@ -335,6 +335,7 @@ class Pipeline:
         """Answers for a batch of conversations in the run's generation mode. An API failure raises
         (``evaluate`` then answers the batch's questions one by one, recording each one's error)."""
         from gcache.io.backends import generate_answer
+        from gcache.io.tasks import task_family
 
         mode = self.config.generation_mode
         stacked = self._stack(caches) if self.config.latent else None
@@ -343,6 +344,7 @@ class Pipeline:
         kwargs = dict(
             local=self.local, api=self.api, cache=stacked, cache_info=cache_infos,
             max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature, generator=gen,
+            stop_family=task_family(self.config.task) if self.config.stop_at_answer else None,
         )  # fmt: skip
         if mode != "api_hint":
             kwargs.pop("cache_info")
