@@ -6,10 +6,12 @@ from typing import Optional
 
 import typer
 
+from gcache.io.apiconfig import SETTING_VARS, ApiConfig
 from gcache.io.config import RunConfig, build_config
 from gcache_cli.main import app, fail
 
 _D = RunConfig()  # defaults shown in --help
+_A = ApiConfig()
 
 
 @app.command("run")
@@ -54,6 +56,19 @@ def run(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
     api_model: Optional[str] = typer.Option(None, help="Model name at the OpenAI-compatible endpoint."),
     base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL (else BASE_URL / OPENAI_BASE_URL / .env)."),
+    api_timeout: Optional[float] = typer.Option(
+        None, help=f"Seconds per API request attempt (else {SETTING_VARS['timeout'][0]} / .env; default: {_A.timeout:g})."
+    ),
+    api_max_retries: Optional[int] = typer.Option(
+        None,
+        help=f"Retries of an API request after a 429, 5xx, timeout or connection error "
+        f"(else {SETTING_VARS['max_retries'][0]} / .env; default: {_A.max_retries}).",
+    ),
+    api_concurrency: Optional[int] = typer.Option(
+        None,
+        help=f"API requests in flight at once (else {SETTING_VARS['max_concurrency'][0]} / .env; "
+        f"default: {_A.max_concurrency}).",
+    ),
     max_new_tokens: Optional[int] = typer.Option(None, help=f"Tokens each decoding agent may write (default: {_D.max_new_tokens})."),
     stop_at_answer: Optional[bool] = typer.Option(
         None, "--stop-at-answer/--no-stop-at-answer",

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from _openai_server import OpenAIServer, Reply, echo_backend
-from gcache.io.apiconfig import GENERATION_MODES, scrub
+from gcache.io.apiconfig import GENERATION_MODES, SETTING_VARS, scrub
 from gcache.io.backends import (
     HYBRID_INSTRUCTION,
     ApiClient,
@@ -94,10 +94,53 @@ def test_settings_pass_through_and_are_checked():
         resolve_api_config(env={}, dotenv_path=None, retries=3)
 
 
+@pytest.mark.parametrize("field", sorted(SETTING_VARS))
+def test_http_settings_come_from_the_argument_then_the_environment_then_dotenv(field, tmp_path):
+    var = SETTING_VARS[field][0]
+    values = {"flag": 7, "env": 5, "dotenv": 4}
+    default = getattr(ApiConfig(), field)
+    for present in itertools.product([False, True], repeat=3):
+        flag = type(default)(values["flag"]) if present[0] else None
+        env = {var: str(values["env"])} if present[1] else {}
+        dotenv = tmp_path / ".env"
+        dotenv.write_text(f"{var}={values['dotenv']}\n" if present[2] else "")
+        config = resolve_api_config(env=env, dotenv_path=dotenv, **{field: flag})
+        winner = next((values[t] for t, p in zip(TIERS, present) if p), default)
+        assert getattr(config, field) == winner, present
+        assert type(getattr(config, field)) is type(default), present
+
+
+@pytest.mark.parametrize(
+    "var, raw, expected",
+    [
+        ("GCACHE_API_TIMEOUT", "0", "expected a positive number of seconds"),
+        ("GCACHE_API_TIMEOUT", "-2", "expected a positive number of seconds"),
+        ("GCACHE_API_TIMEOUT", "inf", "expected a positive number of seconds"),
+        ("GCACHE_API_TIMEOUT", "soon", "expected a number, got 'soon'"),
+        ("GCACHE_API_MAX_RETRIES", "-1", "expected a non-negative integer"),
+        ("GCACHE_API_MAX_RETRIES", "1.5", "expected an integer, got '1.5'"),
+        ("GCACHE_API_CONCURRENCY", "0", "expected a positive integer"),
+        ("GCACHE_API_CONCURRENCY", "many", "expected an integer, got 'many'"),
+    ],
+)
+def test_a_bad_http_setting_in_the_environment_or_dotenv_names_the_variable(var, raw, expected, tmp_path):
+    with pytest.raises(ValueError) as err:
+        resolve_api_config(env={var: raw}, dotenv_path=None)
+    assert str(err.value).startswith(f"{var} (in the environment): {expected}"), str(err.value)
+    (tmp_path / ".env").write_text(f"{var}={raw}\n")
+    with pytest.raises(ValueError) as err:
+        resolve_api_config(env={}, dotenv_path=tmp_path / ".env")
+    assert str(err.value).startswith(f"{var} (in {tmp_path / '.env'}): {expected}"), str(err.value)
+    # A value given as an argument wins, so a bad one below it is never read.
+    field = next(f for f, (v, _) in SETTING_VARS.items() if v == var)
+    assert getattr(resolve_api_config(env={var: raw}, dotenv_path=None, **{field: 2}), field) == 2
+
+
 @pytest.mark.parametrize(
     "settings, word",
     [
         ({"timeout": 0}, "timeout"),
+        ({"timeout": float("inf")}, "timeout"),
         ({"max_retries": -1}, "max_retries"),
         ({"max_retries": 1.5}, "max_retries"),
         ({"max_concurrency": 0}, "max_concurrency"),

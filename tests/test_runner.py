@@ -9,14 +9,17 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from gcache.io.config import METHODS, build_config
-from gcache.io.experiment import run_experiment
+from _openai_server import OpenAIServer, Reply
+from gcache.io.apiconfig import ApiConfig
+from gcache.io.config import METHODS, api_config, build_config
+from gcache.io.experiment import check_before_loading, run_experiment
 from gcache.io.runlog import read_records
 from gcache.io.tasks import TASKS
 from gcache_cli.main import app
@@ -173,6 +176,9 @@ BAD_FLAGS = [
     (["--optimize-temporal"], "needs --num-rounds >= 2"),
     (["--question-id", "1", "--limit", "2"], "do not combine"),
     (["--method", "text-mas", "--generation-mode", "api"], "API"),
+    (["--api-timeout", "0"], "--api-timeout: expected a positive number of seconds"),
+    (["--api-max-retries", "-1"], "--api-max-retries: expected a value >= 0"),
+    (["--api-concurrency", "0"], "--api-concurrency: expected a value >= 1"),
 ]
 
 
@@ -225,3 +231,146 @@ def test_checkpoint_restores_the_learned_parts_and_the_step(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(fresh, restored)), "two Adam steps moved the parameters"
     assert int(trained.learner.opt_state.count) == 2
     assert int(trained.learner.baseline.count) == 2
+
+
+# --------------------------------------------------------------------------- API flags
+
+API_VARS = (
+    "API_KEY", "OPENAI_API_KEY", "BASE_URL", "OPENAI_BASE_URL", "API_MODEL", "OPENAI_MODEL",
+    "GCACHE_API_TIMEOUT", "GCACHE_API_MAX_RETRIES", "GCACHE_API_CONCURRENCY",
+)  # fmt: skip
+KEY = "sk-live-9f8e7d6c5b4a39281706"
+
+
+@pytest.fixture
+def api_env(tmp_path, monkeypatch):
+    """No API setting from the developer's shell or .env; a key, as an API run needs one."""
+    for var in API_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("API_KEY", KEY)
+    return monkeypatch
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """The configs `gcache run` hands to run_experiment, which here loads nothing and runs nothing."""
+    seen: list = []
+    monkeypatch.setattr("gcache.io.experiment.run_experiment", lambda config: seen.append(config))
+    return seen
+
+
+def _run_api(tmp_path, *flags: str, base_url: str = "http://127.0.0.1:9/v1"):
+    args = ["run", "gsm8k", "--method", "text-mas", "--generation-mode", "api", "--api-model", "m", "--base-url", base_url]
+    return CliRunner().invoke(app, [*args, *flags, "--out", str(tmp_path / "x")])
+
+
+def test_api_flags_reach_the_openai_client(tmp_path, api_env, runs):
+    import asyncio
+
+    from gcache.io.backends import ApiClient
+
+    result = _run_api(tmp_path, "--api-timeout", "2.5", "--api-max-retries", "0", "--api-concurrency", "3")
+    assert result.exit_code == 0, result.output
+    (config,) = runs
+    api = api_config(config)
+    assert (api.timeout, api.max_retries, api.max_concurrency) == (2.5, 0, 3)
+
+    async def sdk_settings():
+        client = ApiClient(api)
+        sdk, _ = client._state()
+        settings = (sdk.timeout, sdk.max_retries, sdk.base_url, sdk.api_key)
+        await client.aclose()
+        return settings
+
+    # The SDK times each attempt; its own retries stay off (ApiClient retries, max_retries times).
+    assert asyncio.run(sdk_settings()) == (2.5, 0, "http://127.0.0.1:9/v1/", KEY)
+
+
+def test_api_flags_win_over_the_environment_which_fills_in_the_rest(tmp_path, api_env, runs):
+    api_env.setenv("GCACHE_API_TIMEOUT", "9")
+    api_env.setenv("GCACHE_API_CONCURRENCY", "5")
+    (tmp_path / ".env").write_text("GCACHE_API_MAX_RETRIES=1\nGCACHE_API_TIMEOUT=7\n")
+    assert _run_api(tmp_path, "--api-timeout", "2.5").exit_code == 0
+    assert _run_api(tmp_path).exit_code == 0
+    flagged, plain = (api_config(c) for c in runs)
+    assert (flagged.timeout, flagged.max_retries, flagged.max_concurrency) == (2.5, 1, 5)
+    assert (plain.timeout, plain.max_retries, plain.max_concurrency) == (9.0, 1, 5)
+    (tmp_path / ".env").unlink()
+    for var in ("GCACHE_API_TIMEOUT", "GCACHE_API_CONCURRENCY"):
+        api_env.delenv(var)
+    assert _run_api(tmp_path).exit_code == 0
+    default = api_config(runs[-1])
+    assert (default.timeout, default.max_retries, default.max_concurrency) == (60.0, 3, 8) == (
+        ApiConfig().timeout, ApiConfig().max_retries, ApiConfig().max_concurrency
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, env, message",
+    [
+        (["--api-timeout", "0"], {}, "--api-timeout: expected a positive number of seconds, got 0.0"),
+        (["--api-timeout", "-1"], {}, "--api-timeout: expected a positive number of seconds, got -1.0"),
+        (["--api-timeout", "inf"], {}, "--api-timeout: expected a positive number of seconds, got inf"),
+        (["--api-timeout", "soon"], {}, "Invalid value for '--api-timeout'"),
+        (["--api-max-retries", "-1"], {}, "--api-max-retries: expected a value >= 0, got -1"),
+        (["--api-max-retries", "1.5"], {}, "Invalid value for '--api-max-retries'"),
+        (["--api-concurrency", "0"], {}, "--api-concurrency: expected a value >= 1, got 0"),
+        (["--api-concurrency", "x"], {}, "Invalid value for '--api-concurrency'"),
+        ([], {"GCACHE_API_TIMEOUT": "soon"}, "GCACHE_API_TIMEOUT (in the environment): expected a number, got 'soon'"),
+        ([], {"GCACHE_API_CONCURRENCY": "0"}, "GCACHE_API_CONCURRENCY (in the environment): expected a positive integer"),
+    ],
+)
+def test_a_bad_api_setting_fails_naming_it_before_any_model_loads(tmp_path, api_env, runs, flags, env, message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    api_env.setattr("gcache.io.models.load_model", no_loading)
+    api_env.setattr("gcache.io.pipeline.load_local", no_loading)
+    for var, value in env.items():
+        api_env.setenv(var, value)
+    result = _run_api(tmp_path, *flags)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+    assert runs == [] and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, env, requests",
+    [
+        (["--api-max-retries", "0"], {}, 1),
+        ([], {"GCACHE_API_MAX_RETRIES": "1"}, 2),
+        (["--api-max-retries", "0"], {"GCACHE_API_MAX_RETRIES": "1"}, 1),
+    ],
+)
+def test_api_max_retries_bounds_the_requests_a_failing_server_sees(tmp_path, api_env, flags, env, requests):
+    for var, value in env.items():
+        api_env.setenv(var, value)
+    out = tmp_path / "x"
+    with OpenAIServer(script=[Reply("status", 500)] * 4) as server:
+        args = ["run", "gsm8k", "--method", "single", "--generation-mode", "api", "--api-model", "m"]
+        args += ["--base-url", server.base_url, "--question-id", "0", "--out", str(out), *flags]
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(server.requests) == requests
+    (record,) = read_records(out / "results.jsonl")
+    assert "HTTP 500" in record["error"]
+    # The run records the HTTP settings its client used (whichever tier set them), never the key.
+    expected = {"api_timeout": 60.0, "api_max_retries": requests - 1, "api_concurrency": 8}
+    for name in ("config.json", "summary.json"):
+        text = (out / name).read_text()
+        saved = json.loads(text)
+        saved = saved.get("config", saved)
+        assert {k: saved[k] for k in expected} == expected, name
+        assert KEY not in text
+
+
+def test_a_resumed_run_may_change_the_api_http_settings_but_not_the_api_model(tmp_path, api_env):
+    first = build_config({"method": "single", "generation_mode": "api", "api_model": "m", "base_url": "http://h/v1",
+                          "api_max_retries": 0, "out": str(tmp_path / "x")})  # fmt: skip
+    first.out_dir.mkdir()
+    (first.out_dir / "config.json").write_text(json.dumps(first.to_dict()))
+    check_before_loading(replace(first, resume=True, api_max_retries=5, api_timeout=1.0, api_concurrency=2))
+    with pytest.raises(ValueError, match="api_model: 'm' -> 'other'"):
+        check_before_loading(replace(first, resume=True, api_model="other"))

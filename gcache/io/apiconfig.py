@@ -16,6 +16,11 @@ Within the environment and within ``.env`` the seed's names come first, then
 the OpenAI SDK's: ``API_KEY`` then ``OPENAI_API_KEY``; ``BASE_URL`` then
 ``OPENAI_BASE_URL``; ``API_MODEL`` then ``OPENAI_MODEL``.
 
+The HTTP settings ``timeout``, ``max_retries`` and ``max_concurrency`` follow the
+same order (argument, environment, ``.env``) under ``GCACHE_API_TIMEOUT``,
+``GCACHE_API_MAX_RETRIES`` and ``GCACHE_API_CONCURRENCY``; unset everywhere,
+they take :class:`ApiConfig`'s defaults.
+
 The key is a secret: ``repr``/``str`` of an :class:`ApiConfig` mask it,
 :meth:`ApiConfig.to_record` (what goes into results) leaves it out, and
 :func:`scrub` removes it from any text (exception messages, logs).
@@ -24,6 +29,7 @@ The key is a secret: ``repr``/``str`` of an :class:`ApiConfig` mask it,
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Literal, Mapping, get_args
@@ -36,6 +42,12 @@ LOCAL_MODES: frozenset[str] = frozenset({"local", "hybrid"})
 KEY_VARS = ("API_KEY", "OPENAI_API_KEY")
 BASE_URL_VARS = ("BASE_URL", "OPENAI_BASE_URL")
 MODEL_VARS = ("API_MODEL", "OPENAI_MODEL")
+# ApiConfig field -> (variable, parser) of the HTTP settings the environment may set.
+SETTING_VARS: dict[str, tuple[str, type]] = {
+    "timeout": ("GCACHE_API_TIMEOUT", float),
+    "max_retries": ("GCACHE_API_MAX_RETRIES", int),
+    "max_concurrency": ("GCACHE_API_CONCURRENCY", int),
+}
 
 _MASK = "***"
 _MIN_SECRET_LEN = 8
@@ -50,8 +62,8 @@ class ApiConfig:
     between attempts in seconds, doubled each retry up to max_backoff, less a
     random 0-25% (a server's Retry-After of up to a minute is honoured instead);
     max_concurrency: requests in flight at once from one client.
-    Raises ValueError on a non-positive timeout or concurrency, or negative
-    retries or backoff.
+    Raises ValueError on a non-positive or infinite timeout, a non-positive
+    concurrency, or negative retries or backoff.
     """
 
     model: str | None = None
@@ -64,7 +76,7 @@ class ApiConfig:
     max_backoff: float = 8.0
 
     def __post_init__(self) -> None:
-        if not self.timeout > 0:
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise ValueError(f"timeout: expected a positive number of seconds, got {self.timeout!r}")
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ValueError(f"max_retries: expected a non-negative integer, got {self.max_retries!r}")
@@ -140,8 +152,11 @@ def resolve_api_config(
 
     env defaults to ``os.environ``; dotenv_path None skips the file. ``settings``
     are passed to ApiConfig (timeout, max_retries, max_concurrency, backoff,
-    max_backoff). Nothing is required here: :func:`require_api` says what a mode
-    lacks. Raises ValueError on bad settings, TypeError on an unknown one.
+    max_backoff); a setting given as None counts as unset, and timeout,
+    max_retries and max_concurrency then come from ``SETTING_VARS``. Nothing is
+    required here: :func:`require_api` says what a mode lacks. Raises ValueError
+    on bad settings (naming the variable when one came from the environment or
+    ``.env``), TypeError on an unknown one.
     """
     env = os.environ if env is None else env
     dotenv = read_dotenv(dotenv_path)
@@ -155,12 +170,35 @@ def resolve_api_config(
     unknown = sorted(set(settings) - known)
     if unknown:
         raise TypeError(f"settings: unknown ApiConfig field(s) {unknown}; expected some of {sorted(known)}")
+    settings = {k: v for k, v in settings.items() if v is not None}
+    for field, (var, parse) in SETTING_VARS.items():
+        if field in settings:
+            continue
+        for source, where in ((env, "the environment"), (dotenv, str(dotenv_path))):
+            raw = _first((var,), source)
+            if raw is not None:
+                settings[field] = _parse_setting(field, var, where, raw, parse)
+                break
     return ApiConfig(
         model=pick(model, MODEL_VARS),
         base_url=pick(base_url, BASE_URL_VARS),
         api_key=pick(api_key, KEY_VARS),
         **settings,  # type: ignore[arg-type]
     )
+
+
+def _parse_setting(field: str, var: str, where: str, raw: str, parse: type) -> object:
+    """``raw`` as the value of ApiConfig's ``field``; ValueError naming ``var`` and ``where`` when it is not one."""
+    try:
+        value = parse(raw)
+    except ValueError:
+        kind = "a number" if parse is float else "an integer"
+        raise ValueError(f"{var} (in {where}): expected {kind}, got {raw!r}") from None
+    try:
+        ApiConfig(**{field: value})  # the range checks live in one place
+    except ValueError as err:
+        raise ValueError(f"{var} (in {where}): {str(err).split(': ', 1)[1]}") from None
+    return value
 
 
 def check_mode(mode: str) -> GenerationMode:

@@ -6,9 +6,12 @@ One name per idea: each field here is a `gcache run` flag (``latent_steps`` is
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+from gcache.io.apiconfig import ApiConfig, resolve_api_config
 
 METHODS = ("single", "text-mas", "latent-mas", "gcache")
 GENERATION_MODES = ("local", "api_hint", "hybrid", "api")
@@ -33,9 +36,11 @@ _METHOD_FLAGS: dict[str, set[str]] = {
 }
 _COMMON_FLAGS = {
     "task", "method", "generation_mode", "batch_size", "limit", "question_id", "model", "device",
-    "dtype", "threads", "api_model", "base_url", "max_new_tokens", "temperature", "seed", "out",
-    "resume", "stop_at_answer",
+    "dtype", "threads", "api_model", "base_url", "api_timeout", "api_max_retries", "api_concurrency",
+    "max_new_tokens", "temperature", "seed", "out", "resume", "stop_at_answer",
 }
+# How the run talks to the API, not what it computes: a resumed run may change them.
+API_HTTP_FLAGS = ("api_timeout", "api_max_retries", "api_concurrency")
 _MODES_BY_METHOD = {
     "single": ("local", "api"),
     "text-mas": ("local", "api"),
@@ -74,6 +79,10 @@ class RunConfig:
     threads: int | None = None
     api_model: str | None = None
     base_url: str | None = None
+    # None: GCACHE_API_TIMEOUT / _MAX_RETRIES / _CONCURRENCY (environment or .env), else ApiConfig's default.
+    api_timeout: float | None = None
+    api_max_retries: int | None = None
+    api_concurrency: int | None = None
     max_new_tokens: int = 256
     stop_at_answer: bool = True
     temperature: float = 0.0
@@ -169,6 +178,12 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
             _at_least(name, value, 1)
     if config.question_id is not None:
         _at_least("question_id", config.question_id, 0)
+    if config.api_timeout is not None and not (config.api_timeout > 0 and math.isfinite(config.api_timeout)):
+        raise ValueError(f"--api-timeout: expected a positive number of seconds, got {config.api_timeout}")
+    if config.api_max_retries is not None:
+        _at_least("api_max_retries", config.api_max_retries, 0)
+    if config.api_concurrency is not None:
+        _at_least("api_concurrency", config.api_concurrency, 1)
     if config.temperature < 0:
         raise ValueError(f"--temperature: expected a value >= 0, got {config.temperature}")
     if not config.lr > 0:
@@ -183,6 +198,29 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
         raise ValueError(f"--params: no such file {config.params}")
     if config.question_id is not None and config.limit is not None:
         raise ValueError("--question-id selects one question: do not combine it with --limit")
+
+
+def api_config(config: RunConfig) -> ApiConfig:
+    """The API settings of a run: its flags, then the environment, then ``.env`` (gcache.io.apiconfig).
+
+    Raises ValueError naming the variable when an HTTP setting from the environment is bad.
+    """
+    return resolve_api_config(
+        model=config.api_model,
+        base_url=config.base_url,
+        timeout=config.api_timeout,
+        max_retries=config.api_max_retries,
+        max_concurrency=config.api_concurrency,
+    )
+
+
+def with_api_settings(config: RunConfig) -> RunConfig:
+    """``config`` with the HTTP settings its API client will use filled in (for config.json and
+    summary.json); unchanged for ``local``, which calls no API."""
+    if config.generation_mode == "local":
+        return config
+    api = api_config(config)
+    return replace(config, api_timeout=api.timeout, api_max_retries=api.max_retries, api_concurrency=api.max_concurrency)
 
 
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:

@@ -22,7 +22,7 @@ from typing import Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gcache.io.config import RunConfig
+from gcache.io.config import API_HTTP_FLAGS, RunConfig, api_config, with_api_settings
 from gcache.io.runlog import CONFIG, SUMMARY, RunLog, read_records, summarize, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,9 @@ def check_before_loading(config: RunConfig) -> None:
     if config.task not in TASKS:
         raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {config.task!r}")
     if config.generation_mode != "local":
-        from gcache.io.apiconfig import require_api, resolve_api_config
+        from gcache.io.apiconfig import require_api
 
-        require_api(config.generation_mode, resolve_api_config(model=config.api_model, base_url=config.base_url))
+        require_api(config.generation_mode, api_config(config))
     out = config.out_dir
     if (out / "results.jsonl").exists() and not config.resume:
         raise ValueError(f"--out: {out} already holds results; pass --resume to continue it or choose another --out")
@@ -51,7 +51,7 @@ def check_before_loading(config: RunConfig) -> None:
         changed = {
             k: (saved.get(k), v)
             for k, v in config.to_dict().items()
-            if k not in ("resume", "out", "device", "threads", "dtype") and saved.get(k) != v
+            if k not in ("resume", "out", "device", "threads", "dtype", *API_HTTP_FLAGS) and saved.get(k) != v
         }
         if changed:
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
@@ -93,6 +93,7 @@ def run_experiment(config: RunConfig, *, console: Console | None = None) -> dict
 
     console = console or Console(stderr=True)
     started = time.perf_counter()
+    config = with_api_settings(config)
     out = config.out_dir
     runlog = RunLog.open(out, resume=config.resume)
     write_json_atomic(out / CONFIG, config.to_dict())

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from gcache.core import cache as kv
 from gcache.core.batch import stack_rows
-from gcache.io.config import RunConfig
+from gcache.io.config import RunConfig, api_config
 
 log = logging.getLogger(__name__)
 
@@ -698,9 +698,9 @@ def build_pipeline(config: RunConfig) -> Pipeline:
         local = load_local(config)
     api = None
     if config.generation_mode != "local":
-        from gcache.io.backends import ApiClient, resolve_api_config
+        from gcache.io.backends import ApiClient
 
-        api = ApiClient(resolve_api_config(model=config.api_model, base_url=config.base_url))
+        api = ApiClient(api_config(config))
     if config.method == "latent-mas":
         roles = prompts.latent_mas_roles()
     else:
