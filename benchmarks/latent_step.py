@@ -98,24 +98,38 @@ def measure(lm, cache_len: int, reps: int, warmup: int, generator: torch.Generat
     }
 
 
-def measure_decode_dtypes(model: str, dtypes: list[str], cache_len: int, reps: int, warmup: int,
-                          generator: torch.Generator) -> list[dict]:
-    """Median ms of one greedy decode step (full forward of one token, lm_head included) per dtype,
-    on a cache of ``cache_len`` positions, dtypes interleaved: the measurement behind the CPU default."""
+def measure_dtypes(model: str, dtypes: list[str], cache_len: int, rows: list[int], reps: int, warmup: int,
+                   generator: torch.Generator) -> list[dict]:
+    """Per dtype and batch size, dtypes interleaved, medians: one greedy decode step (full forward
+    of one token per row, lm_head included) on a cache of ``cache_len`` positions, and one prefill
+    of ``cache_len`` tokens per row (fewer repetitions: it is long). The measurement behind the
+    CPU default dtype."""
     lms = {d: load_model(model, device="cpu", dtype=d) for d in dtypes}
-    ids = torch.randint(0, 49152, (1, cache_len), generator=generator)
-    token = torch.randint(0, 49152, (1, 1), generator=generator)
-    states = {d: prefill(lm.fns, ids, torch.ones_like(ids, dtype=torch.bool)).state for d, lm in lms.items()}
-    times: dict[str, list[float]] = {d: [] for d in dtypes}
-    for i in range(warmup + reps):
-        for d in dtypes[i % len(dtypes) :] + dtypes[: i % len(dtypes)]:
-            start = time.perf_counter()
-            lms[d].model(input_ids=token, cache=states[d], use_cache=True).logits.argmax(-1)
-            elapsed = (time.perf_counter() - start) * 1000
-            states[d].crop(-1)
-            if i >= warmup:
-                times[d].append(elapsed)
-    return [{"dtype": d, "cache_len": cache_len, "decode_ms": statistics.median(v), "reps": reps} for d, v in times.items()]
+    out = []
+    for n in rows:
+        ids = torch.randint(0, 49152, (n, cache_len), generator=generator)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        token = torch.randint(0, 49152, (n, 1), generator=generator)
+        states = {d: prefill(lm.fns, ids, mask).state for d, lm in lms.items()}
+        decode: dict[str, list[float]] = {d: [] for d in dtypes}
+        fill: dict[str, list[float]] = {d: [] for d in dtypes}
+        for i in range(warmup + reps):
+            for d in dtypes[i % len(dtypes) :] + dtypes[: i % len(dtypes)]:
+                start = time.perf_counter()
+                lms[d].model(input_ids=token, cache=states[d], use_cache=True).logits[:, -1].argmax(-1)
+                elapsed = (time.perf_counter() - start) * 1000
+                states[d].crop(-1)
+                if i >= warmup:
+                    decode[d].append(elapsed)
+                if i < warmup or i - warmup < max(3, reps // 4):
+                    start = time.perf_counter()
+                    prefill(lms[d].fns, ids, mask)
+                    elapsed = (time.perf_counter() - start) * 1000
+                    if i >= warmup:
+                        fill[d].append(elapsed / n)
+        out += [{"dtype": d, "rows": n, "cache_len": cache_len, "decode_ms": statistics.median(decode[d]),
+                 "prefill_ms_per_row": statistics.median(fill[d]), "reps": reps} for d in dtypes]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny random model, 3 repetitions")
     parser.add_argument("--decode-dtypes", nargs="*", default=None, metavar="DTYPE",
-                        help="also time one decode step per dtype on CPU (e.g. float32 bfloat16)")
+                        help="also time one decode step and one prefill per dtype on CPU (e.g. float32 bfloat16)")
+    parser.add_argument("--dtype-rows", type=int, nargs="+", default=[1, 8], help="batch sizes of --decode-dtypes")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "latent_step.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -155,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     decode = []
     if args.decode_dtypes and not args.smoke:
         with torch.inference_mode():
-            decode = measure_decode_dtypes(args.model, args.decode_dtypes, 256, reps, warmup, generator)
+            decode = measure_dtypes(args.model, args.decode_dtypes, 256, args.dtype_rows, reps, warmup, generator)
         for r in decode:
-            log.info("decode %-8s cache_len %d  %7.2f ms/token", r["dtype"], r["cache_len"], r["decode_ms"])
+            log.info("%-8s rows %d cache_len %d  decode step %7.2f ms  prefill %7.2f ms/row", r["dtype"], r["rows"],
+                     r["cache_len"], r["decode_ms"], r["prefill_ms_per_row"])
     report = {
         "model": lm.name,
         "dtype": str(lm.dtype).removeprefix("torch."),

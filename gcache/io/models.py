@@ -42,12 +42,16 @@ KNOWN_MODELS = (EMBEDDED_MODEL,)
 TINY_ARCHS = ("llama", "qwen3")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Measured with `python benchmarks/latent_step.py --decode-dtypes float32 bfloat16` on the
-# embedded model (one greedy decode step, 256-position cache, dtypes interleaved, medians),
-# Xeon with AVX512-BF16/AMX, 2 cores shared with other jobs (load 6-10, so absolute times are
-# inflated): 1 thread float32 258 ms vs bfloat16 317 ms, and 183 ms vs 206 ms in a quieter
-# moment; 2 threads 503 ms vs 770 ms.
-# bfloat16 was slower in both, so float32 is the CPU default.
+# CPU default, by measurement: `python benchmarks/latent_step.py --decode-dtypes float32 bfloat16`
+# (embedded model, 2 threads, Xeon with AVX512-BF16/AMX, 256 positions, medians, 2026-11-27):
+# one decode step 43.8 ms float32 vs 52.6 ms bfloat16 at 1 row, 78.0 vs 51.7 ms at 8 rows;
+# prefill 373 vs 166 ms a row at 1 row, 337 vs 82 ms a row at 8 rows (AMX tiles pay off).
+# `benchmarks/batching.py --dtype bfloat16`: 0.56 questions/s at batch 8 against 0.33 in
+# float32, but batched greedy answers then differ from one-by-one answers (15/24 equal;
+# float32: 24/24), because bfloat16 rounding depends on the batch's shapes.
+# float32 stays the default: faster for one-row decoding, and answers that depend neither on
+# batching nor on the CPU having AMX; `--dtype bfloat16` is the faster choice for batched,
+# prompt-heavy runs on AMX CPUs.
 CPU_DEFAULT_DTYPE = torch.float32
 
 
