@@ -265,6 +265,31 @@ def test_generation_cache_holds_prompt_and_answer(tiny):
         assert int(g.cache.next_pos[b]) == full.shape[1]
 
 
+def test_finished_rows_leave_the_batch_and_change_nothing(tiny):
+    ids, mask = tiny.encode_chat(conversations())
+    free = generate(tiny.fns, ids, mask, max_new_tokens=10, eos_token_ids=[])
+    # rows 0 and 1 end early (at their 2nd and 4th tokens), row 2 runs on
+    eos = [int(free.tokens[0, 1]), int(free.tokens[1, 3])]
+    sizes = []
+
+    def forward(embeds, *args):
+        sizes.append(embeds.shape[0])
+        return tiny.fns.forward(embeds, *args)
+
+    g = generate(tiny.fns._replace(forward=forward), ids, mask, max_new_tokens=10, eos_token_ids=eos)
+    if int(g.lengths[2]) > 4:
+        assert min(sizes) < 3, sizes  # the ended rows were taken out of the forward
+    for b, q in enumerate(QUESTIONS):
+        ids1, mask1 = _one(tiny, q)
+        alone = generate(tiny.fns, ids1, mask1, max_new_tokens=10, eos_token_ids=eos)
+        n = int(alone.lengths[0])
+        assert int(g.lengths[b]) == n and bool(g.stopped[b]) == bool(alone.stopped[0])
+        assert g.tokens[b, :n].tolist() == alone.tokens[0, :n].tolist()
+        for got, want in zip(real_positions(g.cache, b), real_positions(alone.cache, 0)):
+            _close(got, want, atol=BATCH_TOL, rtol=BATCH_TOL)
+        assert int(g.cache.next_pos[b]) == int(alone.cache.next_pos[0])
+
+
 def test_stop_rule_ends_rows_after_the_token_it_fires_on(tiny):
     ids, mask = tiny.encode_chat(conversations())
     free = generate(tiny.fns, ids, mask, max_new_tokens=8, eos_token_ids=[])

@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from gcache.core.cache import KVCache, validate
+from gcache.core.cache import KVCache, select_rows, validate
 from gcache.core.realign import Realign, apply_realign
 
 State = Any  # a model-native cache (transformers' DynamicCache in the shell), grown in place
@@ -291,10 +291,16 @@ def generate(
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     ended_by_rule = torch.zeros(batch, dtype=torch.bool, device=device)
     state, next_pos = pre.state, pre.next_pos
-    logits = fns.logits(pre.hidden[:, -1])  # [B, V]
+    logits = fns.logits(pre.hidden[:, -1])  # [B', V] for the rows the state holds
+    # The state holds the batch rows ``rows`` (all at first). Once half of them have ended,
+    # the ended ones are taken out (their caches set aside in ``parked``), so that a long
+    # answer does not make every finished row pay for each of its steps.
+    rows = torch.arange(batch, device=device)
+    parked: list[tuple[Tensor, KVCache]] = []
     fed = 0  # answer slots read back by the model
     for step in range(max_new_tokens):
-        token = _sample(logits, temperature, top_p, generator)
+        token = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
+        token[rows] = _sample(logits, temperature, top_p, generator)
         token = torch.where(running, token, torch.full_like(token, pad_token_id))
         at_eos = running & torch.isin(token, eos)
         tokens[:, step] = token
@@ -304,9 +310,17 @@ def generate(
             break
         # Rows the stop rule ends keep this token: it is read back with the others below.
         done = _check_stop(stop(tokens[:, : step + 1], running), batch) & running if stop is not None else None
+        held = running[rows]
+        if 2 * int(held.sum()) <= rows.numel():
+            kept = fns.from_state(state, mask[rows, : past + fed], next_pos[rows])
+            parked.append((rows[~held], select_rows(kept, (~held).nonzero().flatten())))
+            state = fns.to_state(select_rows(kept, held.nonzero().flatten()))
+            rows = rows[held]
         # Read the token back even on the last step, so the cache holds every answer token.
         mask[:, past + step] = running
-        hidden, state = fns.forward(fns.embed(token[:, None]), mask[:, : past + step + 1], next_pos[:, None], state)
+        hidden, state = fns.forward(
+            fns.embed(token[rows][:, None]), mask[rows, : past + step + 1], next_pos[rows][:, None], state
+        )
         fed = step + 1
         next_pos = next_pos + running.long()
         if done is not None:
@@ -319,8 +333,27 @@ def generate(
     at_eos_end = ~running & ~ended_by_rule  # these rows hold their EOS token after the answer
     stopped = ~running
     width = int((lengths + at_eos_end.long()).max()) if max_new_tokens else 0
-    out = fns.from_state(state, mask[:, : past + fed], next_pos)
+    out = fns.from_state(state, mask[rows, : past + fed], next_pos[rows])
+    if parked:
+        out = _unpark(out, rows, parked, mask[:, : past + fed], next_pos)
     return Generation(tokens[:, :width].clone(), lengths, stopped, out)
+
+
+def _unpark(out: KVCache, rows: Tensor, parked: list[tuple[Tensor, KVCache]], mask: Tensor, next_pos: Tensor) -> KVCache:
+    """Reassemble the whole batch's cache from the rows still held and the parked ones.
+
+    A parked cache ends where its rows stopped; it is extended on the right with zero
+    keys and values, which ``mask`` (all rows, every column) marks as not attended.
+    """
+    width = mask.shape[1]
+    keys, values, order = [out.keys], [out.values], [rows]
+    for ids, c in parked:
+        pad = width - c.seq_len
+        keys.append(torch.cat([c.keys, c.keys.new_zeros(*c.keys.shape[:3], pad, c.keys.shape[4])], dim=3))
+        values.append(torch.cat([c.values, c.values.new_zeros(*c.values.shape[:3], pad, c.values.shape[4])], dim=3))
+        order.append(ids)
+    back = torch.argsort(torch.cat(order))
+    return KVCache(torch.cat(keys, dim=1)[:, back], torch.cat(values, dim=1)[:, back], mask.clone(), next_pos.clone())
 
 
 def sequence_logprob(
