@@ -46,7 +46,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # (embedded model, 2 threads, Xeon with AVX512-BF16/AMX, 256 positions, medians, 2026-11-27):
 # one decode step 43.8 ms float32 vs 52.6 ms bfloat16 at 1 row, 78.0 vs 51.7 ms at 8 rows;
 # prefill 373 vs 166 ms a row at 1 row, 337 vs 82 ms a row at 8 rows (AMX tiles pay off).
-# `benchmarks/batching.py --dtype bfloat16`: 0.56 questions/s at batch 8 against 0.33 in
+# `benchmarks/batching.py --dtype bfloat16`: 0.65 questions/s at batch 8 against 0.33 in
 # float32, but batched greedy answers then differ from one-by-one answers (15/24 equal;
 # float32: 24/24), because bfloat16 rounding depends on the batch's shapes.
 # float32 stays the default: faster for one-row decoding, and answers that depend neither on
