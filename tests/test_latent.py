@@ -251,18 +251,23 @@ def test_generate_stops_loop_when_all_rows_ended(tiny):
     assert g.tokens.shape[1] <= 2 and bool(g.stopped.all())
 
 
+def _check_cache_holds_prompt_and_answer(lm, g):
+    """Row b of g.cache equals a prefill of QUESTIONS[b]'s prompt followed by its kept answer tokens."""
+    for b, q in enumerate(QUESTIONS):
+        n = int(g.lengths[b])
+        ids1, _ = _one(lm, q)
+        full = torch.cat([ids1, g.tokens[b : b + 1, :n]], dim=1)
+        want = rollout(lm.fns, lm.realign, full, torch.ones_like(full, dtype=torch.bool), latent_steps=0).cache
+        for got, exp in zip(real_positions(g.cache, b), real_positions(want, 0)):
+            _close(got, exp)
+        assert int(g.cache.next_pos[b]) == full.shape[1]
+
+
 def test_generation_cache_holds_prompt_and_answer(tiny):
     ids, mask = tiny.encode_chat(conversations())
     free = generate(tiny.fns, ids, mask, max_new_tokens=5, eos_token_ids=[])
     g = generate(tiny.fns, ids, mask, max_new_tokens=5, eos_token_ids=[int(free.tokens[1, 2])])
-    for b, q in enumerate(QUESTIONS):
-        n = int(g.lengths[b])
-        ids1, _ = _one(tiny, q)
-        full = torch.cat([ids1, g.tokens[b : b + 1, :n]], dim=1)
-        want = rollout(tiny.fns, tiny.realign, full, torch.ones_like(full, dtype=torch.bool), latent_steps=0).cache
-        for got, exp in zip(real_positions(g.cache, b), real_positions(want, 0)):
-            _close(got, exp)
-        assert int(g.cache.next_pos[b]) == full.shape[1]
+    _check_cache_holds_prompt_and_answer(tiny, g)
 
 
 def test_finished_rows_leave_the_batch_and_change_nothing(tiny):
@@ -310,14 +315,7 @@ def test_stop_rule_ends_rows_after_the_token_it_fires_on(tiny):
     assert [t.shape[1] for t, _ in seen] == list(range(1, 9))
     assert seen[3][1].tolist() == [False, True, True] and seen[7][1].tolist() == [False, True, False]
     # the cache holds each row's prompt and exactly its kept answer tokens
-    for b, q in enumerate(QUESTIONS):
-        n = int(g.lengths[b])
-        ids1, _ = _one(tiny, q)
-        full = torch.cat([ids1, g.tokens[b : b + 1, :n]], dim=1)
-        want = rollout(tiny.fns, tiny.realign, full, torch.ones_like(full, dtype=torch.bool), latent_steps=0).cache
-        for got, exp in zip(real_positions(g.cache, b), real_positions(want, 0)):
-            _close(got, exp)
-        assert int(g.cache.next_pos[b]) == full.shape[1]
+    _check_cache_holds_prompt_and_answer(tiny, g)
 
 
 def test_stop_rule_ending_every_row_ends_the_loop(tiny):
