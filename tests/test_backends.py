@@ -477,8 +477,9 @@ def test_stopping_at_the_answer_only_cuts_the_tail_on_the_embedded_model(embedde
     from gcache.io.prompts import decision_messages
     from gcache.io.tasks import load_items
 
-    # test questions 5, 6 and 8: the model states its answer early, then writes on
-    items = [load_items("gsm8k", "test", limit=9)[i] for i in (5, 6, 8)]
+    # ten questions: on this project's machines the model states its answer early and then
+    # writes on in several of them (questions 5, 6 and 7)
+    items = load_items("gsm8k", "test", limit=10)
     rows = [decision_messages("gsm8k", item.question) for item in items]
     free = generate_local(embedded, rows, max_new_tokens=170)
     cut = generate_local(embedded, rows, max_new_tokens=170, stop_family="math")
