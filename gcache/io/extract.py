@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
-from typing import Sequence
+from typing import Iterator, Sequence
 
 __all__ = [
     "extract_number",
@@ -279,26 +279,31 @@ def _contained(inner: tuple[int, int, str], outer: tuple[int, int, str]) -> bool
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([\w+#.-]*)[^\n]*\n", re.MULTILINE)
 
 
+def _fenced_blocks(text: str) -> Iterator[tuple[str, int | None]]:
+    """Each fenced block of ``text`` in order: its body, and where its closing fence line ends
+    (before any line break), or None for an unclosed last block, which runs to the end."""
+    pos = 0
+    while True:
+        m = _FENCE.search(text, pos)
+        if m is None:
+            return
+        fence = m.group(1)
+        close = re.compile(r"^[ \t]*" + re.escape(fence[0]) + "{" + str(len(fence)) + r",}[ \t]*$", re.MULTILINE)
+        end = close.search(text, m.end())
+        if end is None:
+            yield text[m.end() :], None
+            return
+        yield text[m.end() : end.start()], end.end()
+        pos = end.end()
+
+
 def extract_code(reply: str) -> str:
     """The program in the last fenced code block of `reply` (an unclosed last fence runs to the
     end), or the whole reply when it has no fence. The language tag is removed as one word,
     never as a character set, so code starting with "p", "y", "t" ... is kept intact."""
     if not isinstance(reply, str):
         raise TypeError(f"extract_code: reply must be a str, got {type(reply).__name__}")
-    blocks = []
-    pos = 0
-    while True:
-        m = _FENCE.search(reply, pos)
-        if m is None:
-            break
-        fence = m.group(1)
-        close = re.compile(r"^[ \t]*" + re.escape(fence[0]) + "{" + str(len(fence)) + r",}[ \t]*$", re.MULTILINE)
-        end = close.search(reply, m.end())
-        if end is None:
-            blocks.append(reply[m.end() :])
-            break
-        blocks.append(reply[m.end() : end.start()])
-        pos = end.end()
+    blocks = [body for body, _ in _fenced_blocks(reply)]
     if not blocks:
         # A reply that is one line "```python print(1)```" has no newline after the fence.
         inline = re.findall(r"```(?:[\w+#.-]+[ \t])?(.*?)```", reply, flags=re.DOTALL)
@@ -314,6 +319,7 @@ def extract_code(reply: str) -> str:
 # "Answer:", \boxed{...}), ended by a newline.
 _NUMBER_LINE = re.compile(r"(?:####|(?i:answer)[ \t]*(?:(?i:is)[ \t]*)?:?|\\boxed[ \t]*\{)[^\n]*?\d[^\n]*\n")
 # "Answer: B" / "The answer is (C)" with an upper-case letter, its line ended by a newline.
+_DEF = re.compile(r"^[ \t]*(?:async[ \t]+)?def[ \t]+\w", re.MULTILINE)
 _CHOICE_LINE = re.compile(r"\b(?i:answer)\s*(?:(?i:is)\s*)?:?[ \t]*\(?([A-J])\)?(?![A-Za-z0-9])[^\n]*\n")
 
 
@@ -321,7 +327,7 @@ def answer_complete(family: str, text: str) -> bool:
     """Whether ``text`` already ends a final answer in the format the prompts ask for.
 
     A decoder may stop there: math once a line with a number after one of the markers that
-    ``extract_number`` reads first (``####``, "The answer is", "Answer:", ``\boxed{``) is
+    ``extract_number`` reads first (``####``, "The answer is", "Answer:", ``\\boxed{``) is
     complete, science and medicine once an "Answer: X" line is, code once a fenced block
     holding a ``def`` is closed. A line counts as complete at its newline, so a number or a
     letter is never cut.
@@ -337,16 +343,7 @@ def answer_complete(family: str, text: str) -> bool:
 
 
 def _closed_block_with_def(text: str) -> bool:
-    pos = 0
-    while True:
-        m = _FENCE.search(text, pos)
-        if m is None:
-            return False
-        fence = m.group(1)
-        close = re.compile(r"^[ \t]*" + re.escape(fence[0]) + "{" + str(len(fence)) + r",}[ \t]*\n", re.MULTILINE)
-        end = close.search(text, m.end())
-        if end is None:
-            return False
-        if re.search(r"(?m)^[ \t]*(?:async[ \t]+)?def[ \t]+\w", text[m.end() : end.start()]):
-            return True
-        pos = end.end()
+    """Whether a fenced block holding a ``def`` is closed, its closing fence line ended by a line break."""
+    return any(
+        end is not None and end < len(text) and _DEF.search(body) for body, end in _fenced_blocks(text)
+    )
