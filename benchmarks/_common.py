@@ -120,6 +120,33 @@ def setup(args: argparse.Namespace) -> None:
         args.max_new_tokens = min(args.max_new_tokens, 6)
 
 
+def add_micro_args(parser: argparse.ArgumentParser, *, reps: int) -> None:
+    """Flags of the microbenchmarks (latent_step, fusion): model and where it runs, repetitions, seed, smoke."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the loader's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--reps", type=int, default=reps, help="timed repetitions per side (median taken)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, 3 repetitions")
+
+
+def micro_setup(args: argparse.Namespace) -> tuple[Any, int, int]:
+    """Logging and --threads applied; the model (tiny and random in --smoke) with the repetitions
+    and warm-up calls to run."""
+    import logging
+
+    from gcache.io.models import load_model, tiny_model
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.smoke:
+        return tiny_model("llama", seed=args.seed), 3, 1
+    return load_model(args.model, device=args.device, dtype=args.dtype), args.reps, args.warmup
+
+
 # --------------------------------------------------------------------------- pipelines
 
 
@@ -376,7 +403,7 @@ def report_header(local: Any, args: Any, machine: dict, load_before: Any) -> dic
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "smoke": args.smoke,
-        "stop_at_answer": getattr(args, "stop_at_answer", None),
+        "stop_at_answer": args.stop_at_answer,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine,
         "load_average_before": load_before,

@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine_info
+from _common import add_micro_args, machine_info, micro_setup
 
 from gcache.core.cache import KVCache
 from gcache.core.fusion import MODES, FuserConfig, fuse, init_fuser
-from gcache.io.models import load_model, tiny_model
 
 log = logging.getLogger("benchmarks.fusion")
 ROOT = Path(__file__).resolve().parent
@@ -103,30 +102,17 @@ def measure(lm, k: int, cache_len: int, mode: str, reps: int, warmup: int, gener
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the loader's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_micro_args(parser, reps=15)
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="numbers of predecessors")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="positions per cache")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--reps", type=int, default=15, help="timed repetitions per side (median taken)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="tiny random model, 3 repetitions")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default: benchmarks/results/fusion.json; with --smoke a temp file)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    lm, reps, warmup = micro_setup(args)
     if args.smoke:
-        lm = tiny_model("llama", seed=args.seed)
-        reps, warmup = 3, 1
         out = args.out or Path(tempfile.gettempdir()) / "gcache_fusion_smoke.json"
     else:
-        lm = load_model(args.model, device=args.device, dtype=args.dtype)
-        reps, warmup = args.reps, args.warmup
         out = args.out or ROOT / "results" / "fusion.json"
     generator = torch.Generator().manual_seed(args.seed)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None

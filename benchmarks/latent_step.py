@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine_info
+from _common import add_micro_args, machine_info, micro_setup
 
 from gcache.core.latent import latent_step, prefill
 from gcache.io.hf import backbone
-from gcache.io.models import load_model, tiny_model
+from gcache.io.models import load_model
 
 log = logging.getLogger("benchmarks.latent_step")
 ROOT = Path(__file__).resolve().parent
@@ -134,29 +134,14 @@ def measure_dtypes(model: str, dtypes: list[str], cache_len: int, rows: list[int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the loader's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_micro_args(parser, reps=20)
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
-    parser.add_argument("--reps", type=int, default=20, help="timed repetitions per side (median taken)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="tiny random model, 3 repetitions")
     parser.add_argument("--decode-dtypes", nargs="*", default=None, metavar="DTYPE",
                         help="also time one decode step and one prefill per dtype on CPU (e.g. float32 bfloat16)")
     parser.add_argument("--dtype-rows", type=int, nargs="+", default=[1, 8], help="batch sizes of --decode-dtypes")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "latent_step.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.smoke:
-        lm = tiny_model("llama", seed=args.seed)
-        reps, warmup = 3, 1
-    else:
-        lm = load_model(args.model, device=args.device, dtype=args.dtype)
-        reps, warmup = args.reps, args.warmup
+    lm, reps, warmup = micro_setup(args)
     generator = torch.Generator().manual_seed(args.seed)
     results = []
     with torch.inference_mode():

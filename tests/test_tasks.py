@@ -193,19 +193,12 @@ def test_run_examples_checks_the_prompt_examples():
 
 
 @pytest.mark.slow
-def test_humaneval_canonical_solutions_all_pass():
-    items = both_splits("humaneval")
+@pytest.mark.parametrize("task, size", [("humaneval", 164), ("mbppplus", 399)])
+def test_canonical_solutions_all_pass(task, size):
+    items = both_splits(task)
     verdicts = score_many(items, gold_replies_flat(items))
     failed = [(it.id, v.error) for it, v in zip(items, verdicts) if not v.correct]
-    assert len(items) == 164 and not failed, failed
-
-
-@pytest.mark.slow
-def test_mbppplus_canonical_solutions_all_pass():
-    items = both_splits("mbppplus")
-    verdicts = score_many(items, gold_replies_flat(items))
-    failed = [(it.id, v.error) for it, v in zip(items, verdicts) if not v.correct]
-    assert len(items) == 399 and not failed, failed
+    assert len(items) == size and not failed, failed
 
 
 def gold_replies_flat(items):
