@@ -29,7 +29,7 @@ def run(
         None, help="With --latent-only, also pass each agent's first positions (the attention sink) (default: 4)."
     ),
     agents: Optional[str] = typer.Option(None, help="diverse or uniform agent roles (default: diverse)."),
-    agent_nums: Optional[int] = typer.Option(None, help=f"Number of agents (default: {_D.agent_nums})."),
+    num_agents: Optional[int] = typer.Option(None, "--agent-nums", help=f"Number of agents (default: {_D.num_agents})."),
     topology: Optional[str] = typer.Option(
         None, help="full, chain, star, mesh, layered, random or debate (default: full)."
     ),

@@ -34,6 +34,8 @@ import os
 from pathlib import Path
 from typing import Literal, Mapping, get_args
 
+from dotenv import dotenv_values
+
 GenerationMode = Literal["local", "api_hint", "hybrid", "api"]
 GENERATION_MODES: tuple[str, ...] = get_args(GenerationMode)
 API_MODES: frozenset[str] = frozenset({"api_hint", "hybrid", "api"})
@@ -134,8 +136,6 @@ def read_dotenv(path: str | os.PathLike[str] | None) -> dict[str, str | None]:
     """The variables a ``.env`` file sets ({} when path is None or the file does not exist)."""
     if path is None or not Path(path).is_file():
         return {}
-    from dotenv import dotenv_values
-
     return dict(dotenv_values(path))
 
 

@@ -11,25 +11,26 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from gcache.io.apiconfig import ApiConfig, resolve_api_config
+from gcache.core.fusion import MODES as FUSIONS
+from gcache.core.topology import MODES as TOPOLOGIES
+from gcache.io.apiconfig import GENERATION_MODES, ApiConfig, resolve_api_config
+from gcache.io.decision import NAMES as DECISIONS
+from gcache.io.prompts import AGENT_SETS
 
 METHODS = ("single", "text-mas", "latent-mas", "gcache")
-GENERATION_MODES = ("local", "api_hint", "hybrid", "api")
-TOPOLOGIES = ("full", "chain", "star", "mesh", "layered", "random", "debate")
-DECISIONS = ("refer", "direct", "vote", "code")
-FUSIONS = ("concat", "weighted", "learned")
-AGENT_SETS = ("diverse", "uniform")
+# Seeded random models with the embedded tokenizer, for smoke tests (``--model tiny-llama``).
+TINY_MODELS = {"tiny-llama": "llama", "tiny-qwen3": "qwen3"}
 
 # The flags each method accepts beyond the common ones (task, model, decoding, data selection, output).
 _METHOD_FLAGS: dict[str, set[str]] = {
     "single": set(),
     "text-mas": {
-        "agents", "agent_nums", "topology", "optimize_spatial", "optimize_temporal", "num_rounds",
+        "agents", "num_agents", "topology", "optimize_spatial", "optimize_temporal", "num_rounds",
         "decision", "train_size", "num_iterations", "lr", "params",
     },
     "latent-mas": {"latent_steps", "latent_only", "sink_positions"},
     "gcache": {
-        "latent_steps", "latent_only", "sink_positions", "agents", "agent_nums", "topology", "optimize_spatial",
+        "latent_steps", "latent_only", "sink_positions", "agents", "num_agents", "topology", "optimize_spatial",
         "optimize_temporal", "num_rounds", "decision", "fusion", "train_size", "num_iterations",
         "lr", "params",
     },
@@ -60,7 +61,7 @@ class RunConfig:
     latent_only: bool = True
     sink_positions: int = 4
     agents: str = "diverse"
-    agent_nums: int = 4
+    num_agents: int = 4  # the CLI's --agent-nums (the prototype's flag name)
     topology: str = "full"
     optimize_spatial: bool = True
     optimize_temporal: bool = False
@@ -113,7 +114,7 @@ class RunConfig:
 
 
 # LatentMAS's sequential chain: three thinking agents, then the judger decodes.
-LATENT_MAS_DEFAULTS = dict(agent_nums=3, topology="chain", optimize_spatial=False, fusion="concat", latent_only=False)
+LATENT_MAS_DEFAULTS = dict(num_agents=3, topology="chain", optimize_spatial=False, fusion="concat", latent_only=False)
 
 
 def build_config(explicit: dict[str, Any]) -> RunConfig:
@@ -131,7 +132,7 @@ def build_config(explicit: dict[str, Any]) -> RunConfig:
     allowed = _COMMON_FLAGS | _METHOD_FLAGS[method]
     refused = sorted(k for k in explicit if k not in allowed)
     if refused:
-        flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+        flags = ", ".join(flag(k) for k in refused)
         raise ValueError(f"{flags} does not apply to --method {method}")
 
     base = RunConfig(method=method)
@@ -139,7 +140,7 @@ def build_config(explicit: dict[str, Any]) -> RunConfig:
         base = replace(base, **LATENT_MAS_DEFAULTS, num_iterations=0)
     elif method == "single":
         # One agent answers directly: no judger re-reads its answer (LatentMAS's single baseline).
-        base = replace(base, agent_nums=1, num_iterations=0, optimize_spatial=False, fusion="concat", decision="direct")
+        base = replace(base, num_agents=1, num_iterations=0, optimize_spatial=False, fusion="concat", decision="direct")
     elif method == "text-mas":
         base = replace(base, fusion="concat")
     config = replace(base, **explicit)
@@ -167,7 +168,7 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
     _choice("agents", config.agents, AGENT_SETS)
     _at_least("latent_steps", config.latent_steps, 0)
     _at_least("sink_positions", config.sink_positions, 0)
-    _at_least("agent_nums", config.agent_nums, 1)
+    _at_least("num_agents", config.num_agents, 1)
     _at_least("num_rounds", config.num_rounds, 1)
     _at_least("batch_size", config.batch_size, 1)
     _at_least("num_iterations", config.num_iterations, 0)
@@ -223,11 +224,20 @@ def with_api_settings(config: RunConfig) -> RunConfig:
     return replace(config, api_timeout=api.timeout, api_max_retries=api.max_retries, api_concurrency=api.max_concurrency)
 
 
+# Fields whose flag keeps the G-Cache prototype's name.
+_FLAG_NAMES = {"num_agents": "agent-nums"}
+
+
+def flag(name: str) -> str:
+    """The `gcache run` flag of a RunConfig field (``num_agents`` -> ``--agent-nums``)."""
+    return "--" + _FLAG_NAMES.get(name, name.replace("_", "-"))
+
+
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
     if value not in options:
-        raise ValueError(f"--{name.replace('_', '-')}: expected one of {', '.join(options)}, got {value!r}")
+        raise ValueError(f"{flag(name)}: expected one of {', '.join(options)}, got {value!r}")
 
 
 def _at_least(name: str, value: int, low: int) -> None:
     if value < low:
-        raise ValueError(f"--{name.replace('_', '-')}: expected a value >= {low}, got {value}")
+        raise ValueError(f"{flag(name)}: expected a value >= {low}, got {value}")
