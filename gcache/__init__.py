@@ -32,6 +32,7 @@ from gcache.core.cache import (
 )
 from gcache.core.fusion import FuserConfig, FuserParams, fuse, gates, init_fuser, source_weights
 from gcache.core.latent import (
+    Decoding,
     Generation,
     ModelFns,
     Prefill,
@@ -127,6 +128,7 @@ __all__ = [
     "identity_realign",
     "realign_params",
     # latent rollout
+    "Decoding",
     "Generation",
     "ModelFns",
     "Prefill",
