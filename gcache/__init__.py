@@ -61,6 +61,16 @@ from gcache.core.optim import (
     tree_leaves,
     tree_map,
 )
+from gcache.core.policy import (
+    PolicyLogits,
+    PolicyParams,
+    edge_logits,
+    edge_probs,
+    init_policy,
+    node_features,
+    normalized_adjacency,
+    policy_logits,
+)
 from gcache.core.realign import Realign, apply_realign, identity_realign, realign_params
 from gcache.core.reinforce import (
     RunningBaseline,
@@ -71,25 +81,15 @@ from gcache.core.reinforce import (
     reinforce_loss,
     update_baseline,
 )
+from gcache.core.sampling import deterministic_topology, log_prob, sample_topology
 from gcache.core.topology import (
-    PolicyLogits,
-    PolicyParams,
     Topology,
     TopologyConfig,
     decision_inputs,
-    deterministic_topology,
-    edge_logits,
-    edge_probs,
-    init_policy,
     is_acyclic,
-    log_prob,
-    node_features,
-    normalized_adjacency,
     num_edges,
-    policy_logits,
     predecessors,
     reachability,
-    sample_topology,
     spatial_mask,
     successors,
     topological_order,
@@ -138,7 +138,7 @@ __all__ = [
     "prefill",
     "rollout",
     "sequence_logprob",
-    # topology: masks, policy, sampling, log-probabilities
+    # topology: graphs, masks, policy, sampling, log-probabilities
     "PolicyLogits",
     "PolicyParams",
     "Topology",
