@@ -219,3 +219,16 @@ def deterministic_topology(logits: PolicyLogits, mask: Mask, config: TopologyCon
 
     return _build(logits, mask, config, batch, choose_order=sorted_order, take_edges=lambda edge: edge > 0,
                   take_temporal=likely_temporal)
+
+def fixed_topology(mask: Mask, config: TopologyConfig) -> Topology:
+    """The graph of a topology that learns nothing (optimize_spatial and optimize_temporal off):
+    every candidate edge forward in the identity order, every temporal pair when rounds > 1,
+    log-probability 0. The deterministic graph of any policy under such a config.
+    Raises ValueError when the config learns edges (sample from a policy instead) or on a bad mask."""
+    if config.optimize_spatial or config.optimize_temporal:
+        raise ValueError("config: a fixed topology learns no edges; expected optimize_spatial and optimize_temporal off")
+    n = config.num_agents
+    device = mask.device
+    uniform = PolicyLogits(torch.zeros(n, n, device=device), torch.zeros(n, device=device), torch.zeros(n, n, device=device))
+    return deterministic_topology(uniform, mask, config)
+
