@@ -43,7 +43,7 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run folders to put side
     from gcache.io.experiment import load_summary
 
     table = Table(title="gcache compare")
-    for col in ("run", "task", "method", "mode", "n", "accuracy", "prompt tok", "latent tok", "generated tok", "s / question", "errors"):
+    for col in ("run", "task", "method", "mode", "n", "accuracy", "prompt tok", "latent tok", "generated tok", "s / question", "errors", "retries"):
         table.add_column(col, justify="right" if col not in ("run", "task", "method", "mode") else "left")
     for run in runs:
         try:
@@ -60,5 +60,6 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run folders to put side
             str(t.get("prompt", "-")), str(t.get("latent", "-")), str(t.get("generated", "-")),
             "-" if not n or secs is None else f"{secs / n:.2f}",
             str(s.get("errors", "-")),
+            str(s.get("retries", "-")),
         )
     Console().print(table)
