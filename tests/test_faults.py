@@ -241,7 +241,8 @@ def test_the_resume_command_continues_the_same_run(tmp_path, api_env, runs, flag
     result = _gcache(command[1:])
     assert result.exit_code == 0, result.output
     resumed = with_api_settings(runs[-1])
-    assert resumed.to_dict() == {**config.to_dict(), "resume": True, "retry_errors": True}
+    assert resumed.out_dir == config.out_dir
+    assert resumed.to_dict() == {**config.to_dict(), "resume": True, "retry_errors": True, "out": str(config.out_dir)}
 
 
 def test_api_outage_after_reaches_the_client_and_is_checked(tmp_path, api_env, runs):

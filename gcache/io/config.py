@@ -247,10 +247,10 @@ def resume_command(config: RunConfig) -> str:
     run passes the settings check; it retries errored questions (no --no-retry-errors).
     """
     base = build_config({"method": config.method})
-    args = ["gcache", "run", config.task]
+    args = ["gcache", "run", config.task, "--method", config.method]
     for f in fields(RunConfig):
         name, value = f.name, getattr(config, f.name)
-        if name in ("task", "out", "resume", "retry_errors") or value == getattr(base, name):
+        if name in ("task", "method", "out", "resume", "retry_errors") or value == getattr(base, name):
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
