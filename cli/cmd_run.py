@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from gcache.io import experiment
 from gcache.io.apiconfig import SETTING_VARS, ApiConfig
 from gcache.io.config import RunConfig, build_config
 from gcache_cli.main import app, fail
@@ -109,13 +110,11 @@ def run(
     explicit["resume"] = resume
     try:
         config = build_config(explicit)
-        from gcache.io.experiment import check_before_loading, run_experiment
-
-        check_before_loading(config)
+        experiment.check_before_loading(config)
     except ValueError as e:
         raise fail(str(e)) from None
     try:
-        summary = run_experiment(config)
+        summary = experiment.run_experiment(config)
     except ValueError as e:
         raise fail(str(e)) from None
     except KeyboardInterrupt:

@@ -126,7 +126,7 @@ def run_experiment(config: RunConfig, *, console: Console | None = None) -> dict
     summary = _summary(config, runlog, test, time.perf_counter() - started, pipeline, stopped)
     write_json_atomic(out / SUMMARY, summary)
     console.print(_summary_line(summary))
-    ending = _ending_line(summary)
+    ending = ending_line(summary)
     if ending:
         console.print(ending, markup=False, highlight=False, soft_wrap=True)
     return summary
@@ -247,8 +247,10 @@ def _summary_line(summary: dict) -> str:
     )
 
 
-def _ending_line(summary: dict) -> str | None:
+def ending_line(summary: dict) -> str | None:
     """One line for a run that did not answer everything: what happened, what is left, how to go on."""
+    if "status" not in summary:  # a summary.json written before runs had one
+        return None
     left = f"{summary['remaining']} of {summary['total']} test questions"
     if summary["status"] == "stopped":
         return f"stopped early: {summary['stopped']}; {left} still to answer; continue with: {summary['resume_command']}"
@@ -270,4 +272,4 @@ def load_summary(folder: Path) -> dict:
     return {"task": "?", "method": folder.name, "generation_mode": "?", "wall_seconds": None, **s}
 
 
-__all__ = ["check_before_loading", "run_experiment", "load_summary"]
+__all__ = ["check_before_loading", "run_experiment", "load_summary", "ending_line"]
