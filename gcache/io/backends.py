@@ -22,6 +22,14 @@ retry, capped at ``max_backoff``) or the server's Retry-After. A semaphore per
 client bounds the requests in flight (``max_concurrency``). Every failure ends
 as an :class:`ApiError` whose message names the endpoint and the cause and
 never holds the key (the SDK's exception, which may, is not chained).
+
+Circuit breaker: when ``ApiConfig.outage_after`` requests in a row end in a
+connection error or a timeout (each after its retries), the client holds the
+endpoint for down: ``ApiClient.outage`` is set, and every later request, and
+every pending retry, fails at once with :class:`ApiOutageError` instead of
+waiting through its own timeouts. Any answer from the server (a success, a 429,
+a 4xx, a 5xx) resets the count: a server that answers is not down, and rate
+limits back off as before.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ __all__ = [
     "ApiTimeoutError",
     "ApiConnectionError",
     "ApiResponseError",
+    "ApiOutageError",
     "Completion",
     "ApiClient",
     "CacheInfo",
@@ -113,6 +122,10 @@ class ApiConnectionError(ApiError):
 
 class ApiResponseError(ApiError):
     """The server answered 200 with something that is not a usable chat completion."""
+
+
+class ApiOutageError(ApiError):
+    """The client holds the endpoint for down (its circuit breaker tripped) and sent no request."""
 
 
 # --------------------------------------------------------------------------- client
@@ -175,6 +188,8 @@ class ApiClient:
         self._semaphore: asyncio.Semaphore | None = None
         self._warned_no_usage = False
         self.totals = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.failures_in_a_row = 0  # requests ended by a connection error or a timeout since the last answer
+        self.outage: ApiOutageError | None = None  # set once the endpoint is held for down; then every request fails
 
     def __repr__(self) -> str:
         return f"ApiClient({self.config!r})"
@@ -182,7 +197,7 @@ class ApiClient:
     def _state(self) -> tuple[Any, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            import openai
+            import openai  # here, not at the top: ~2.3 s to import (measured), and local runs never need it
 
             # A client from a finished loop holds connections bound to that loop: start afresh.
             self._client = openai.AsyncOpenAI(
@@ -213,6 +228,27 @@ class ApiClient:
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         return cls(self.config.scrub(f"API at {where}: {what}{tries}"), attempts=attempts, **extra)
 
+    def _give_up(self, cls: type[ApiError], what: str, attempts: int, **extra: Any) -> ApiError:
+        """The error that ends a request; counts it toward the circuit breaker (see the module docstring)."""
+        err = self._fail(cls, what, attempts, **extra)
+        if not issubclass(cls, (ApiConnectionError, ApiTimeoutError)):
+            self.failures_in_a_row = 0
+            return err
+        self.failures_in_a_row += 1
+        limit = self.config.outage_after
+        if limit and self.failures_in_a_row >= limit and self.outage is None:
+            tries = f" after {attempts} attempts" if attempts > 1 else ""
+            self.outage = self._fail(
+                ApiOutageError, f"held for down: {self.failures_in_a_row} requests in a row failed, the last: {what}{tries}", 1
+            )
+            log.warning("%s", self.outage)
+        return err
+
+    def _refused(self) -> ApiOutageError:
+        """A fresh copy of the outage error (one instance raised twice would chain its tracebacks)."""
+        assert self.outage is not None
+        return ApiOutageError(str(self.outage), attempts=0)
+
     def _backoff(self, retry: int, headers: Any = None) -> float:
         server = _retry_after(headers)
         if server is not None:
@@ -229,7 +265,7 @@ class ApiClient:
         top_p: float | None = None,
     ) -> Completion:
         """The model's reply to one conversation. Raises ValueError on bad arguments, ApiError on failure."""
-        import openai
+        import openai  # see _state: imported by the first API call, not by local runs
 
         messages = _check_conversation(messages, "messages")
         if max_tokens < 1:
@@ -249,32 +285,35 @@ class ApiClient:
         async with semaphore:
             attempt = 0
             while True:
+                if self.outage is not None:  # also stops a retry once another request tripped the breaker
+                    raise self._refused()
                 attempt += 1
                 self.totals["requests"] += 1
                 headers = None
                 try:
                     log.debug("chat completion: model %s, %d messages, attempt %d", self.config.model, len(messages), attempt)
                     response = await client.chat.completions.create(**request)
+                    self.failures_in_a_row = 0
                     break
                 except openai.APIStatusError as err:
                     status = err.status_code
                     cause = f"HTTP {status} ({_server_message(err.body, err.message)})"
                     if status not in _RETRY_STATUSES and status < 500:
-                        raise self._fail(ApiStatusError, f"answered {cause}", attempt, status_code=status) from None
+                        raise self._give_up(ApiStatusError, f"answered {cause}", attempt, status_code=status) from None
                     if attempt > self.config.max_retries:
-                        raise self._fail(ApiStatusError, f"answered {cause}", attempt, status_code=status) from None
+                        raise self._give_up(ApiStatusError, f"answered {cause}", attempt, status_code=status) from None
                     headers = err.response.headers
                 except openai.APITimeoutError:
                     cause = f"no answer within {self.config.timeout:g} s"
                     if attempt > self.config.max_retries:
-                        raise self._fail(ApiTimeoutError, cause, attempt) from None
+                        raise self._give_up(ApiTimeoutError, cause, attempt) from None
                 except openai.APIConnectionError as err:
                     cause = f"could not connect ({type(err.__cause__ or err).__name__})"
                     if attempt > self.config.max_retries:
-                        raise self._fail(ApiConnectionError, cause, attempt) from None
+                        raise self._give_up(ApiConnectionError, cause, attempt) from None
                 except (json.JSONDecodeError, openai.APIResponseValidationError) as err:
                     what = f"sent a response that is not chat-completions JSON ({type(err).__name__}: {err})"
-                    raise self._fail(ApiResponseError, what, attempt) from None
+                    raise self._give_up(ApiResponseError, what, attempt) from None
                 delay = self._backoff(attempt - 1, headers)
                 self.totals["retries"] += 1
                 log.warning(
