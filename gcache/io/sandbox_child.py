@@ -452,6 +452,7 @@ def _serve(requests: int, replies: int) -> None:
                     reply = {"value": encode(_transform(value, request.get("transform"))), "seconds": seconds}
                 except NotPlain as exc:
                     reply = {"nonplain": str(exc)}
+                value = None  # a huge output must not stay alive through the next call
         except _Timeout:
             reply = {"timeout": True}
         except BaseException as exc:
