@@ -1,10 +1,12 @@
-"""Hostile completions (tests/hostile/*.py), each scored from a fresh calling process.
+"""Hostile completions (tests/hostile/*.py) scored through `tasks.score` from fresh calling processes.
 
 Every file is a small program that answers its target item wrongly and attacks the scorer
-(its first lines say which item and how). For each: the verdict is not correct, the caller
-returns within the wall limit + 5 s, its peak memory grows by less than 64 MiB, no process
-the candidate started is alive afterwards, no file outside the sandbox changed, and no
-secret of the caller's environment shows in what comes back.
+(its first lines say which item and how). The completions of each target task are scored in
+sequence by one fresh process (tests/_hostile_caller.py), the two tasks side by side. For
+each completion: the verdict is not correct, the call returns within the wall limit + 5 s,
+the caller's peak memory grows by less than 64 MiB, no process the candidate started is alive
+afterwards, no file outside the sandbox changed, and no secret of the caller's environment
+shows in anything that comes back.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,23 +33,6 @@ def _target(path: Path) -> str:
     return first.removeprefix("# target: ").strip()
 
 
-def _processes_of(uids: range) -> list[tuple[int, int]]:
-    """(pid, uid) of live (non-zombie) processes whose real uid is in `uids`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        uid = int(fields.get("Uid", "-1 0").split()[0])
-        if uid in uids and not fields.get("State", "").strip().startswith("Z"):
-            found.append((int(entry), uid))
-    return found
-
-
 def _snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
     out = {}
     for path in sorted(folder.rglob("*")):
@@ -57,29 +41,52 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0, reason="process accounting by uid needs the root sandbox (fresh uids)")
-@pytest.mark.parametrize("path", HOSTILE, ids=[p.stem for p in HOSTILE])
-def test_hostile_completion_is_contained(path, tmp_path):
-    victim = tmp_path / "victim"
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory) -> dict:
+    """Every hostile completion scored; per file its report, plus the caller's output and the
+    watched folders before and after."""
+    victim = tmp_path_factory.mktemp("hostile") / "victim"
     (victim / "folder").mkdir(parents=True)
     (victim / "keep.txt").write_text("keep me")
     (victim / "folder" / "inner.txt").write_text("keep me too")
     watched = {"victim": victim, "package": Path(sandbox.PACKAGE_DIR) / "data"}
     before = {name: _snapshot(folder) for name, folder in watched.items()}
-    uid_base = 3_000_000 + random.randrange(1000) * 1000
     env = dict(os.environ, GCACHE_HOSTILE_API_KEY=SECRET, HF_TOKEN=SECRET, MY_PASSWORD=SECRET)
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, str(HERE / "_hostile_caller.py"), _target(path), str(path), str(victim),
-                           str(uid_base)], capture_output=True, text=True, env=env, timeout=900)
-    elapsed = time.monotonic() - start
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    groups: dict[str, list[str]] = {}
+    for path in HOSTILE:
+        groups.setdefault(_target(path).split("/")[0], []).append(str(path))
+    procs = []
+    for n, paths in enumerate(groups.values()):
+        uid_base = 3_000_000 + random.randrange(100) * 100_000 + n * 50_000
+        cmd = [sys.executable, str(HERE / "_hostile_caller.py"), str(victim), str(uid_base), *paths]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    reports, output = {}, ""
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=1200)
+        assert proc.returncode == 0, stderr[-3000:]
+        output += stdout + stderr
+        for line in stdout.splitlines():
+            report = json.loads(line)
+            reports[report["path"]] = report
+    after = {name: _snapshot(folder) for name, folder in watched.items()}
+    return {"reports": reports, "output": output, "before": before, "after": after}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="finding the candidate's processes by uid needs the root sandbox")
+@pytest.mark.parametrize("path", HOSTILE, ids=[p.stem for p in HOSTILE])
+def test_hostile_completion_is_contained(path, scored):
+    report = scored["reports"][str(path)]
     assert report["warm_correct"], "the canonical solution of the target must pass first"
     assert report["correct"] is False, report
     assert report["seconds"] < report["limit_s"] + 5, report
     assert report["grown_mib"] < 64, report
-    assert SECRET not in done.stdout + done.stderr
-    assert _processes_of(range(uid_base, uid_base + 1000)) == []
-    assert {name: _snapshot(folder) for name, folder in watched.items()} == before
-    assert elapsed < 900
+    assert report["alive"] == [], report
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="finding the candidate's processes by uid needs the root sandbox")
+def test_hostile_completions_leave_files_and_secrets_alone(scored):
+    assert scored["after"] == scored["before"]
+    assert SECRET not in scored["output"]
+    assert len(scored["reports"]) == len(HOSTILE)

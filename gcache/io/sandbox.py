@@ -158,12 +158,9 @@ def _looks_secret(name: str) -> bool:
 
 
 def landlock_available() -> bool:
-    """Whether this kernel and Python offer Landlock (the `landlock` package imports and the
-    ABI version is at least 1)."""
+    """Whether this kernel offers Landlock (ABI version at least 1)."""
     try:
-        from landlock.plumbing import landlock_abi_version
-
-        return landlock_abi_version() >= 1
+        return wire.landlock_abi() >= 1
     except Exception:
         return False
 
@@ -235,13 +232,13 @@ class Child:
         limits = self.limits
         setup = {
             "workdir": self._workdir, "isolate": root, "uid": uid, "gid": uid, "landlock": landlock,
-            "needed": _installation_paths(), "hidden": [PACKAGE_DIR],
+            "needed": _installation_paths(), "hidden": [PACKAGE_DIR], "site": site.getsitepackages(),
             "limits": {"cpu_s": limits.cpu_s, "memory_bytes": limits.memory_bytes, "nproc": limits.nproc,
                        "fsize_bytes": limits.fsize_bytes, "disk_bytes": limits.disk_bytes, "shared_uid": not root},
         }
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", CHILD_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                [sys.executable, "-I", "-S", CHILD_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, cwd=self._workdir, env=child_environment(workdir=self._workdir),
                 start_new_session=True, close_fds=True,
             )  # fmt: skip
