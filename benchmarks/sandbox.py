@@ -9,7 +9,7 @@ figure is the latency of one candidate: child start-up, containment, the tests, 
 With ``--baseline DIR`` (a checkout of an older gcache, e.g. ``git archive <rev> | tar -x -C DIR``)
 the two trees are measured in alternating rounds, each round in a fresh interpreter of its own
 tree, so both see the same machine load; the ratio is the median of per-candidate ratios of
-the per-candidate medians. Results go to benchmarks/results/sandbox.json.
+the per-candidate medians. Results go to benchmarks/results/sandbox.json (--out).
 """
 
 from __future__ import annotations
@@ -82,15 +82,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median per candidate)")
     parser.add_argument("--baseline", type=Path, default=None, help="another gcache checkout to measure side by side")
     parser.add_argument("--smoke", action="store_true", help="2 + 2 candidates, one round")
-    parser.add_argument("--out", type=Path, default=ROOT / "results", help="folder sandbox.json is written to")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "sandbox.json", help="JSON file written")
     args = parser.parse_args()
     # _common imports torch (seconds); the measuring interpreters import this module and need none of it.
     from _common import machine_info, write_json
 
     if args.smoke:
         args.per_task, args.rounds = 2, 1
-        if args.out == ROOT / "results":
-            args.out = Path(tempfile.gettempdir()) / "gcache_benchmarks_smoke"
+        if args.out == ROOT / "results" / "sandbox.json":  # never overwrite the measured results
+            args.out = Path(tempfile.gettempdir()) / "gcache_benchmarks_smoke" / "sandbox.json"
     which = candidates(args.per_task)
     trees = {"current": REPO} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
@@ -109,8 +109,8 @@ def main() -> None:
         report["ratio_of_totals"] = round(report["results"]["current"]["total_s"] / report["results"]["baseline"]["total_s"], 3)
         print(f"per-candidate ratio current/baseline: {report['ratio_current_over_baseline']} "
               f"(totals {report['ratio_of_totals']})")
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "sandbox.json", report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, report)
     print(json.dumps({k: v for k, v in report["results"]["current"].items() if k != "per_candidate_s"}))
 
 

@@ -1,11 +1,26 @@
-"""Hostile candidates are contained, reported as failures, and leave the test process unharmed."""
+"""Hostile candidates are contained, reported as failures, and leave the test process unharmed;
+the plain-data codec round-trips exactly and refuses everything else. (More attacks, each scored
+through `tasks.score` from a fresh caller: tests/test_sandbox_hostile.py.)"""
 
+import math
 import os
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gcache.io.sandbox import Limits, child_environment, landlock_available, run_many, run_tests
+from gcache.io import sandbox_child as wire
+from gcache.io.sandbox import (
+    CandidateFailure,
+    Child,
+    Limits,
+    child_environment,
+    landlock_available,
+    outputs_match,
+    run_many,
+    run_tests,
+)
 
 TEST = "def check(candidate):\n    assert candidate(2) == 3\n"
 GOOD = "def f(x):\n    return x + 1\n"
@@ -232,13 +247,6 @@ def test_bad_job_mode_raises():
 
 # ------------------------------------------------------------------ the plain-data codec
 
-import math  # noqa: E402
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from gcache.io import sandbox_child as wire  # noqa: E402
-from gcache.io.sandbox import CandidateFailure, Child, outputs_match  # noqa: E402
 
 _scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-(1 << 14000), max_value=1 << 14000)
             | st.floats(allow_nan=True) | st.complex_numbers(allow_nan=True) | st.text() | st.binary())
@@ -372,3 +380,17 @@ def test_humaneval_check_runs_in_the_trusted_process():
     assert run_tests(check_job(GOOD, test=test, prelude=prelude), FAST).passed
     res = run_tests(check_job("def f(x):\n    return {'x'}\n", test=test, prelude=prelude), FAST)
     assert not res.passed and "AssertionError" in res.error
+
+
+@pytest.mark.skipif(not landlock_available(), reason="Landlock is not available on this kernel")
+def test_the_gcache_package_is_hidden_but_other_files_read():
+    import gcache.io.sandbox as sandbox
+
+    data = os.path.join(sandbox.PACKAGE_DIR, "data")
+    readme = os.path.join(os.path.dirname(sandbox.PACKAGE_DIR), "README.md")
+    program = ("def f(path):\n    try:\n        with open(path, 'rb') as fh:\n            fh.read(1)\n"
+               "        return 'read'\n    except PermissionError:\n        return 'denied'\n")
+    test = (f"def check(candidate):\n    assert candidate({os.path.join(data, 'HumanEval.jsonl.gz')!r}) == 'denied'\n"
+            f"    assert candidate({readme!r}) == 'read'\n    assert candidate('/etc/passwd') == 'read'\n")
+    res = run_tests(check_job(program, test=test), FAST)
+    assert res.passed, res.error

@@ -590,7 +590,8 @@ def score(item: Item, reply: str) -> Verdict:
 
 def score_many(items: Sequence[Item], replies: Sequence[str], *, workers: int | None = None, progress=None) -> list[Verdict]:
     """`score` over pairs; code items run one sandboxed child per program, `workers` at a time
-    (default: CPU count). Raises ValueError when the two sequences differ in length."""
+    (default: CPU count), and their tests are decided in this process on the plain values
+    the child returns. Raises ValueError when the two sequences differ in length."""
     if len(items) != len(replies):
         raise ValueError(f"score_many: {len(items)} items but {len(replies)} replies")
     verdicts: list[Verdict | None] = [None] * len(items)
@@ -638,7 +639,8 @@ def run_examples(item: Item, program: str) -> bool:
     """Whether `program` (plain code, or a reply with a fenced block) passes the examples
     shown in the item's question: the ``>>>`` examples of a HumanEval docstring, the
     assertion shown with an MBPP+ task. A program with no runnable example passes when it
-    defines the entry point. Runs in the sandbox; never raises for a bad program."""
+    defines the entry point. The program runs in the sandbox, the examples here (with calls
+    forwarded to it); never raises for a bad program."""
     from gcache.io import sandbox
 
     if task_family(item.task) != "code":
