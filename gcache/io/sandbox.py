@@ -356,7 +356,7 @@ class Child:
         """Run `program` in the child and find its function `entry_point`."""
         self._request({"op": "load", "program": program, "entry_point": entry_point},
                       self._deadline - time.monotonic())
-        
+
     def call(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None, *, limit: float,
              transform: str | None = None) -> tuple[Any, float]:
         """The entry point's result on `args`/`kwargs` (plain data) within `limit` seconds, and
