@@ -31,7 +31,7 @@ from gcache.core.fusion import FuserConfig
 from gcache.core.graph import DECISION, Node
 from gcache.core.latent import Decoding
 from gcache.core.topology import TopologyConfig
-from gcache.io.backends import Answer, ApiClient, answer_stop, generate_answer
+from gcache.io.backends import Answer, ApiClient, ApiOutageError, answer_stop, generate_answer
 from gcache.io.communication import Communication, Context, LatentCaches, NodeOut, Outputs, TextMessages, stack_contexts
 from gcache.io.config import TINY_MODELS, RunConfig, api_config
 from gcache.io.decision import DECISIONS, Decision
@@ -133,11 +133,12 @@ class Pipeline:
         try:
             outs = self._answer(plans, step=0)
         except Exception as e:  # noqa: BLE001 - isolate the failing question, keep the others
-            if len(items) > 1:
+            # With the endpoint held for down, retrying question by question only repeats the local work.
+            if len(items) > 1 and not isinstance(e, ApiOutageError):
                 log.warning("a batch failed (%s); answering its questions one by one", e)
                 return [r for item in items for r in self.evaluate([item])]
-            log.warning("question %s failed: %s", items[0].id, e)
-            outs = [_failed(e)]
+            log.warning("%s failed: %s", ", ".join(str(item.id) for item in items), e)
+            outs = [_failed(e) for _ in items]
         verdicts = score_many([p.item for p in plans], [o.answer for o in outs])
         seconds = (time.perf_counter() - started) / len(items)
         return [self._record("eval", p.item.id, p, o, v, seconds) for p, o, v in zip(plans, outs, verdicts)]
