@@ -19,6 +19,7 @@ TOPOLOGIES = ("full", "chain", "star", "mesh", "layered", "random", "debate")
 DECISIONS = ("refer", "direct", "vote", "code")
 FUSIONS = ("concat", "weighted", "learned")
 AGENT_SETS = ("diverse", "uniform")
+WEIGHTS = ("fp32", "bf16", "int8")  # weight-only precision of the local model's linears (gcache.io.quant)
 
 # The flags each method accepts beyond the common ones (task, model, decoding, data selection, output).
 _METHOD_FLAGS: dict[str, set[str]] = {
@@ -36,7 +37,7 @@ _METHOD_FLAGS: dict[str, set[str]] = {
 }
 _COMMON_FLAGS = {
     "task", "method", "generation_mode", "batch_size", "limit", "question_id", "model", "device",
-    "dtype", "threads", "api_model", "base_url", "api_timeout", "api_max_retries", "api_concurrency",
+    "dtype", "weights", "threads", "api_model", "base_url", "api_timeout", "api_max_retries", "api_concurrency",
     "max_new_tokens", "temperature", "seed", "out", "resume", "stop_at_answer",
 }
 # How the run talks to the API, not what it computes: a resumed run may change them.
@@ -76,6 +77,7 @@ class RunConfig:
     model: str = "smollm2-135m"
     device: str = "cpu"
     dtype: str | None = None
+    weights: str = "fp32"
     threads: int | None = None
     api_model: str | None = None
     base_url: str | None = None
@@ -165,6 +167,7 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
     _choice("decision", config.decision, DECISIONS)
     _choice("fusion", config.fusion, FUSIONS)
     _choice("agents", config.agents, AGENT_SETS)
+    _choice("weights", config.weights, WEIGHTS)
     _at_least("latent_steps", config.latent_steps, 0)
     _at_least("sink_positions", config.sink_positions, 0)
     _at_least("agent_nums", config.agent_nums, 1)
