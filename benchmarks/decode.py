@@ -18,7 +18,7 @@ Also measured, in the same run: prefill per variant (256 tokens, 1 and 8 rows); 
 greedy token equals float32's on float32's own greedy answer, and the change in the
 log-probability of the gold reply ``#### <number>``); and equal-work latent-MAS on 10
 GSM8K questions (three agents of 10 latent steps in a chain, then a judger decoding
-exactly 48 tokens), float32 against each variant. Written to benchmarks/results/decode.json.
+exactly 32 tokens), float32 against each variant. Written to benchmarks/results/decode.json.
 """
 
 from __future__ import annotations
@@ -56,6 +56,18 @@ def read_bandwidth(megabytes: int, reps: int) -> float:
         big.sum()
         times.append(time.perf_counter() - start)
     return big.numel() * 4 / statistics.median(times)
+
+
+def cpu_features() -> dict:
+    """The CPU's model name and the /proc/cpuinfo flags that decide which reduced-precision kernels are fast."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return {"model_name": name, "flags": [f for f in wanted if f in flags]}
 
 
 def kv_bytes(lm, rows: int, cache_len: int) -> int:
@@ -176,10 +188,11 @@ def equal_work(lms: dict, items: list, latent_steps: int, answer_tokens: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_micro_args(parser, reps=15)
+    add_micro_args(parser, reps=10)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--prefill-rows", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--agreement-questions", type=int, default=50)
     parser.add_argument("--equal-work-questions", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "decode.json")
@@ -192,17 +205,36 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # a tiny model gains nothing from threads; on a busy machine they slow it
         lms = {v: tiny_model("llama", seed=args.seed, weights=v) for v in variants}
         reps, warmup, megabytes = 3, 1, 16
-        args.rows, args.lengths = [1, 2], [16, 32]
+        args.rows, args.lengths, args.prefill_rows = [1, 2], [16, 32], [1, 2]
         args.agreement_questions, args.equal_work_questions = 2, 1
         latent_steps, answer_tokens, agree_tokens = 2, 4, 6
     else:
         lms = {v: load_model(args.model, device="cpu", weights=v) for v in variants}
         reps, warmup, megabytes = args.reps, args.warmup, 512
-        latent_steps, answer_tokens, agree_tokens = 10, 48, 64
+        latent_steps, answer_tokens, agree_tokens = 10, 32, 48
     generator = torch.Generator().manual_seed(args.seed)
-    load_before = load_average()
+    any_lm = lms["fp32"]
+    report = {
+        "model": any_lm.name,
+        "dtype": str(any_lm.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "machine": {**machine_info(), "cpu": cpu_features()},
+        "load_average_before": load_average(),
+        "reps": reps,
+        "compiled": "not measured: no static-cache step in this version",
+    }
+
+    def write(**parts) -> None:
+        """Add finished parts and write the JSON, so that a run cut short keeps what it measured."""
+        report.update(parts, load_average_after=load_average())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
     bandwidth = read_bandwidth(megabytes, 7)
     log.info("streaming read: %.1f GB/s", bandwidth / 1e9)
+    write(read_bandwidth_gb_s=bandwidth / 1e9, weight_bytes={v: weight_bytes(lm.model) for v, lm in lms.items()})
     results = []
     with torch.inference_mode():
         for rows in args.rows:
@@ -215,37 +247,20 @@ def main(argv: list[str] | None = None) -> int:
                                     "fraction_of_roofline": roof / m})
                     log.info("%-5s rows %d cache %5d  %7.2f ms/step  roofline %6.2f ms  (%.0f%%)", v, rows, n, m,
                              roof, 100 * roof / m)
+        write(results=results)
         prefills = []
-        for rows in args.rows:
+        for rows in args.prefill_rows:
             for v, m in prefill_ms(lms, rows, args.lengths[0], max(2, reps // 5), generator).items():
                 prefills.append({"variant": v, "rows": rows, "tokens": args.lengths[0], "ms_per_row": m})
                 log.info("prefill %-5s rows %d: %.1f ms/row", v, rows, m)
+        write(prefill=prefills)
         items = load_items("gsm8k", "test", limit=max(args.agreement_questions, args.equal_work_questions))
         answers = answer_agreement(lms, items[: args.agreement_questions], agree_tokens, batch=10)
         log.info("answers: %s", answers)
+        write(answers={"questions": args.agreement_questions, "answer_tokens_max": agree_tokens, **answers})
         work = equal_work(lms, items[: args.equal_work_questions], latent_steps, answer_tokens)
         log.info("equal work: %s", work)
-    any_lm = lms["fp32"]
-    report = {
-        "model": any_lm.name,
-        "dtype": str(any_lm.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "smoke": args.smoke,
-        "machine": machine_info(),
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
-        "read_bandwidth_gb_s": bandwidth / 1e9,
-        "weight_bytes": {v: weight_bytes(lm.model) for v, lm in lms.items()},
-        "reps": reps,
-        "results": results,
-        "prefill": prefills,
-        "answers": answers,
-        "equal_work": work,
-        "compiled": "not measured: no static-cache step in this version (see the report)",
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write(equal_work=work)
     log.info("wrote %s", args.out)
     return 0
 
