@@ -57,6 +57,9 @@ def run(
     model: Optional[str] = typer.Option(None, help=f"smollm2-135m, a Hugging Face id or a local path (default: {_D.model})."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto (default: cpu)."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: chosen per device)."),
+    weights: Optional[str] = typer.Option(
+        None, help="Weight-only precision of the local model's linears: fp32, bf16 or int8 (default: fp32; see README)."
+    ),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
     api_model: Optional[str] = typer.Option(None, help="Model name at the OpenAI-compatible endpoint."),
     base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL (else BASE_URL / OPENAI_BASE_URL / .env)."),

@@ -163,3 +163,21 @@ def test_sandbox_smoke_writes_its_schema(tmp_path):
     assert all(s > 0 for s in current["per_candidate_s"].values())
     assert current["median_s"] > 0 and current["humaneval_median_s"] > 0 and current["mbppplus_median_s"] > 0
     assert current["total_s"] >= current["median_s"] and "machine" in report
+
+
+def test_decode_smoke_writes_its_schema(tmp_path):
+    report = _run_smoke("decode", tmp_path / "decode.json")
+    rows = report["results"]
+    assert {r["variant"] for r in rows} == {"fp32", "bf16", "int8"}
+    for r in rows:
+        assert {"variant", "rows", "cache_len", "ms_per_token", "roofline_ms", "fraction_of_roofline"} <= set(r)
+        assert r["ms_per_token"] > 0 and r["roofline_ms"] > 0
+        assert math.isclose(r["fraction_of_roofline"], r["roofline_ms"] / r["ms_per_token"], rel_tol=1e-9)
+    # the roofline counts the weights as stored: reduced variants read fewer bytes
+    weights = report["weight_bytes"]
+    assert weights["int8"] < weights["bf16"] < weights["fp32"]
+    work = report["equal_work"]
+    assert {"eager_s", "best_s", "ratio", "variant"} <= set(work) and work["variant"] in ("bf16", "int8")
+    assert math.isclose(work["ratio"], work["best_s"] / work["eager_s"], rel_tol=1e-9)
+    assert report["answers"]["fp32"]["greedy_token_agreement"] == 1.0  # fp32 agrees with itself
+    assert report["read_bandwidth_gb_s"] > 0 and "machine" in report and "load_average_before" in report

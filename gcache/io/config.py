@@ -17,6 +17,7 @@ from gcache.core.topology import MODES as TOPOLOGIES
 from gcache.io.apiconfig import GENERATION_MODES, ApiConfig, resolve_api_config
 from gcache.io.decision import NAMES as DECISIONS
 from gcache.io.prompts import AGENT_SETS
+from gcache.io.quant import WEIGHTS
 
 METHODS = ("single", "text-mas", "latent-mas", "gcache")
 # Seeded random models with the embedded tokenizer, for smoke tests (``--model tiny-llama``).
@@ -38,7 +39,7 @@ _METHOD_FLAGS: dict[str, set[str]] = {
 }
 _COMMON_FLAGS = {
     "task", "method", "generation_mode", "batch_size", "limit", "question_id", "model", "device",
-    "dtype", "threads", "api_model", "base_url", "api_timeout", "api_max_retries", "api_concurrency",
+    "dtype", "weights", "threads", "api_model", "base_url", "api_timeout", "api_max_retries", "api_concurrency",
     "api_outage_after", "max_new_tokens", "temperature", "seed", "out", "resume", "retry_errors", "stop_at_answer",
 }
 # How the run talks to the API, not what it computes: a resumed run may change them.
@@ -78,6 +79,7 @@ class RunConfig:
     model: str = "smollm2-135m"
     device: str = "cpu"
     dtype: str | None = None
+    weights: str = "fp32"
     threads: int | None = None
     api_model: str | None = None
     base_url: str | None = None
@@ -170,6 +172,7 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
     _choice("decision", config.decision, DECISIONS)
     _choice("fusion", config.fusion, FUSIONS)
     _choice("agents", config.agents, AGENT_SETS)
+    _choice("weights", config.weights, WEIGHTS)
     _at_least("latent_steps", config.latent_steps, 0)
     _at_least("sink_positions", config.sink_positions, 0)
     _at_least("num_agents", config.num_agents, 1)

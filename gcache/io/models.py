@@ -42,6 +42,7 @@ from gcache.core.latent import ModelFns
 from gcache.core.realign import Realign, realign_params
 from gcache.io.hf import model_fns
 from gcache.io.paths import cache_root
+from gcache.io.quant import check_weights, quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class LocalModel:
     dtype: torch.dtype
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
+    weights: str = "fp32"  # precision of the linears' weights (gcache.io.quant); activations stay ``dtype``
 
     def encode_chat(self, conversations: list[list[dict]], add_generation_prompt: bool = True) -> tuple[Tensor, Tensor]:
         """See ``encode_chat``."""
@@ -243,8 +245,15 @@ def _freeze(model: Any) -> Any:
     return model
 
 
-def from_hf(name: str, model: Any, tokenizer: Any) -> LocalModel:
-    """Wrap an already loaded transformers causal LM and tokenizer (frozen here) into a LocalModel."""
+def from_hf(name: str, model: Any, tokenizer: Any, *, weights: str = "fp32") -> LocalModel:
+    """Wrap an already loaded transformers causal LM and tokenizer (frozen here) into a LocalModel.
+
+    weights: 'fp32' keeps the model's linears; 'bf16' or 'int8' swaps them, in place, for
+    weight-only reduced ones (gcache.io.quant; the activations stay float32), after the
+    realignment is computed from the full-precision embeddings. Raises ValueError on
+    unknown weights, or reduced weights on a model whose dtype is not float32.
+    """
+    check_weights(weights)
     model = _freeze(model)
     tokenizer.padding_side = "left"
     eos = _eos_ids(model, tokenizer)
@@ -254,6 +263,10 @@ def from_hf(name: str, model: Any, tokenizer: Any) -> LocalModel:
     w_in = model.get_input_embeddings().weight
     w_out = model.get_output_embeddings().weight
     realign = realign_params(w_in, w_out.to(w_in.device))
+    if weights != "fp32":
+        if w_in.dtype != torch.float32:
+            raise ValueError(f"weights: {weights!r} keeps float32 activations and needs a float32 model, got {w_in.dtype}")
+        quantize_linears(model, weights)
     fns = model_fns(model)
     return LocalModel(
         name=name,
@@ -265,6 +278,7 @@ def from_hf(name: str, model: Any, tokenizer: Any) -> LocalModel:
         dtype=fns.dtype,
         eos_token_ids=eos,
         pad_token_id=int(pad),
+        weights=weights,
     )
 
 
@@ -273,6 +287,7 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
+    weights: str = "fp32",
     threads: int | None = None,
     allow_download: bool = False,
 ) -> LocalModel:
@@ -281,12 +296,18 @@ def load_model(
     device: 'cpu', 'cuda', 'cuda:N' or 'auto' (accelerate's device map over every GPU;
     'cpu' when there is none). dtype: 'float32', 'bfloat16', 'float16' or None (float32
     on CPU, measured faster here than bfloat16; bfloat16 on GPUs that support it).
+    weights: 'fp32' (exact, the default), 'bf16' or 'int8': weight-only reduced precision of
+    the linear layers with float32 activations (see gcache.io.quant and the README for what
+    each costs and changes); the model is then loaded in float32 unless dtype says otherwise.
     threads: torch.set_num_threads(threads) when given. A Hugging Face id is read from
     the local Hugging Face cache only, unless allow_download is True.
-    Raises ValueError naming ``model``, ``device``, ``dtype`` or ``threads`` on bad values.
+    Raises ValueError naming ``model``, ``device``, ``dtype``, ``weights`` or ``threads`` on bad values.
     """
     dev = parse_device(device)
-    torch_dtype = parse_dtype(dtype, "cpu" if dev == "cpu" else "cuda")
+    check_weights(weights)
+    torch_dtype = torch.float32 if dtype is None and weights != "fp32" else parse_dtype(dtype, "cpu" if dev == "cpu" else "cuda")
+    if weights != "fp32" and torch_dtype != torch.float32:
+        raise ValueError(f"weights: {weights!r} keeps float32 activations; it needs dtype float32, got {torch_dtype}")
     if threads is not None:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
@@ -301,7 +322,7 @@ def load_model(
         hint = "" if allow_download else " (not in the local Hugging Face cache; allow_download=True fetches it)"
         raise ValueError(f"model: could not load {name!r}{hint}: {err}") from err
     log.info("loaded %s (%s, %s) in %.2f s", name, dev, torch_dtype, time.perf_counter() - start)
-    return from_hf(name, model, tokenizer)
+    return from_hf(name, model, tokenizer, weights=weights)
 
 
 # --------------------------------------------------------------------------- tiny random models
@@ -318,13 +339,14 @@ def embedded_tokenizer() -> Any:
     return _embedded_tokenizer(str(ensure_embedded_copy()))
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> LocalModel:
+def tiny_model(arch: str = "llama", seed: int = 0, *, weights: str = "fp32", **overrides: Any) -> LocalModel:
     """A 2-layer random model (hidden 64, 4 heads / 2 KV heads, head_dim 16) in float32 on CPU.
 
     Built in-process from ``seed`` without touching the global RNG, tied embeddings
     unless overridden, vocabulary 49152 with the embedded model's tokenizer, so it
     reads real prompts. ``overrides`` go into the transformers config
-    (e.g. tie_word_embeddings=False, num_hidden_layers=3). Raises ValueError on an unknown arch.
+    (e.g. tie_word_embeddings=False, num_hidden_layers=3); weights as in ``load_model``.
+    Raises ValueError on an unknown arch or weights.
     """
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
     if arch not in classes:
@@ -353,7 +375,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> LocalMod
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).to(torch.float32)
-    return from_hf(f"tiny-{arch}", model, tokenizer)
+    return from_hf(f"tiny-{arch}", model, tokenizer, weights=weights)
 
 
 # --------------------------------------------------------------------------- chat encoding

@@ -285,8 +285,10 @@ class Pipeline:
 def load_local(config: RunConfig) -> LocalModel:
     """The local model of a run; ``tiny-llama`` / ``tiny-qwen3`` are seeded random models for smoke tests."""
     if config.model in TINY_MODELS:
-        return tiny_model(TINY_MODELS[config.model], seed=config.seed)
-    return load_model(config.model, device=config.device, dtype=config.dtype, threads=config.threads)
+        return tiny_model(TINY_MODELS[config.model], seed=config.seed, weights=config.weights)
+    return load_model(
+        config.model, device=config.device, dtype=config.dtype, weights=config.weights, threads=config.threads
+    )
 
 
 def _roles(config: RunConfig) -> list[Role]:

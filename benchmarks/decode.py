@@ -1,0 +1,269 @@
+"""Decode steps per weight variant (fp32 / bf16 / int8 weight-only) beside this machine's memory roofline.
+
+    python benchmarks/decode.py            # embedded model: rows 1, 8 x cache 256, 1024, 2048
+    python benchmarks/decode.py --smoke    # tiny random model, few repetitions (CI)
+
+For each variant (``load_model(weights=...)``) and each (rows, cache_len), one decode step
+is what ``generate`` runs per token: embed one token per row, the backbone forward on a
+KV-cache of ``cache_len`` positions (random keys/values: the cost does not depend on
+them), the lm_head and the argmax. Variants are interleaved, the cache cropped back after
+every step, medians written. ``ms_per_token`` is the step's time (every row gets one
+token; ``tokens_per_s`` = rows * 1000 / ms). The roofline of a step is the bytes it must
+read (the linears' weights as stored, plus the KV-cache: rows * layers * 2 * kv_heads *
+cache_len * head_dim * 4) over a streaming read measured in the same run (``tensor.sum()``
+of a 512 MB float32 tensor, median).
+
+Also measured, in the same run: prefill per variant (256 tokens, 1 and 8 rows); answers
+(teacher-forced on 50 GSM8K questions: the share of answer positions where a variant's
+greedy token equals float32's on float32's own greedy answer, and the change in the
+log-probability of the gold reply ``#### <number>``); and equal-work latent-MAS on 10
+GSM8K questions (three agents of 10 latent steps in a chain, then a judger decoding
+exactly 32 tokens), float32 against each variant. Written to benchmarks/results/decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _common import add_micro_args, load_average, machine_info
+
+from gcache.core.cache import KVCache
+from gcache.core.latent import Decoding, generate, prefill, rollout, sequence_logprob
+from gcache.io.models import load_model, tiny_model
+from gcache.io.prompts import agent_messages, decision_messages, latent_mas_roles
+from gcache.io.quant import weight_bytes
+from gcache.io.tasks import load_items
+
+log = logging.getLogger("benchmarks.decode")
+ROOT = Path(__file__).resolve().parent
+VARIANTS = ("fp32", "bf16", "int8")
+
+
+def read_bandwidth(megabytes: int, reps: int) -> float:
+    """Streaming read bandwidth in bytes/s: median time of ``sum()`` over a float32 tensor of ``megabytes``."""
+    big = torch.ones(megabytes * 2**20 // 4)
+    big.sum()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        big.sum()
+        times.append(time.perf_counter() - start)
+    return big.numel() * 4 / statistics.median(times)
+
+
+def cpu_features() -> dict:
+    """The CPU's model name and the /proc/cpuinfo flags that decide which reduced-precision kernels are fast."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return {"model_name": name, "flags": [f for f in wanted if f in flags]}
+
+
+def kv_bytes(lm, rows: int, cache_len: int) -> int:
+    fns = lm.fns
+    return rows * fns.num_layers * 2 * fns.num_kv_heads * cache_len * fns.head_dim * lm.dtype.itemsize
+
+
+def random_state(lm, rows: int, cache_len: int, generator: torch.Generator):
+    fns = lm.fns
+    shape = (fns.num_layers, rows, fns.num_kv_heads, cache_len, fns.head_dim)
+    cache = KVCache(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator),
+                    torch.ones(rows, cache_len, dtype=torch.bool), torch.full((rows,), cache_len))
+    return fns.to_state(cache)
+
+
+def decode_steps(lms: dict, rows: int, cache_len: int, reps: int, warmup: int, generator: torch.Generator) -> dict:
+    """Median ms of one greedy decode step per variant, variants interleaved (rotating order)."""
+    names = list(lms)
+    states = {v: random_state(lms[v], rows, cache_len, generator) for v in names}
+    token = torch.randint(0, 1000, (rows, 1), generator=generator)
+    times: dict[str, list[float]] = {v: [] for v in names}
+    for i in range(warmup + reps):
+        for v in names[i % len(names):] + names[: i % len(names)]:
+            fns = lms[v].fns
+            start = time.perf_counter()
+            hidden, _ = fns.forward(fns.embed(token), None, None, states[v])
+            fns.logits(hidden[:, -1]).argmax(-1)
+            elapsed = (time.perf_counter() - start) * 1000
+            states[v].crop(-1)
+            if i >= warmup:
+                times[v].append(elapsed)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def prefill_ms(lms: dict, rows: int, length: int, reps: int, generator: torch.Generator) -> dict:
+    """Median ms per row of a prefill of ``length`` tokens per variant, interleaved."""
+    ids = torch.randint(0, 1000, (rows, length), generator=generator)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    times: dict[str, list[float]] = {v: [] for v in lms}
+    for i in range(reps + 1):
+        for v, lm in lms.items():
+            start = time.perf_counter()
+            prefill(lm.fns, ids, mask)
+            if i:
+                times[v].append((time.perf_counter() - start) * 1000 / rows)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def answer_agreement(lms: dict, items: list, max_new_tokens: int, batch: int) -> dict:
+    """Per variant: greedy-token agreement with fp32 (teacher-forced on fp32's greedy answers)
+    and the change of the gold reply's log-probability, over ``items``."""
+    ref = lms["fp32"]
+    prompts = [decision_messages("gsm8k", it.question) for it in items]
+    answers: list[list[int]] = []
+    for i in range(0, len(prompts), batch):
+        ids, mask = ref.encode_chat(prompts[i : i + batch])
+        g = generate(ref.fns, ids, mask, Decoding(max_new_tokens), eos_token_ids=ref.eos_token_ids)
+        answers += [g.tokens[b, : int(g.lengths[b])].tolist() for b in range(ids.shape[0])]
+    agreement, logprobs = {}, {}
+    for v, lm in lms.items():
+        same = total = 0
+        logprobs[v] = []
+        for p, a, it in zip(prompts, answers, items):
+            ids, _ = lm.encode_chat([p])
+            n = ids.shape[1]
+            full = torch.cat([ids, torch.tensor([a], dtype=torch.long)], dim=1)
+            pre = prefill(lm.fns, full, torch.ones_like(full, dtype=torch.bool))
+            predicted = lm.fns.logits(pre.hidden[0, n - 1 : n - 1 + len(a)]).argmax(-1).tolist()  # predicts a[j]
+            same += sum(int(x == y) for x, y in zip(predicted, a))
+            total += len(a)
+            gold = lm.tokenizer(f"#### {it.gold}", add_special_tokens=False)["input_ids"]
+            seq = torch.cat([ids, torch.tensor([gold])], dim=1)
+            target = torch.zeros_like(seq, dtype=torch.bool)
+            target[:, n:] = True
+            logprobs[v].append(float(sequence_logprob(lm.fns, None, seq, torch.ones_like(target), target)[0]))
+        agreement[v] = (same, total)
+    out = {}
+    for v in lms:
+        deltas = [x - y for x, y in zip(logprobs[v], logprobs["fp32"])]
+        out[v] = {
+            "greedy_token_agreement": agreement[v][0] / max(agreement[v][1], 1),
+            "answer_tokens": agreement[v][1],
+            "gold_logprob_mean": statistics.fmean(logprobs[v]),
+            "gold_logprob_delta_mean": statistics.fmean(deltas),
+            "gold_logprob_delta_abs_mean": statistics.fmean(abs(d) for d in deltas),
+        }
+    return out
+
+
+def latent_mas_question(lm, question: str, latent_steps: int, answer_tokens: int) -> list[int]:
+    """Three agents thinking in a chain through their caches, then a judger decoding exactly ``answer_tokens``."""
+    cache = None
+    for role in latent_mas_roles():
+        ids, mask = lm.encode_chat([agent_messages("gsm8k", role, question, latent=True)])
+        cache = rollout(lm.fns, lm.realign, ids, mask, cache=cache, latent_steps=latent_steps).cache
+    ids, mask = lm.encode_chat([decision_messages("gsm8k", question, latent=True)])
+    g = generate(lm.fns, ids, mask, Decoding(answer_tokens), cache=cache, eos_token_ids=[])
+    return g.tokens[0].tolist()
+
+
+def equal_work(lms: dict, items: list, latent_steps: int, answer_tokens: int) -> dict:
+    """Seconds per variant for the same latent-MAS work on ``items`` (questions interleaved across variants)."""
+    seconds = {v: 0.0 for v in lms}
+    tokens: dict[str, list] = {v: [] for v in lms}
+    for it in items:
+        for v, lm in lms.items():
+            start = time.perf_counter()
+            tokens[v].append(latent_mas_question(lm, it.question, latent_steps, answer_tokens))
+            seconds[v] += time.perf_counter() - start
+    best = min((v for v in lms if v != "fp32"), key=lambda v: seconds[v], default="fp32")
+    agree = {v: sum(a == b for a, b in zip(tokens[v], tokens["fp32"])) / len(items) for v in lms}
+    return {
+        "eager_s": seconds["fp32"], "best_s": seconds[best], "ratio": seconds[best] / seconds["fp32"], "variant": best,
+        "seconds": seconds, "same_judger_tokens_as_fp32": agree, "questions": len(items),
+        "latent_steps": latent_steps, "answer_tokens": answer_tokens,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_micro_args(parser, reps=10)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--prefill-rows", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--agreement-questions", type=int, default=50)
+    parser.add_argument("--equal-work-questions", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "decode.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    variants = ["fp32"] + [v for v in args.variants if v != "fp32"]
+    if args.smoke:
+        torch.set_num_threads(1)  # a tiny model gains nothing from threads; on a busy machine they slow it
+        lms = {v: tiny_model("llama", seed=args.seed, weights=v) for v in variants}
+        reps, warmup, megabytes = 3, 1, 16
+        args.rows, args.lengths, args.prefill_rows = [1, 2], [16, 32], [1, 2]
+        args.agreement_questions, args.equal_work_questions = 2, 1
+        latent_steps, answer_tokens, agree_tokens = 2, 4, 6
+    else:
+        lms = {v: load_model(args.model, device="cpu", weights=v) for v in variants}
+        reps, warmup, megabytes = args.reps, args.warmup, 512
+        latent_steps, answer_tokens, agree_tokens = 10, 32, 48
+    generator = torch.Generator().manual_seed(args.seed)
+    any_lm = lms["fp32"]
+    report = {
+        "model": any_lm.name,
+        "dtype": str(any_lm.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "machine": {**machine_info(), "cpu": cpu_features()},
+        "load_average_before": load_average(),
+        "reps": reps,
+        "compiled": "not measured: no static-cache step in this version",
+    }
+
+    def write(**parts) -> None:
+        """Add finished parts and write the JSON, so that a run cut short keeps what it measured."""
+        report.update(parts, load_average_after=load_average())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    bandwidth = read_bandwidth(megabytes, 7)
+    log.info("streaming read: %.1f GB/s", bandwidth / 1e9)
+    write(read_bandwidth_gb_s=bandwidth / 1e9, weight_bytes={v: weight_bytes(lm.model) for v, lm in lms.items()})
+    results = []
+    with torch.inference_mode():
+        for rows in args.rows:
+            for n in args.lengths:
+                ms = decode_steps(lms, rows, n, reps, warmup, generator)
+                for v, m in ms.items():
+                    roof = (weight_bytes(lms[v].model) + kv_bytes(lms[v], rows, n)) / bandwidth * 1000
+                    results.append({"variant": v, "rows": rows, "cache_len": n, "ms_per_token": m,
+                                    "tokens_per_s": rows * 1000 / m, "roofline_ms": roof,
+                                    "fraction_of_roofline": roof / m})
+                    log.info("%-5s rows %d cache %5d  %7.2f ms/step  roofline %6.2f ms  (%.0f%%)", v, rows, n, m,
+                             roof, 100 * roof / m)
+        write(results=results)
+        prefills = []
+        for rows in args.prefill_rows:
+            for v, m in prefill_ms(lms, rows, args.lengths[0], max(2, reps // 5), generator).items():
+                prefills.append({"variant": v, "rows": rows, "tokens": args.lengths[0], "ms_per_row": m})
+                log.info("prefill %-5s rows %d: %.1f ms/row", v, rows, m)
+        write(prefill=prefills)
+        items = load_items("gsm8k", "test", limit=max(args.agreement_questions, args.equal_work_questions))
+        answers = answer_agreement(lms, items[: args.agreement_questions], agree_tokens, batch=10)
+        log.info("answers: %s", answers)
+        write(answers={"questions": args.agreement_questions, "answer_tokens_max": agree_tokens, **answers})
+        work = equal_work(lms, items[: args.equal_work_questions], latent_steps, answer_tokens)
+        log.info("equal work: %s", work)
+        write(equal_work=work)
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
