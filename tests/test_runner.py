@@ -391,3 +391,13 @@ def test_a_resumed_run_may_change_the_api_http_settings_but_not_the_api_model(tm
     check_before_loading(replace(first, resume=True, api_max_retries=5, api_timeout=1.0, api_concurrency=2))
     with pytest.raises(ValueError, match="api_model: 'm' -> 'other'"):
         check_before_loading(replace(first, resume=True, api_model="other"))
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_weights_flag_reaches_the_runs_model(tmp_path, weights):
+    from gcache.io.pipeline import build_pipeline
+    from gcache.io.quant import WeightOnlyLinear
+
+    pipeline = build_pipeline(_config(tmp_path, "gsm8k", "latent-mas", weights=weights))
+    linears = [m for m in pipeline.speaker.local.model.modules() if isinstance(m, WeightOnlyLinear)]
+    assert linears, f"--weights {weights} swapped no linear layer"
