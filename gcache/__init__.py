@@ -46,6 +46,7 @@ from gcache.core.objectives import (
     AnswerBatch,
     FuserStep,
     answer_batch,
+    answer_logprobs,
     answer_nll,
     fuser_grads,
     fuser_loss,
@@ -70,6 +71,7 @@ from gcache.core.reinforce import (
     reinforce_loss,
     update_baseline,
 )
+from gcache.core.rewards import reward
 from gcache.core.topology import (
     PolicyLogits,
     PolicyParams,
@@ -165,6 +167,7 @@ __all__ = [
     "FuserParams",
     "FuserStep",
     "answer_batch",
+    "answer_logprobs",
     "answer_nll",
     "fuse",
     "fuser_grads",
@@ -173,13 +176,14 @@ __all__ = [
     "gates",
     "init_fuser",
     "source_weights",
-    # REINFORCE
+    # REINFORCE and its rewards
     "RunningBaseline",
     "baseline_value",
     "batch_baseline",
     "init_baseline",
     "penalize_edges",
     "reinforce_loss",
+    "reward",
     "update_baseline",
     # optimizers
     "AdamState",
