@@ -1,7 +1,7 @@
 """Answer targets per task, and the answer log-probability against a plain transformers forward.
 
-The reference re-tokenizes the decision context itself (chat template text, the prefix without
-its trailing whitespace, the answer with it) and runs the full transformers model, for a latent
+The reference tokenizes the whole decision reply itself (chat template text, prefix, answer) and
+finds the answer's tokens by their character offsets, then runs the full transformers model, for a latent
 row on a DynamicCache built from the row's real cache positions with an explicit attention mask
 and positions; ``answer_logprobs`` must give the same numbers to 1e-4 in float32.
 """
@@ -66,28 +66,46 @@ def test_bad_items_are_refused():
         answer_target(Item("x", "nope", 0, "q", "3"))
 
 
+def offsets_split(tok, context, target):
+    """Reference split of the whole reply's tokens by character offsets: the context's tokens,
+    the prefix's (tokens ending within it), the answer's (tokens holding an answer character)."""
+    text = context + target.prefix + target.answer
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, ends = enc["input_ids"], [end for _, end in enc["offset_mapping"]]
+    in_context = [i for i, e in zip(ids, ends) if e <= len(context)]
+    in_prefix = [i for i, e in zip(ids, ends) if len(context) < e <= len(context) + len(target.prefix)]
+    in_answer = [i for i, e in zip(ids, ends) if e > len(context) + len(target.prefix)]
+    return in_context, in_prefix, in_answer[:MAX_ANSWER_TOKENS]
+
+
 @pytest.mark.parametrize("task", TASKS)
-def test_the_split_tokens_are_the_tokens_of_the_whole_reply(task):
-    """Context, prefix and answer tokenized apart give what the tokenizer gives for the whole
-    text: the answer's tokens are the ones the model would write after the prefix."""
+def test_the_answer_tokens_are_those_holding_the_answer_in_the_whole_reply(task):
+    """Context, prefix and answer tokens as ``answer_inputs`` lays them out are the tokens of the
+    whole reply, split where the character offsets say: the answer's tokens are the ones the
+    model would write after the prefix."""
     tok = embedded_tokenizer()
     for item in load_items(task, "test", limit=40):
         target = answer_target(item)
-        conv = decision_messages(task, item.question)
-        context = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-        prefix_ids, answer_ids = answer_tokens(tok, target)
-        whole = tok(context + target.prefix + target.answer, add_special_tokens=False)["input_ids"]
-        context_ids = tok(context, add_special_tokens=False)["input_ids"]
-        if len(whole) - len(context_ids) - len(prefix_ids) > MAX_ANSWER_TOKENS:
-            whole = whole[: len(context_ids) + len(prefix_ids) + MAX_ANSWER_TOKENS]
-        assert context_ids + prefix_ids + answer_ids == whole, item.id
+        context = tok.apply_chat_template(decision_messages(task, item.question), add_generation_prompt=True, tokenize=False)
+        want = offsets_split(tok, context, target)
+        got = (tok(context, add_special_tokens=False)["input_ids"], *answer_tokens(tok, target))
+        assert got == want, item.id
+        assert tok.decode(got[2]).strip() == target.answer.strip() or len(got[2]) == MAX_ANSWER_TOKENS
+
+
+def test_numbers_and_letters_split_where_the_answer_starts():
+    tok = embedded_tokenizer()
+    pieces = lambda ids: [tok.decode([i]) for i in ids]  # noqa: E731
+    assert [pieces(x) for x in answer_tokens(tok, AnswerTarget("#### ", "42"))] == [["####", " "], ["4", "2"]]
+    assert [pieces(x) for x in answer_tokens(tok, AnswerTarget("#### ", "-3"))] == [["####"], [" -", "3"]]
+    assert [pieces(x) for x in answer_tokens(tok, AnswerTarget("Answer: ", "B"))] == [["Answer", ":"], [" B"]]
 
 
 def test_long_answers_are_capped():
     tok = embedded_tokenizer()
     prefix_ids, answer_ids = answer_tokens(tok, AnswerTarget("```python\n", "x = 1\n" * 1000 + "```"))
     assert len(answer_ids) == MAX_ANSWER_TOKENS
-    assert tok.decode(prefix_ids) == "```python"
+    assert tok.decode(prefix_ids) == "```python\n"
     with pytest.raises(ValueError, match="target.answer"):
         answer_tokens(tok, AnswerTarget("####", ""))
 
@@ -100,11 +118,9 @@ def reference_logprob(lm, conversation, item, cache=None, row=0):
     tokenization of the context and, for a latent row, on a DynamicCache of the row's real
     positions with an explicit mask and positions continuing at the cache's next_pos."""
     tok = lm.tokenizer
-    target = answer_target(item)
     text = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    cut = len(target.prefix.rstrip())
-    context = tok(text, add_special_tokens=False)["input_ids"] + tok(target.prefix[:cut], add_special_tokens=False)["input_ids"]
-    answer = tok(target.prefix[cut:] + target.answer, add_special_tokens=False)["input_ids"][:MAX_ANSWER_TOKENS]
+    in_context, in_prefix, answer = offsets_split(tok, text, answer_target(item))
+    context = in_context + in_prefix
     ids = torch.tensor([context + answer])
     kwargs = {}
     if cache is not None:

@@ -18,13 +18,17 @@ mbppplus)                                  prompt and its canonical body; MBPP+:
 
 ``prefix + answer`` is a reply the scorer accepts as correct (the tests check it on every task).
 
-**Tokens** (``answer_tokens``). The prefix's trailing whitespace moves to the front of the answer
-("####" | " 42", "Answer:" | " B", "```python" | "\\ndef ..."): byte-level BPE tokenizers glue a
-space to the word after it, so this split is the one the model itself writes (on the embedded
-tokenizer, prompt + prefix + answer tokenized as one text gives the same tokens; the tests check
-it). The two parts are tokenized separately, without special tokens, and the answer is capped
-at ``MAX_ANSWER_TOKENS`` tokens, so a long program's likelihood stays bounded in cost and is
-read on its first ``MAX_ANSWER_TOKENS`` tokens. No end-of-sequence token is appended.
+**Tokens** (``answer_tokens``). ``prefix + answer`` is tokenized as one text, without special
+tokens, as the model would write the line; the prefix tokens are the longest run of leading
+tokens that spells a prefix of the prefix text, and every later token is an answer token. So a
+token holding a character of the answer counts, even when it also holds the prefix's last space
+(" B" in "Answer: B", " -" in "#### -3"), and a token of the prefix alone does not (the " "
+before the digits in "#### 42", which SmolLM2 writes as its own token: counting it would add a
+near-certain token to every answer and dilute the measure). The decision context's tokens end
+at the chat template's generation prompt, so context, prefix and answer tokenized apart give
+the tokens of the whole text (the tests check it on every shipped task with the embedded
+tokenizer). The answer is capped at its first ``MAX_ANSWER_TOKENS`` tokens, so a long
+program's likelihood stays bounded in cost. No end-of-sequence token is appended.
 
 **Answer log-probability** (``answer_logprobs``): the mean, over the answer tokens, of
 ``log p(token | decision context, prefix, earlier answer tokens)``, teacher-forced through the
@@ -82,17 +86,20 @@ def answer_target(item: Item) -> AnswerTarget:
 
 
 def answer_tokens(tokenizer: Any, target: AnswerTarget) -> tuple[list[int], list[int]]:
-    """(prefix tokens, answer tokens) of a target: the prefix's trailing whitespace moved to the
-    answer, each part tokenized without special tokens, the answer capped at MAX_ANSWER_TOKENS.
+    """(prefix tokens, answer tokens) of a target's line, split as the module docstring says; the
+    answer capped at MAX_ANSWER_TOKENS tokens.
 
-    Raises ValueError when the answer has no tokens."""
-    cut = len(target.prefix.rstrip())
-    prefix, answer = target.prefix[:cut], target.prefix[cut:] + target.answer
-    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][:MAX_ANSWER_TOKENS]
+    Raises ValueError when no token holds a character of the answer."""
+    ids = list(tokenizer(target.prefix + target.answer, add_special_tokens=False)["input_ids"])
+    # Prefixes are a few tokens long: grow the run one token at a time while it still spells
+    # the start of the prefix text.
+    cut = 0
+    while cut < len(ids) and target.prefix.startswith(tokenizer.decode(ids[: cut + 1])):
+        cut += 1
+    answer_ids = ids[cut:][:MAX_ANSWER_TOKENS]
     if not answer_ids:
         raise ValueError(f"target.answer: expected text that has tokens, got {target.answer!r}")
-    return list(prefix_ids), list(answer_ids)
+    return ids[:cut], answer_ids
 
 
 def _check_rows(conversations: Sequence[Any], items: Sequence[Item], caches: Sequence[Any] | None = None) -> None:
