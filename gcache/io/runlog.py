@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from gcache.io.stats import mean_ci
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +129,9 @@ def _truncate_to_complete_lines(path: Path) -> None:
 
 
 def summarize(records: Iterable[dict]) -> dict:
-    """Accuracy, token totals, seconds and errors over records of one phase."""
+    """Accuracy, token totals, seconds and errors over records of one phase, and the mean answer
+    log-probability with its 95% bootstrap interval (gcache.io.stats.mean_ci) over the records
+    that carry a finite ``answer_logprob`` (None when none does)."""
     records = list(records)
     n = len(records)
     tokens = {"prompt": 0, "latent": 0, "generated": 0}
@@ -134,6 +139,7 @@ def summarize(records: Iterable[dict]) -> dict:
         for k in tokens:
             tokens[k] += int((r.get("tokens") or {}).get(k, 0))
     correct = sum(bool(r.get("correct")) for r in records)
+    logprobs = [float(v) for v in (r.get("answer_logprob") for r in records) if _finite(v)]
     return {
         "n": n,
         "accuracy": correct / n if n else None,
@@ -141,4 +147,9 @@ def summarize(records: Iterable[dict]) -> dict:
         "tokens": tokens,
         "seconds": sum(float(r.get("seconds") or 0.0) for r in records),
         "errors": sum(r.get("error") is not None for r in records),
+        "answer_logprob": mean_ci(logprobs).as_dict() if logprobs else None,
     }
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
