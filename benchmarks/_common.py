@@ -204,13 +204,13 @@ def build_pipelines(flag_sets: dict[str, dict], local=None) -> tuple[dict, Any]:
 
 @contextlib.contextmanager
 def short_decoding(pipeline, max_new_tokens: int) -> Iterator[None]:
-    """Temporarily cap the pipeline's decoding (warm-up runs), restoring its config afterwards."""
-    config = pipeline.config
-    pipeline.config = replace(config, max_new_tokens=max_new_tokens)
+    """Temporarily cap the pipeline's decoding (warm-up runs), restoring it afterwards."""
+    decoding = pipeline.speaker.decoding
+    pipeline.speaker.decoding = replace(decoding, max_new_tokens=max_new_tokens)
     try:
         yield
     finally:
-        pipeline.config = config
+        pipeline.speaker.decoding = decoding
 
 
 def warm_up(pipelines: dict, item, max_new_tokens: int = 8) -> None:

@@ -45,7 +45,7 @@ PROFILE_KEYS = {
     "lm_head (logits)": ("gcache/io/hf.py", "logits"),
     "chat encoding": ("gcache/io/models.py", "encode_chat"),
     "fusion": ("gcache/core/fusion.py", "fuse"),
-    "topology (plan)": ("gcache/io/pipeline.py", "plan"),
+    "topology (plan)": ("gcache/io/planner.py", "plan"),
     "scoring": ("gcache/io/tasks.py", "score_many"),
 }
 
@@ -54,9 +54,9 @@ def flag_sets(args: argparse.Namespace) -> dict[str, dict]:
     base = common.base_flags(args)
     sets = {
         "single": dict(base, method="single"),
-        "text-mas": dict(base, method="text-mas", agent_nums=args.agent_nums),
+        "text-mas": dict(base, method="text-mas", num_agents=args.num_agents),
         "latent-mas": dict(base, method="latent-mas", latent_steps=args.latent_steps),
-        "gcache": dict(base, method="gcache", agent_nums=args.agent_nums, latent_steps=args.latent_steps),
+        "gcache": dict(base, method="gcache", num_agents=args.num_agents, latent_steps=args.latent_steps),
     }
     if args.params is not None:
         sets["gcache"]["params"] = str(args.params)
@@ -130,7 +130,7 @@ def markdown(report: dict) -> str:
     lines = [
         *([] if report.get("complete", True) else ["**Partial run** (cut short; the questions finished so far).", ""]),
         f"GSM8K, {report['n']} test questions, model {report['model']} ({report['dtype']}), "
-        f"{report['threads']} threads, max_new_tokens {s['max_new_tokens']}, {s['agent_nums']} agents "
+        f"{report['threads']} threads, max_new_tokens {s['max_new_tokens']}, {s['num_agents']} agents "
         f"(text-mas, gcache), latent_steps {s['latent_steps']}; gcache topology: {s['gcache_policy']}. "
         f"Median over questions; speed-up = median of paired per-question ratios to text-mas.",
         "",
@@ -176,7 +176,7 @@ def build_report(runs: dict[str, list[dict]], items: list, *, complete: bool, ar
         "settings": {
             "task": "gsm8k",
             "max_new_tokens": args.max_new_tokens,
-            "agent_nums": args.agent_nums,
+            "num_agents": args.num_agents,
             "latent_steps": args.latent_steps,
             "seed": args.seed,
             "temperature": 0.0,
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser, max_new_tokens=256)
     parser.add_argument("-n", "--n", type=int, default=10, help="GSM8K test questions (the first n of the seeded split)")
-    parser.add_argument("--agent-nums", type=int, default=4, help="agents of text-mas and gcache")
+    parser.add_argument("--agent-nums", dest="num_agents", type=int, default=4, help="agents of text-mas and gcache")
     parser.add_argument("--latent-steps", type=int, default=10, help="latent steps per thinking agent")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--params", type=Path, default=None, help="trained gcache params.safetensors (default: untrained policy)")

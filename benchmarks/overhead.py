@@ -9,15 +9,15 @@ evaluates ``--n`` test questions. The library is not edited: this script wraps i
 functions with timers for the duration of the run, and every timer counts its own
 (exclusive) time, nested timed calls excluded:
 
-- policy: ``Learner.plan`` (question embedding by the sentence encoder included,
+- policy: ``LearnedGraph.plan`` (question embedding by the sentence encoder included,
   also reported alone as ``question_embedding_ms``)
 - fusion: ``gcache.core.fusion.fuse``, where the runner fuses incoming caches and
   inside the fuser objective
-- update: ``Learner.start_step`` and ``Learner.update`` outside ``torch.autograd.grad``
-  (REINFORCE loss, baseline, Adam)
+- update: the core's ``train_step`` (REINFORCE loss, baseline, Adam) outside the fuser
+  objective and ``torch.autograd.grad``
 - model: ``rollout`` and ``generate`` of the latent core, the fuser objective's forward
-  (``Learner.fuser_losses`` outside fusion) and ``torch.autograd.grad`` in the update,
-  whose graph runs back through the frozen model
+  (``gcache.core.train.fuser_objective`` outside fusion) and ``torch.autograd.grad`` in the
+  update, whose graph runs back through the frozen model
 - other: the rest of ``train_step`` / ``evaluate`` (chat encoding, stacking, scoring)
 
 Reported per question of the run (train and test questions together, and each phase
@@ -41,9 +41,10 @@ MODEL = ("model", "fuser_objective", "backward")
 @contextlib.contextmanager
 def instrumented(timers: common.Timers):
     """Wrap the library's functions with timers for the block (restored afterwards)."""
-    from gcache.core import fusion, latent, objectives
-    from gcache.io import embed
-    from gcache.io.pipeline import Learner, Pipeline
+    from gcache.core import objectives, train
+    from gcache.io import backends, communication, learner, planner
+    from gcache.io.pipeline import Pipeline
+    from gcache.io.planner import LearnedGraph
 
     grad = torch.autograd.grad
 
@@ -54,15 +55,14 @@ def instrumented(timers: common.Timers):
             return grad(*a, **k)
 
     patches = [
-        (Learner, "plan", timers.wrap(Learner.plan, "policy")),
-        (embed, "embed_texts", timers.wrap(embed.embed_texts, "embedding")),
-        (fusion, "fuse", timers.wrap(fusion.fuse, "fusion")),
+        (LearnedGraph, "plan", timers.wrap(LearnedGraph.plan, "policy")),
+        (planner, "embed_texts", timers.wrap(planner.embed_texts, "embedding")),
+        (communication, "fuse", timers.wrap(communication.fuse, "fusion")),
         (objectives, "fuse", timers.wrap(objectives.fuse, "fusion")),
-        (latent, "rollout", timers.wrap(latent.rollout, "model")),
-        (latent, "generate", timers.wrap(latent.generate, "model")),
-        (Learner, "fuser_losses", timers.wrap(Learner.fuser_losses, "fuser_objective")),
-        (Learner, "start_step", timers.wrap(Learner.start_step, "update")),
-        (Learner, "update", timers.wrap(Learner.update, "update")),
+        (communication, "rollout", timers.wrap(communication.rollout, "model")),
+        (backends, "generate", timers.wrap(backends.generate, "model")),
+        (train, "fuser_objective", timers.wrap(train.fuser_objective, "fuser_objective")),
+        (learner, "train_step", timers.wrap(learner.train_step, "update")),
         (torch.autograd, "grad", timed_grad),
         (Pipeline, "train_step", timers.wrap(Pipeline.train_step, "other")),
         (Pipeline, "evaluate", timers.wrap(Pipeline.evaluate, "other")),
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=2, help="training steps (batches) before evaluation")
     parser.add_argument("--batch-size", type=int, default=2, help="questions per train step and per eval batch")
     parser.add_argument("-n", "--n", type=int, default=4, help="test questions evaluated")
-    parser.add_argument("--agent-nums", type=int, default=4)
+    parser.add_argument("--agent-nums", dest="num_agents", type=int, default=4)
     parser.add_argument("--latent-steps", type=int, default=10)
     args = parser.parse_args(argv)
     common.setup(args)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gcache.io.tasks import load_items
 
-    flags = dict(common.base_flags(args), method="gcache", agent_nums=args.agent_nums,
+    flags = dict(common.base_flags(args), method="gcache", num_agents=args.num_agents,
                  latent_steps=args.latent_steps, batch_size=args.batch_size)
     pipelines, local = common.build_pipelines({"gcache": flags})
     pipeline = pipelines["gcache"]
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         **common.report_header(local, args, machine, load_before),
         "settings": {"method": "gcache", "task": "gsm8k", "train_steps": args.train_steps,
-                     "batch_size": args.batch_size, "test_questions": args.n, "agent_nums": args.agent_nums,
+                     "batch_size": args.batch_size, "test_questions": args.n, "num_agents": args.num_agents,
                      "latent_steps": args.latent_steps, "max_new_tokens": args.max_new_tokens,
                      "topology": pipeline.config.topology, "fusion": pipeline.config.fusion,
                      "optimize_spatial": pipeline.config.optimize_spatial},

@@ -1,4 +1,4 @@
-"""`gcache report RUN` and `gcache compare RUN...`: tables of finished runs, and the learned topology."""
+"""`gcache report RUN` and `gcache compare RUN...`: tables of finished runs, the learning curve and the learned topology."""
 
 from __future__ import annotations
 
@@ -9,6 +9,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gcache.io.experiment import ending_line, load_summary
+from gcache.io.report import (
+    curve_table,
+    edge_matrix,
+    edge_table,
+    format_interval,
+    learning_curve,
+    plot_learning_curve,
+    plot_topology,
+    records_table,
+)
+from gcache.io.runlog import read_records
 from gcache_cli.main import app, fail
 
 
@@ -20,18 +32,6 @@ def report(
     ),
 ) -> None:
     """Print a run's summary and per-phase table, its learning curve and its learned graph; plot both."""
-    from gcache.io.experiment import load_summary
-    from gcache.io.report import (
-        curve_table,
-        edge_matrix,
-        edge_table,
-        learning_curve,
-        plot_learning_curve,
-        plot_topology,
-        records_table,
-    )
-    from gcache.io.runlog import read_records
-
     try:
         summary = load_summary(run)
     except ValueError as e:
@@ -39,6 +39,9 @@ def report(
     records = read_records(run / "results.jsonl")
     console = Console()
     console.print(records_table(summary, records))
+    ending = ending_line(summary)
+    if ending:
+        console.print(ending, markup=False, highlight=False, soft_wrap=True)
     curve = learning_curve(records)
     if curve:
         console.print(curve_table(curve))
@@ -57,13 +60,10 @@ def report(
 
 @app.command("compare")
 def compare(runs: List[Path] = typer.Argument(..., help="Run folders to put side by side.")) -> None:
-    """Print methods side by side: accuracy, mean answer log-probability [95% CI], tokens, seconds."""
-    from gcache.io.experiment import load_summary
-    from gcache.io.report import format_interval
-
+    """Print methods side by side: accuracy, mean answer log-probability [95% CI], tokens, seconds, errors, retries."""
     table = Table(title="gcache compare")
     columns = ("run", "task", "method", "mode", "n", "accuracy", "answer logprob [95% CI]", "prompt tok", "latent tok",
-               "generated tok", "s / question", "errors")
+               "generated tok", "s / question", "errors", "retries")
     for col in columns:
         table.add_column(col, justify="right" if col not in ("run", "task", "method", "mode") else "left")
     for run in runs:
@@ -81,5 +81,6 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run folders to put side
             str(t.get("prompt", "-")), str(t.get("latent", "-")), str(t.get("generated", "-")),
             "-" if not n or secs is None else f"{secs / n:.2f}",
             str(s.get("errors", "-")),
+            str(s.get("retries", "-")),
         )
     Console().print(table)

@@ -6,12 +6,16 @@ from typing import Optional
 
 import typer
 
+from gcache.io import experiment
 from gcache.io.apiconfig import SETTING_VARS, ApiConfig
 from gcache.io.config import RunConfig, build_config
 from gcache_cli.main import app, fail
 
 _D = RunConfig()  # defaults shown in --help
 _A = ApiConfig()
+
+# How `gcache run` ends (also in its --help and the README); 2 is a bad flag (main.fail), 130 Ctrl-C.
+EXIT_STATUS = {"complete": 0, "errors": 3, "stopped": 4}
 
 
 @app.command("run")
@@ -29,7 +33,7 @@ def run(
         None, help="With --latent-only, also pass each agent's first positions (the attention sink) (default: 4)."
     ),
     agents: Optional[str] = typer.Option(None, help="diverse or uniform agent roles (default: diverse)."),
-    agent_nums: Optional[int] = typer.Option(None, help=f"Number of agents (default: {_D.agent_nums})."),
+    num_agents: Optional[int] = typer.Option(None, "--agent-nums", help=f"Number of agents (default: {_D.num_agents})."),
     topology: Optional[str] = typer.Option(
         None, help="full, chain, star, mesh, layered, random or debate (default: full)."
     ),
@@ -69,6 +73,12 @@ def run(
         help=f"API requests in flight at once (else {SETTING_VARS['max_concurrency'][0]} / .env; "
         f"default: {_A.max_concurrency}).",
     ),
+    api_outage_after: Optional[int] = typer.Option(
+        None,
+        help=f"Stop the run once this many API requests in a row failed with a connection error or a timeout "
+        f"(each after its retries; 0: never) (else {SETTING_VARS['outage_after'][0]} / .env; "
+        f"default: {_A.outage_after}).",
+    ),
     max_new_tokens: Optional[int] = typer.Option(None, help=f"Tokens each decoding agent may write (default: {_D.max_new_tokens})."),
     stop_at_answer: Optional[bool] = typer.Option(
         None, "--stop-at-answer/--no-stop-at-answer",
@@ -77,21 +87,34 @@ def run(
     temperature: Optional[float] = typer.Option(None, help="0 decodes greedily (default: 0)."),
     seed: Optional[int] = typer.Option(None, help="Seed of every random draw (default: 0)."),
     out: Optional[str] = typer.Option(None, help="Run folder (default: runs/TASK-METHOD)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out, skipping finished questions."),
+    resume: bool = typer.Option(
+        False, "--resume",
+        help="Continue the run in --out: answer the questions not yet answered and those whose latest line holds an error.",
+    ),
+    retry_errors: Optional[bool] = typer.Option(
+        None, "--retry-errors/--no-retry-errors",
+        help="On --resume, answer again the questions that ended with an error; a failed training step stops "
+        "the run, to be redone on --resume (--no-retry-errors: errored questions count as finished, "
+        "a failed training step is skipped) (default: on).",
+    ),
     params: Optional[str] = typer.Option(None, help="Load learned parameters (params.safetensors) and evaluate only."),
 ) -> None:
-    """Train (methods with learned parts) and evaluate one method on one task."""
+    """Train (methods with learned parts) and evaluate one method on one task.
+
+    Exit status: 0 every test question answered; 2 bad usage (one line names the flag);
+    3 the run finished but some questions hold an error (retry them with --resume);
+    4 the run stopped early (the API endpoint is down, or a training step failed; the last
+    line gives the --resume command that continues it); 130 interrupted.
+    """
     explicit = {k: v for k, v in locals().items() if v is not None and k != "resume"}
     explicit["resume"] = resume
     try:
         config = build_config(explicit)
-        from gcache.io.experiment import check_before_loading, run_experiment
-
-        check_before_loading(config)
+        experiment.check_before_loading(config)
     except ValueError as e:
         raise fail(str(e)) from None
     try:
-        run_experiment(config)
+        summary = experiment.run_experiment(config)
     except ValueError as e:
         raise fail(str(e)) from None
     except KeyboardInterrupt:
@@ -100,3 +123,4 @@ def run(
             err=True,
         )
         raise typer.Exit(130) from None
+    raise typer.Exit(EXIT_STATUS[summary["status"]])

@@ -23,8 +23,8 @@ from gcache.io.answers import (
     answer_logprobs,
     answer_target,
     answer_tokens,
-    stack_caches,
 )
+from gcache.io.communication import stack_contexts
 from gcache.io.models import embedded_tokenizer, encode_chat, load_model, tiny_model
 from gcache.io.prompts import agent_messages, agent_roles, answer_format, decision_messages
 from gcache.io.tasks import TASKS, Item, load_items, score, task_family
@@ -201,7 +201,7 @@ def test_the_fuser_objective_is_minus_the_mean_and_gets_gradients_from_the_same_
     convs = [decision_messages(it.task, it.question, latent=True) for it in items]
     leaves = [c._replace(keys=c.keys.detach().requires_grad_(True)) for c in caches]
     lp = answer_logprobs(tiny, convs, leaves, items)
-    nll = answer_nll(tiny.fns, stack_caches(tiny, leaves), answer_inputs(tiny, convs, items))
+    nll = answer_nll(tiny.fns, stack_contexts(tiny, leaves), answer_inputs(tiny, convs, items))
     assert float(nll.detach()) == float(-lp.detach().mean())
     (-lp.mean()).backward()
     for c in leaves:
@@ -227,6 +227,6 @@ def test_mismatched_rows_are_refused(tiny):
     with pytest.raises(ValueError, match="caches: expected one cache"):
         answer_logprobs(tiny, convs, [None] * 2, items)
     caches = latent_caches(tiny, items)
-    two_rows = stack_caches(tiny, [caches[0], caches[2]])
+    two_rows = stack_contexts(tiny, [caches[0], caches[2]])
     with pytest.raises(ValueError, match=r"caches\[0\]: expected a cache of one row"):
         answer_logprobs(tiny, convs, [two_rows, None, None], items)

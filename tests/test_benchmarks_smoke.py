@@ -67,10 +67,10 @@ def test_e2e_schema_and_consistency(smoke):
         cap = m["decoding_agents_per_question"] * report["n"] * settings["max_new_tokens"]
         assert 0 < m["generated_tokens"] <= cap
         assert m["peak_rss_mb"] > 0 and m["peak_rss_delta_mb"] >= 0
-    # latent tokens: latent_steps per thinking agent (3 for latent-mas, agent_nums for gcache), none for text methods
+    # latent tokens: latent_steps per thinking agent (3 for latent-mas, num_agents for gcache), none for text methods
     steps, n = settings["latent_steps"], report["n"]
     assert report["methods"]["latent-mas"]["latent_tokens"] == 3 * steps * n
-    assert report["methods"]["gcache"]["latent_tokens"] == settings["agent_nums"] * steps * n
+    assert report["methods"]["gcache"]["latent_tokens"] == settings["num_agents"] * steps * n
     assert report["methods"]["single"]["latent_tokens"] == report["methods"]["text-mas"]["latent_tokens"] == 0
     # text-mas and gcache evaluate the same untrained policy: the same graph
     assert settings["edges"]["text-mas"] == settings["edges"]["gcache"]

@@ -28,7 +28,7 @@ from torch import Tensor
 from gcache.core.cache import KVCache
 from gcache.core.fusion import EdgeWeights, FuserParams, Mode, Sources, fuse
 from gcache.core.latent import ModelFns, sequence_logprob
-from gcache.core.optim import apply_updates
+from gcache.core.optim import apply_updates, value_and_grad
 
 OptState = Any
 Update = Callable[[FuserParams, OptState, FuserParams], tuple[FuserParams, OptState]]
@@ -131,13 +131,8 @@ def fuser_grads(loss_fn: Callable[[FuserParams], Tensor], params: FuserParams) -
 
     The caller's tensors are not touched; a parameter the loss does not depend on gets zeros.
     """
-    leaves = FuserParams(*(t.detach().requires_grad_(True) for t in params))
-    loss = loss_fn(leaves)
-    if not loss.requires_grad:
-        return loss.detach(), FuserParams(*(torch.zeros_like(t) for t in params))
-    grads = torch.autograd.grad(loss, list(leaves), allow_unused=True)
-    grads = FuserParams(*(torch.zeros_like(t) if g is None else g for t, g in zip(params, grads)))
-    return loss.detach(), grads
+    loss, _, grads = value_and_grad(lambda p: (loss_fn(p), None), params)
+    return loss, grads
 
 
 def fuser_step(

@@ -83,6 +83,24 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     return tree_map(add, params, updates)
 
 
+def value_and_grad(loss_fn: Callable[[Params], tuple[Tensor, Any]], params: Params) -> tuple[Tensor, Any, Updates]:
+    """(loss, aux, grads) of ``loss_fn(params) -> (scalar loss, aux)`` with respect to ``params`` only.
+
+    The params are re-leafed (detached copies that record gradients), so the caller's tensors are
+    untouched and nothing else (a frozen model's weights) receives a ``.grad``; a leaf the loss does
+    not depend on gets zeros. The loss comes back detached.
+    """
+    leaves = tree_map(lambda t: t.detach().requires_grad_(True), params)
+    loss, aux = loss_fn(leaves)
+    flat = tree_leaves(leaves)
+    if loss.requires_grad:
+        found = torch.autograd.grad(loss, flat, allow_unused=True)
+    else:
+        found = (None,) * len(flat)
+    grads = iter([torch.zeros_like(t) if g is None else g for t, g in zip(flat, found)])
+    return loss.detach(), aux, tree_map(lambda _: next(grads), params)
+
+
 def _check_hyper(name: str, value: float, low: float, high: float, *, closed_low: bool) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = ok and (low <= value if closed_low else low < value) and value < high

@@ -49,9 +49,9 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from gcache.core import cache as kv
-from gcache.core.batch import stack_rows
 from gcache.core.objectives import AnswerBatch, answer_batch
 from gcache.core.objectives import answer_logprobs as _answer_logprobs
+from gcache.io.communication import stack_contexts
 from gcache.io.models import LocalModel, encode_chat
 from gcache.io.tasks import Item, task_family
 
@@ -129,20 +129,6 @@ def answer_inputs(local: LocalModel, conversations: Sequence[list[dict]], items:
     return AnswerBatch(*(t.to(local.device) for t in batch))
 
 
-def stack_caches(local: LocalModel, caches: Sequence[kv.KVCache | None]) -> kv.KVCache | None:
-    """One left-padded batch of one-row caches, an empty cache for each None row; None when
-    every row is None. Raises ValueError for a cache of more than one row, and the errors of
-    ``stack_rows``."""
-    if all(c is None for c in caches):
-        return None
-    fns = local.fns
-    for i, c in enumerate(caches):
-        if c is not None and c.batch_size != 1:
-            raise ValueError(f"caches[{i}]: expected a cache of one row, got {c.batch_size} rows")
-    empty = kv.empty(fns.num_layers, 1, fns.num_heads, fns.head_dim, dtype=fns.dtype, device=fns.device)
-    return stack_rows([empty if c is None else c for c in caches])
-
-
 def answer_logprobs(
     local: LocalModel,
     conversations: Sequence[list[dict]],
@@ -155,12 +141,15 @@ def answer_logprobs(
     Differentiable with respect to the caches' keys and values (a fuser's parameters behind them
     get gradients from ``-answer_logprobs(...).mean()``, the fuser objective, in that same forward);
     wrap the call in ``torch.no_grad()`` to only measure. Raises ValueError when the counts
-    differ, and the errors of ``answer_inputs``, ``stack_caches`` and the core's
-    ``answer_logprobs``.
+    differ or a cache holds several rows, and the errors of ``answer_inputs``, ``stack_rows`` and
+    the core's ``answer_logprobs``.
     """
     _check_rows(conversations, items, caches)
+    for i, c in enumerate(caches):
+        if c is not None and c.batch_size != 1:
+            raise ValueError(f"caches[{i}]: expected a cache of one row, got {c.batch_size} rows")
     batch = answer_inputs(local, conversations, items)
-    return _answer_logprobs(local.fns, stack_caches(local, caches), batch)
+    return _answer_logprobs(local.fns, stack_contexts(local, caches), batch)
 
 
 __all__ = [
@@ -171,5 +160,4 @@ __all__ = [
     "answer_logprobs",
     "answer_target",
     "answer_tokens",
-    "stack_caches",
 ]

@@ -7,29 +7,31 @@ One name per idea: each field here is a `gcache run` flag (``latent_steps`` is
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from gcache.io.apiconfig import ApiConfig, resolve_api_config
+from gcache.core.fusion import MODES as FUSIONS
+from gcache.core.topology import MODES as TOPOLOGIES
+from gcache.io.apiconfig import GENERATION_MODES, ApiConfig, resolve_api_config
+from gcache.io.decision import NAMES as DECISIONS
+from gcache.io.prompts import AGENT_SETS
 
 METHODS = ("single", "text-mas", "latent-mas", "gcache")
-GENERATION_MODES = ("local", "api_hint", "hybrid", "api")
-TOPOLOGIES = ("full", "chain", "star", "mesh", "layered", "random", "debate")
-DECISIONS = ("refer", "direct", "vote", "code")
-FUSIONS = ("concat", "weighted", "learned")
-AGENT_SETS = ("diverse", "uniform")
+# Seeded random models with the embedded tokenizer, for smoke tests (``--model tiny-llama``).
+TINY_MODELS = {"tiny-llama": "llama", "tiny-qwen3": "qwen3"}
 
 # The flags each method accepts beyond the common ones (task, model, decoding, data selection, output).
 _METHOD_FLAGS: dict[str, set[str]] = {
     "single": set(),
     "text-mas": {
-        "agents", "agent_nums", "topology", "optimize_spatial", "optimize_temporal", "num_rounds",
+        "agents", "num_agents", "topology", "optimize_spatial", "optimize_temporal", "num_rounds",
         "decision", "train_size", "num_iterations", "lr", "params",
     },
     "latent-mas": {"latent_steps", "latent_only", "sink_positions"},
     "gcache": {
-        "latent_steps", "latent_only", "sink_positions", "agents", "agent_nums", "topology", "optimize_spatial",
+        "latent_steps", "latent_only", "sink_positions", "agents", "num_agents", "topology", "optimize_spatial",
         "optimize_temporal", "num_rounds", "decision", "fusion", "train_size", "num_iterations",
         "lr", "params",
     },
@@ -37,10 +39,10 @@ _METHOD_FLAGS: dict[str, set[str]] = {
 _COMMON_FLAGS = {
     "task", "method", "generation_mode", "batch_size", "limit", "question_id", "model", "device",
     "dtype", "threads", "api_model", "base_url", "api_timeout", "api_max_retries", "api_concurrency",
-    "max_new_tokens", "temperature", "seed", "out", "resume", "stop_at_answer",
+    "api_outage_after", "max_new_tokens", "temperature", "seed", "out", "resume", "retry_errors", "stop_at_answer",
 }
 # How the run talks to the API, not what it computes: a resumed run may change them.
-API_HTTP_FLAGS = ("api_timeout", "api_max_retries", "api_concurrency")
+API_HTTP_FLAGS = ("api_timeout", "api_max_retries", "api_concurrency", "api_outage_after")
 _MODES_BY_METHOD = {
     "single": ("local", "api"),
     "text-mas": ("local", "api"),
@@ -60,7 +62,7 @@ class RunConfig:
     latent_only: bool = True
     sink_positions: int = 4
     agents: str = "diverse"
-    agent_nums: int = 4
+    num_agents: int = 4  # the CLI's --agent-nums (the prototype's flag name)
     topology: str = "full"
     optimize_spatial: bool = True
     optimize_temporal: bool = False
@@ -79,16 +81,19 @@ class RunConfig:
     threads: int | None = None
     api_model: str | None = None
     base_url: str | None = None
-    # None: GCACHE_API_TIMEOUT / _MAX_RETRIES / _CONCURRENCY (environment or .env), else ApiConfig's default.
+    # None: GCACHE_API_TIMEOUT / _MAX_RETRIES / _CONCURRENCY / _OUTAGE_AFTER (environment or .env),
+    # else ApiConfig's default.
     api_timeout: float | None = None
     api_max_retries: int | None = None
     api_concurrency: int | None = None
+    api_outage_after: int | None = None
     max_new_tokens: int = 256
     stop_at_answer: bool = True
     temperature: float = 0.0
     seed: int = 0
     out: str | None = None
     resume: bool = False
+    retry_errors: bool = True  # --resume answers again the questions whose latest line holds an error
     params: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,7 +118,7 @@ class RunConfig:
 
 
 # LatentMAS's sequential chain: three thinking agents, then the judger decodes.
-LATENT_MAS_DEFAULTS = dict(agent_nums=3, topology="chain", optimize_spatial=False, fusion="concat", latent_only=False)
+LATENT_MAS_DEFAULTS = dict(num_agents=3, topology="chain", optimize_spatial=False, fusion="concat", latent_only=False)
 
 
 def build_config(explicit: dict[str, Any]) -> RunConfig:
@@ -131,7 +136,7 @@ def build_config(explicit: dict[str, Any]) -> RunConfig:
     allowed = _COMMON_FLAGS | _METHOD_FLAGS[method]
     refused = sorted(k for k in explicit if k not in allowed)
     if refused:
-        flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+        flags = ", ".join(flag(k) for k in refused)
         raise ValueError(f"{flags} does not apply to --method {method}")
 
     base = RunConfig(method=method)
@@ -139,7 +144,7 @@ def build_config(explicit: dict[str, Any]) -> RunConfig:
         base = replace(base, **LATENT_MAS_DEFAULTS, num_iterations=0)
     elif method == "single":
         # One agent answers directly: no judger re-reads its answer (LatentMAS's single baseline).
-        base = replace(base, agent_nums=1, num_iterations=0, optimize_spatial=False, fusion="concat", decision="direct")
+        base = replace(base, num_agents=1, num_iterations=0, optimize_spatial=False, fusion="concat", decision="direct")
     elif method == "text-mas":
         base = replace(base, fusion="concat")
     config = replace(base, **explicit)
@@ -167,7 +172,7 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
     _choice("agents", config.agents, AGENT_SETS)
     _at_least("latent_steps", config.latent_steps, 0)
     _at_least("sink_positions", config.sink_positions, 0)
-    _at_least("agent_nums", config.agent_nums, 1)
+    _at_least("num_agents", config.num_agents, 1)
     _at_least("num_rounds", config.num_rounds, 1)
     _at_least("batch_size", config.batch_size, 1)
     _at_least("num_iterations", config.num_iterations, 0)
@@ -184,6 +189,8 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
         _at_least("api_max_retries", config.api_max_retries, 0)
     if config.api_concurrency is not None:
         _at_least("api_concurrency", config.api_concurrency, 1)
+    if config.api_outage_after is not None:
+        _at_least("api_outage_after", config.api_outage_after, 0)
     if config.temperature < 0:
         raise ValueError(f"--temperature: expected a value >= 0, got {config.temperature}")
     if not config.lr > 0:
@@ -211,6 +218,7 @@ def api_config(config: RunConfig) -> ApiConfig:
         timeout=config.api_timeout,
         max_retries=config.api_max_retries,
         max_concurrency=config.api_concurrency,
+        outage_after=config.api_outage_after,
     )
 
 
@@ -220,14 +228,54 @@ def with_api_settings(config: RunConfig) -> RunConfig:
     if config.generation_mode == "local":
         return config
     api = api_config(config)
-    return replace(config, api_timeout=api.timeout, api_max_retries=api.max_retries, api_concurrency=api.max_concurrency)
+    return replace(
+        config,
+        api_timeout=api.timeout,
+        api_max_retries=api.max_retries,
+        api_concurrency=api.max_concurrency,
+        api_outage_after=api.outage_after,
+    )
+
+
+# The `gcache run` switch that turns a boolean field off, where it is not --no-FLAG.
+_OFF_SWITCHES = {"latent_only": "--full-cache"}
+
+
+def resume_command(config: RunConfig) -> str:
+    """The `gcache run` command line that continues ``config``'s run with ``--resume``.
+
+    It names every flag whose value differs from the method's default, so the resumed
+    run passes the settings check; it retries errored questions (no --no-retry-errors).
+    """
+    base = build_config({"method": config.method})
+    args = ["gcache", "run", config.task, "--method", config.method]
+    for f in fields(RunConfig):
+        name, value = f.name, getattr(config, f.name)
+        if name in ("task", "method", "out", "resume", "retry_errors") or value == getattr(base, name):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else _OFF_SWITCHES.get(name, "--no-" + name.replace("_", "-")))
+        else:
+            args += [flag, str(value)]
+    args += ["--out", str(config.out_dir), "--resume"]
+    return shlex.join(args)
+
+
+# Fields whose flag keeps the G-Cache prototype's name.
+_FLAG_NAMES = {"num_agents": "agent-nums"}
+
+
+def flag(name: str) -> str:
+    """The `gcache run` flag of a RunConfig field (``num_agents`` -> ``--agent-nums``)."""
+    return "--" + _FLAG_NAMES.get(name, name.replace("_", "-"))
 
 
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
     if value not in options:
-        raise ValueError(f"--{name.replace('_', '-')}: expected one of {', '.join(options)}, got {value!r}")
+        raise ValueError(f"{flag(name)}: expected one of {', '.join(options)}, got {value!r}")
 
 
 def _at_least(name: str, value: int, low: int) -> None:
     if value < low:
-        raise ValueError(f"--{name.replace('_', '-')}: expected a value >= {low}, got {value}")
+        raise ValueError(f"{flag(name)}: expected a value >= {low}, got {value}")

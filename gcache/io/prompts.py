@@ -12,6 +12,7 @@ the prompt) instead of as text.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -134,8 +135,6 @@ def answer_format(task: str, *, entry_point: str | None = None) -> str:
 def _entry_point(task: str, question: str, entry_point: str | None) -> str | None:
     if entry_point is not None or task_family(task) != "code":
         return entry_point
-    import re
-
     names = re.findall(r"(?m)^def\s+(\w+)\s*\(", question)
     if names:
         return names[-1]

@@ -1,0 +1,153 @@
+"""One training step of a method's learned parts, as a pure function (optax style).
+
+The runner answers a batch with no gradient, recording what the update needs (the sampled
+graphs with their node features; the decision node's incoming caches and the reference
+answer), scores it, and then calls::
+
+    state, stats = train_step(state, optimizer, rewards, policy=PolicyBatch(...), fuser=FuserBatch(...))
+
+The loss is recomputed here from the parameters, so no autograd graph outlives the
+inference pass::
+
+    loss = reinforce_loss(log p_params(graph_b), rewards, baseline)       (policy, when learned)
+         + mean_b fuser_loss(params.fuser, decision caches_b, reference_b)  (fuser, when learned)
+
+The baseline is the running mean of past batches' rewards, or, before any batch, each
+sample's leave-one-out mean of this batch; the batch's rewards are folded in after the step.
+Parameters live in one tree ``{"policy": PolicyParams, "fuser": FuserParams}`` holding only
+the parts a method learns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gcache.core.cache import KVCache
+from gcache.core.objectives import AnswerBatch, fuser_loss
+from gcache.core.latent import ModelFns
+from gcache.core.optim import GradientTransformation, apply_updates, tree_map, value_and_grad
+from gcache.core.reinforce import (
+    RunningBaseline,
+    baseline_value,
+    batch_baseline,
+    reinforce_loss,
+    update_baseline,
+)
+from gcache.core.policy import policy_logits
+from gcache.core.sampling import log_prob
+from gcache.core.topology import Topology, TopologyConfig
+
+Params = dict[str, Any]  # {"policy": PolicyParams, "fuser": FuserParams}, the learned parts only
+
+
+class TrainState(NamedTuple):
+    """Everything a training step reads and returns."""
+
+    params: Params
+    opt_state: Any  # the optimizer's state for ``params``
+    baseline: RunningBaseline
+
+
+class PolicyBatch(NamedTuple):
+    """The sampled graphs of a batch, with what recomputes their log-probabilities."""
+
+    features: tuple[Tensor, ...]  # per question [N, F] node features
+    topologies: tuple[Topology, ...]  # per question, the sampled graph
+    role_adjacency: Tensor  # [N, N] the GCN's prior
+    mask: Tensor  # [N, N] bool candidate spatial edges
+    config: TopologyConfig
+
+
+class FuserExample(NamedTuple):
+    """One question's decision node: the caches it fuses and the reference answer it should make likely."""
+
+    caches: tuple[KVCache, ...]  # the k inputs' caches, [L, 1, H, T_i, D]
+    edge_weights: Tensor  # [k]
+    sources: Tensor  # [k] long, the inputs' agent ids
+    answer: AnswerBatch  # one row: the decision prompt + the reference answer
+
+
+class FuserBatch(NamedTuple):
+    """The fuser objective's inputs for a batch (questions whose judger decided)."""
+
+    fns: ModelFns
+    mode: str  # fusion mode
+    examples: tuple[FuserExample, ...]
+
+
+def policy_log_probs(params: Any, batch: PolicyBatch) -> Tensor:
+    """[B] log-probabilities of the batch's graphs under ``params`` (differentiable)."""
+    out = []
+    for features, topology in zip(batch.features, batch.topologies):
+        logits = policy_logits(params, features, batch.role_adjacency)
+        out.append(log_prob(logits, batch.mask, batch.config, topology))
+    return torch.stack(out)
+
+
+def fuser_objective(params: Any, batch: FuserBatch) -> Tensor:
+    """Mean over the batch's examples of the reference answer's per-token NLL on the fused cache."""
+    losses = [
+        fuser_loss(params, batch.fns, list(e.caches), e.edge_weights, e.answer, mode=batch.mode, sources=e.sources)
+        for e in batch.examples
+    ]
+    return torch.stack(losses).mean()
+
+
+def train_loss(
+    params: Params,
+    rewards: Tensor,  # [B]
+    baseline: Tensor,  # [] or [B]
+    *,
+    policy: PolicyBatch | None = None,
+    fuser: FuserBatch | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The step's scalar loss and its parts (floats, for logging)."""
+    total = torch.zeros(())
+    stats: dict[str, float] = {}
+    if "policy" in params and policy is not None:
+        part = reinforce_loss(policy_log_probs(params["policy"], policy), rewards, baseline)
+        total, stats["policy_loss"] = total + part, float(part.detach())
+    if "fuser" in params and fuser is not None and fuser.examples:
+        part = fuser_objective(params["fuser"], fuser)
+        total, stats["fuser_loss"] = total + part, float(part.detach())
+    return total, stats
+
+
+def train_step(
+    state: TrainState,
+    optimizer: GradientTransformation,
+    rewards: Tensor,  # [B] float
+    *,
+    policy: PolicyBatch | None = None,
+    fuser: FuserBatch | None = None,
+) -> tuple[TrainState, dict[str, float]]:
+    """One optimizer step on ``train_loss``; returns the new state and the loss parts.
+
+    Raises ValueError when the policy batch's size differs from the rewards', and the errors of
+    ``reinforce_loss``, ``fuse`` and ``answer_nll`` on bad inputs.
+    """
+    if policy is not None and len(policy.topologies) != rewards.shape[0]:
+        raise ValueError(f"policy: expected one graph per reward ({rewards.shape[0]}), got {len(policy.topologies)}")
+    rewards = rewards.to(torch.float32)
+    baseline = baseline_value(state.baseline) if int(state.baseline.count) else batch_baseline(rewards)
+    loss, stats, grads = value_and_grad(
+        lambda p: train_loss(p, rewards, baseline, policy=policy, fuser=fuser), state.params
+    )
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = tree_map(lambda t: t.detach(), apply_updates(state.params, updates))
+    return TrainState(params, opt_state, update_baseline(state.baseline, rewards)), stats
+
+
+__all__ = [
+    "FuserBatch",
+    "FuserExample",
+    "PolicyBatch",
+    "TrainState",
+    "fuser_objective",
+    "policy_log_probs",
+    "train_loss",
+    "train_step",
+]

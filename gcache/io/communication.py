@@ -1,0 +1,169 @@
+"""How agents communicate: through KV-caches (latent methods) or through text (text methods).
+
+A communication strategy, chosen once per run, builds what a node reads (its ``Context``:
+chat messages, and with caches the fusion of its inputs' caches) and, for latent
+communication, runs the agents that think: one batched rollout for every thinking node of
+a wave, across the questions of a batch.
+
+- ``LatentCaches`` (``latent-mas``, ``gcache``): an agent prefills its prompt on the fusion
+  of its inputs' caches (gcache.core.fusion, weighted by the edges' probabilities), runs
+  ``latent_steps`` latent steps and passes its cache on (with ``latent_only``, only the
+  latent positions and the first ``sink_positions`` ones). An agent that writes text passes
+  no cache. The decision node reads the fusion of its inputs' caches.
+- ``TextMessages`` (``single``, ``text-mas``): every agent writes text, and a node reads
+  its inputs' texts in its prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from gcache.core import cache as kv
+from gcache.core.batch import stack_rows
+from gcache.core.fusion import FuserParams, fuse
+from gcache.core.graph import DECISION, Node, Schedule
+from gcache.core.latent import rollout
+from gcache.io.backends import CacheInfo
+from gcache.io.models import LocalModel, encode_chat
+from gcache.io.prompts import Role, agent_messages, decision_messages
+from gcache.io.tasks import Item
+
+
+class NodeOut(NamedTuple):
+    """What a node produced for one question."""
+
+    role: str
+    cache: kv.KVCache | None  # what it passes on (latent thinking), else None
+    text: str | None  # what it wrote, else None
+    tokens: dict[str, int]  # {"prompt", "latent", "generated"} on the local model
+    seconds: float
+
+
+class FusionInputs(NamedTuple):
+    """The caches a node fused, as the fuser objective re-fuses them."""
+
+    caches: tuple[kv.KVCache, ...]  # k inputs, [L, 1, H, T_i, D]
+    weights: Tensor  # [k] the edges' probabilities
+    sources: Tensor  # [k] long, the inputs' agent ids
+
+
+class Context(NamedTuple):
+    """What one node reads before it writes or thinks."""
+
+    conversation: list[dict[str, str]]
+    cache: kv.KVCache | None  # [L, 1, H, T, D] the fusion of its inputs' caches, else None
+    info: CacheInfo | None  # the cache's size in words' terms, for api_hint (latent only)
+    fusion: FusionInputs | None  # the fused inputs (latent with at least one input cache)
+
+
+Outputs = dict[Node, NodeOut]
+
+
+def stack_contexts(local: LocalModel | None, caches: Sequence[kv.KVCache | None]) -> kv.KVCache | None:
+    """One left-padded batch of caches (an empty cache for rows without one); None when no row has one."""
+    if all(c is None for c in caches):
+        return None
+    assert local is not None, "caches come from a local model"
+    fns = local.fns
+    empty = kv.empty(fns.num_layers, 1, fns.num_kv_heads, fns.head_dim, dtype=fns.dtype, device=fns.device)
+    return stack_rows([empty if c is None else c for c in caches])
+
+
+class LatentCaches:
+    """Agents think in latent space and pass KV-caches along the graph's edges."""
+
+    thinks = True
+
+    def __init__(
+        self, task: str, local: LocalModel, roles: Sequence[Role], *,
+        latent_steps: int, latent_only: bool, sink_positions: int, fusion: str,
+    ) -> None:  # fmt: skip
+        self.task, self.local, self.roles = task, local, list(roles)
+        self.latent_steps, self.latent_only, self.sink_positions = latent_steps, latent_only, sink_positions
+        self.fusion = fusion
+        self.accumulates = not latent_only  # a full cache holds its inputs' caches
+
+    def _fused(
+        self, schedule: Schedule, outputs: Outputs, node: Node, fuser: FuserParams | None
+    ) -> tuple[kv.KVCache | None, FusionInputs | None]:
+        edges = [e for e in schedule.inputs[node] if e.src in outputs and outputs[e.src].cache is not None]
+        if not edges:
+            return None, None
+        inputs = FusionInputs(
+            tuple(outputs[e.src].cache for e in edges),
+            torch.tensor([e.weight for e in edges], dtype=torch.float32),
+            torch.tensor([e.src[1] for e in edges], dtype=torch.long),
+        )
+        fused = fuse(fuser, list(inputs.caches), inputs.weights, mode=self.fusion, sources=inputs.sources.tolist())
+        return fused, inputs
+
+    def context(
+        self, item: Item, schedule: Schedule, outputs: Outputs, node: Node, fuser: FuserParams | None = None
+    ) -> Context:
+        """The node's prompt (told that caches precede it when some do) and its fused input cache."""
+        cache, inputs = self._fused(schedule, outputs, node, fuser)
+        latent = cache is not None
+        if node == DECISION:
+            conversation = decision_messages(self.task, item.question, latent=latent)
+        else:
+            conversation = agent_messages(self.task, self.roles[node[1]], item.question, latent=latent)
+        info = CacheInfo(len(schedule.inputs[node]), 0 if cache is None else cache.seq_len, self.latent_steps)
+        return Context(conversation, cache, info, inputs)
+
+    def think(
+        self, rows: Sequence[tuple[Item, Schedule, Outputs, Node]], fuser: FuserParams | None = None
+    ) -> list[NodeOut]:
+        """One batched latent rollout for every (question, agent node) row of a wave."""
+        started = time.perf_counter()
+        conversations, caches = [], []
+        for item, schedule, outputs, node in rows:
+            # A thinking agent is told that caches precede its prompt even when none does (as LatentMAS).
+            conversations.append(agent_messages(self.task, self.roles[node[1]], item.question, latent=True))
+            caches.append(self._fused(schedule, outputs, node, fuser)[0])
+        ids, mask = encode_chat(self.local, conversations)  # [B, S], [B, S]
+        out = rollout(
+            self.local.fns, self.local.realign, ids, mask,
+            cache=stack_contexts(self.local, caches), latent_steps=self.latent_steps,
+        )  # fmt: skip
+        seconds = (time.perf_counter() - started) / len(rows)
+        return [self._passed_on(out, i, node, seconds) for i, (*_, node) in enumerate(rows)]
+
+    def _passed_on(self, out, row: int, node: Node, seconds: float) -> NodeOut:
+        cache = kv.trim_padding(kv.select_rows(out.cache, [row]))
+        if self.latent_only:
+            cache = kv.latent_part(cache, self.latent_steps, self.sink_positions)
+        tokens = {"prompt": int(out.prompt_tokens[row]), "latent": out.latent_tokens, "generated": 0}
+        return NodeOut(self.roles[node[1]].name, cache, None, tokens, seconds)
+
+
+class TextMessages:
+    """Agents write text; a node reads its inputs' texts in its prompt."""
+
+    thinks = False
+    accumulates = False
+
+    def __init__(self, task: str, roles: Sequence[Role]) -> None:
+        self.task, self.roles = task, list(roles)
+
+    def context(
+        self, item: Item, schedule: Schedule, outputs: Outputs, node: Node, fuser: FuserParams | None = None
+    ) -> Context:
+        """The node's prompt holding its inputs' texts (role name, text), in input order."""
+        texts = [(outputs[s].role, outputs[s].text or "") for s in schedule.sources(node) if s in outputs]
+        if node == DECISION:
+            conversation = decision_messages(self.task, item.question, predecessor_texts=texts)
+        else:
+            conversation = agent_messages(self.task, self.roles[node[1]], item.question, predecessor_texts=texts)
+        return Context(conversation, None, None, None)
+
+    def think(self, rows: Sequence[tuple[Item, Schedule, Outputs, Node]], fuser: FuserParams | None = None) -> list[NodeOut]:
+        raise ValueError("text communication: every agent writes text, none thinks in latent space")
+
+
+Communication = LatentCaches | TextMessages
+
+__all__ = ["Communication", "Context", "FusionInputs", "LatentCaches", "NodeOut", "TextMessages", "stack_contexts"]

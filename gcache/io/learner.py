@@ -1,0 +1,124 @@
+"""The learned parts of a run between steps: their training state, the step's inputs, checkpoints.
+
+The step itself is the core's pure ``train_step``; this module gathers its inputs from a
+batch's plans and decision contexts, keeps the returned ``TrainState``, and saves or
+restores it (``params.safetensors``, ``train_state.safetensors``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from gcache.core.fusion import FuserConfig, FuserParams, init_fuser
+from gcache.core.objectives import answer_batch
+from gcache.core.optim import adam
+from gcache.core.reinforce import init_baseline
+from gcache.core.policy import init_policy
+from gcache.core.train import FuserBatch, FuserExample, PolicyBatch, TrainState, train_step
+from gcache.io.communication import Context
+from gcache.io.models import LocalModel, encode_chat
+from gcache.io.params import load_params, save_params
+from gcache.io.planner import LearnedGraph, Plan
+from gcache.io.runlog import PARAMS, STATE
+from gcache.io.tasks import Item
+
+REFERENCE_TOKENS = 256  # the reference answer is cut here, so one long solution cannot dominate a step
+
+
+def reference_text(item: Item) -> str:
+    """The reference answer the fuser learns to make likely: a worked solution, a program, an option."""
+    meta = item.meta or {}
+    for key in ("reference", "solution", "canonical_solution", "answer_text"):
+        if meta.get(key):
+            return str(meta[key])
+    return str(item.gold)
+
+
+class Learner:
+    """Holds a run's ``TrainState`` between steps: ``{"policy": ..., "fuser": ...}`` (the parts
+    the method learns), the optimizer's state and the reward baseline."""
+
+    def __init__(
+        self, *, lr: float, seed: int, graph: LearnedGraph | None, fuser: FuserConfig | None, local: LocalModel | None
+    ) -> None:
+        params: dict[str, Any] = {}
+        if graph is not None:
+            params["policy"] = init_policy(graph.config, graph.feature_dim, torch.Generator().manual_seed(seed))
+        if fuser is not None:
+            params["fuser"] = init_fuser(fuser)
+        self.graph, self.local, self.fuser_config = graph, local, fuser
+        self.optimizer = adam(lr)
+        self.state = TrainState(params, self.optimizer.init(params), init_baseline())
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.state.params
+
+    @property
+    def fuser(self) -> FuserParams | None:
+        """The fuser's current parameters (None when the run's fusion learns nothing)."""
+        return self.state.params.get("fuser")
+
+    @property
+    def policy(self) -> Any:
+        return self.state.params.get("policy")
+
+    # ------------------------------------------------------------ the step
+
+    def _fuser_example(self, item: Item, context: Context) -> FuserExample:
+        assert self.local is not None and context.fusion is not None
+        tok = self.local.tokenizer
+        ids, mask = encode_chat(self.local, [context.conversation])
+        prompt = ids[0][mask[0].bool()].tolist()
+        answer = tok.encode(reference_text(item), add_special_tokens=False)[:REFERENCE_TOKENS]
+        answer += list(self.local.eos_token_ids[:1])
+        batch = answer_batch([prompt], [answer], pad_token_id=tok.pad_token_id or 0)
+        return FuserExample(context.fusion.caches, context.fusion.weights, context.fusion.sources, batch)
+
+    def update(self, plans: Sequence[Plan], judged: Sequence[Context | None], rewards: Tensor) -> dict[str, float]:
+        """One training step on a scored batch: REINFORCE on the plans' graphs (policy) and the
+        reference answers' likelihood on the judged questions' fused caches (fuser)."""
+        policy = None
+        if self.graph is not None:
+            policy = PolicyBatch(
+                tuple(p.features for p in plans), tuple(p.topology for p in plans),
+                self.graph.role_adjacency, self.graph.mask, self.graph.config,
+            )  # fmt: skip
+        fuser = None
+        if self.fuser is not None:
+            examples = tuple(
+                self._fuser_example(p.item, c) for p, c in zip(plans, judged) if c is not None and c.fusion is not None
+            )
+            fuser = FuserBatch(self.local.fns, self.fuser_config.mode, examples)
+        self.state, stats = train_step(self.state, self.optimizer, rewards, policy=policy, fuser=fuser)
+        return stats
+
+    # ------------------------------------------------------------ persistence
+
+    def save(self, out: Path, step: int) -> None:
+        """Write params.safetensors, then the optimizer/baseline state with the finished step count."""
+        save_params(Path(out) / PARAMS, self.state.params)
+        state = {"opt_state": self.state.opt_state, "baseline": self.state.baseline, "step": torch.tensor(step)}
+        save_params(Path(out) / STATE, state)
+
+    def restore(self, out: Path) -> int:
+        """Reload the last checkpoint of a run folder; returns the number of finished steps (0: none)."""
+        path, state_path = Path(out) / PARAMS, Path(out) / STATE
+        if not path.exists() or not state_path.exists():
+            return 0
+        like = {"opt_state": self.state.opt_state, "baseline": self.state.baseline, "step": torch.tensor(0)}
+        saved = load_params(state_path, like)
+        params = load_params(path, self.state.params)
+        self.state = TrainState(params, saved["opt_state"], saved["baseline"])
+        return int(saved["step"])
+
+    def load(self, path: Path) -> None:
+        """Replace the parameters by saved ones (``--params``); the optimizer state is kept."""
+        self.state = self.state._replace(params=load_params(Path(path), self.state.params))
+
+
+__all__ = ["Learner", "REFERENCE_TOKENS", "reference_text"]

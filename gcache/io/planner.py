@@ -1,0 +1,88 @@
+"""Where a question's graph comes from: a fixed topology, or the learned policy.
+
+Both give a ``Plan``: the topology (sampled for training, the deterministic graph for
+evaluation), its execution schedule (gcache.core.graph) and, for the policy, the node
+features it read, so that the training step can recompute the graph's log-probability.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from gcache.core.graph import Schedule, schedule
+from gcache.core.policy import node_features, policy_logits
+from gcache.core.sampling import deterministic_topology, fixed_topology, sample_topology
+from gcache.core.topology import Topology, TopologyConfig, spatial_mask
+from gcache.io.embed import embed_texts, role_embeddings
+from gcache.io.tasks import Item
+
+
+class Plan(NamedTuple):
+    """One question's graph."""
+
+    item: Item
+    topology: Topology  # spatial/temporal adjacency, order, decision inputs, log_prob
+    schedule: Schedule
+    spatial_probs: Tensor | None  # [N, N] the policy's edge probabilities (None: fixed graph)
+    temporal_probs: Tensor | None  # [N, N] (None: fixed, or one round)
+    features: Tensor | None  # [N, F] node features the policy read (None: fixed graph)
+
+
+def candidate_mask(config: TopologyConfig, seed: int) -> Tensor:
+    """[N, N] bool candidate spatial edges of the run's topology (``random`` draws it from ``seed``)."""
+    return spatial_mask(config.mode, config.num_agents, generator=torch.Generator().manual_seed(seed))
+
+
+class FixedGraph:
+    """The same graph for every question (chain, star, mesh, ..., or one agent)."""
+
+    def __init__(self, config: TopologyConfig, mask: Tensor) -> None:
+        self.config = config
+        topology = fixed_topology(mask, config)
+        self._plan = (topology, schedule(topology, config.num_rounds))
+
+    def plan(self, item: Item, params: Any = None, *, train: bool = False, seed: int = 0) -> Plan:
+        topology, sched = self._plan
+        return Plan(item, topology, sched, None, None, None)
+
+
+class LearnedGraph:
+    """The policy's graph: sampled (training) or the most likely one (evaluation)."""
+
+    def __init__(self, config: TopologyConfig, mask: Tensor, profiles: Sequence[str], encoder: Any) -> None:
+        self.config, self.mask, self.encoder = config, mask, encoder
+        self.role_embeddings = role_embeddings(list(profiles), encoder=encoder)  # [N, E]
+        self.role_adjacency = torch.ones(config.num_agents, config.num_agents)  # [N, N] the GCN's prior
+        self._questions: dict[str, Tensor] = {}
+
+    @property
+    def feature_dim(self) -> int:
+        return 2 * self.role_embeddings.shape[-1]
+
+    def features(self, item: Item) -> Tensor:
+        """[N, F] role embeddings ++ the question's embedding (cached per question)."""
+        if item.id not in self._questions:
+            self._questions[item.id] = embed_texts([item.question], encoder=self.encoder)[0]
+        return node_features(self.role_embeddings, self._questions[item.id])
+
+    def plan(self, item: Item, params: Any, *, train: bool, seed: int) -> Plan:
+        """A sampled graph (``train``, drawn from ``seed``) or the deterministic one, with no gradient."""
+        features = self.features(item)
+        with torch.no_grad():
+            logits = policy_logits(params, features, self.role_adjacency)
+            if train:
+                topology = sample_topology(logits, self.mask, self.config, torch.Generator().manual_seed(seed))
+            else:
+                topology = deterministic_topology(logits, self.mask, self.config)
+            spatial_probs = torch.sigmoid(logits.edge) * self.mask
+            temporal_probs = torch.sigmoid(logits.temporal) if self.config.num_rounds > 1 else None
+        sched = schedule(topology, self.config.num_rounds, spatial_probs=spatial_probs, temporal_probs=temporal_probs)
+        return Plan(item, topology, sched, spatial_probs, temporal_probs, features)
+
+
+Planner = FixedGraph | LearnedGraph
+
+__all__ = ["FixedGraph", "LearnedGraph", "Plan", "Planner", "candidate_mask"]
