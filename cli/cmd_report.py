@@ -14,13 +14,13 @@ from gcache.io.report import (
     curve_table,
     edge_matrix,
     edge_table,
-    format_interval,
     learning_curve,
     plot_learning_curve,
     plot_topology,
     records_table,
 )
 from gcache.io.runlog import read_records
+from gcache.io.stats import format_interval
 from gcache_cli.main import app, fail
 
 

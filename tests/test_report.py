@@ -9,12 +9,11 @@ from gcache.io.report import (
     curve_table,
     edge_matrix,
     edge_table,
-    format_interval,
     learning_curve,
     plot_learning_curve,
 )
 from gcache.io.runlog import summarize
-from gcache.io.stats import mean_ci
+from gcache.io.stats import format_interval, mean_ci
 
 
 def record(i, phase="eval", *, logprob=None, reward=None, step=None, correct=False):

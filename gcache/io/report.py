@@ -8,13 +8,7 @@ import numpy as np
 from rich.table import Table
 
 from gcache.io.runlog import summarize
-
-
-def format_interval(interval: dict | None) -> str:
-    """"-2.561 [-2.860, -2.280]" for a summary's {"mean", "low", "high"}; "-" for None."""
-    if not interval:
-        return "-"
-    return f"{interval['mean']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+from gcache.io.stats import format_interval
 
 
 def records_table(summary: dict, records: list[dict]) -> Table:

@@ -105,4 +105,11 @@ def excludes_zero(interval: Interval) -> bool:
     return interval.low > 0.0 or interval.high < 0.0
 
 
-__all__ = ["Interval", "RESAMPLES", "excludes_zero", "mean_ci", "paired_diff_ci"]
+def format_interval(interval: dict | None) -> str:
+    """"-2.561 [-2.860, -2.280]" for a summary's {"mean", "low", "high"}; "-" for None."""
+    if not interval:
+        return "-"
+    return f"{interval['mean']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+
+
+__all__ = ["Interval", "RESAMPLES", "excludes_zero", "format_interval", "mean_ci", "paired_diff_ci"]
