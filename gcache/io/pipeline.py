@@ -46,7 +46,7 @@ from gcache.io.tasks import Item, Verdict, score_many, task_family
 
 log = logging.getLogger(__name__)
 
-NOT_DECODED = "not decoded: the likelihood reward reads the decision context only"
+NOT_DECODED = "not decoded: only the answer log-probability was measured"
 
 
 def _seed(*parts: Any) -> int:
@@ -124,10 +124,7 @@ class Pipeline:
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
             log.warning("train step %d failed: %s", step, e)
             outs, logprobs = [_failed(e) for _ in plans], [None] * len(plans)
-        if decode:
-            verdicts = score_many([p.item for p in plans], [o.answer for o in outs])
-        else:
-            verdicts = [Verdict(False, None, NOT_DECODED) for _ in plans]
+        verdicts = self._verdicts(plans, outs, decode)
         rewards: list[float | None] = [None] * len(plans)
         if not any(o.error for o in outs):
             rewards = [
@@ -141,26 +138,34 @@ class Pipeline:
             for p, o, v, lp, r in zip(plans, outs, verdicts, logprobs, rewards)
         ]
 
-    def evaluate(self, items: Sequence[Item]) -> list[dict]:
+    def evaluate(self, items: Sequence[Item], *, decode: bool = True) -> list[dict]:
         """Answer an eval batch with deterministic graphs and no gradient; one record per question.
-        A failing batch is answered question by question, each failure recorded with its error."""
+        A failing batch is answered question by question, each failure recorded with its error.
+        With ``decode`` False the judger only reads its context: the records hold the answer
+        log-probability and no answer (agents that speak under the decision rule still write)."""
         started = time.perf_counter()
         plans = [self._plan(item, train=False, seed=_seed(self.config.seed, "eval", item.id)) for item in items]
         try:
-            outs = self._answer(plans, step=0)
+            outs = self._answer(plans, step=0, decode=decode)
             logprobs = self._answer_logprobs(plans, outs)
         except Exception as e:  # noqa: BLE001 - isolate the failing question, keep the others
             if len(items) > 1:
                 log.warning("a batch failed (%s); answering its questions one by one", e)
-                return [r for item in items for r in self.evaluate([item])]
+                return [r for item in items for r in self.evaluate([item], decode=decode)]
             log.warning("question %s failed: %s", items[0].id, e)
             outs, logprobs = [_failed(e)], [None]
-        verdicts = score_many([p.item for p in plans], [o.answer for o in outs])
+        verdicts = self._verdicts(plans, outs, decode)
         seconds = (time.perf_counter() - started) / len(items)
         return [
             self._record("eval", p.item.id, p, o, v, seconds, answer_logprob=lp)
             for p, o, v, lp in zip(plans, outs, verdicts, logprobs)
         ]
+
+    @staticmethod
+    def _verdicts(plans: Sequence[Plan], outs: Sequence[QuestionOut], decode: bool) -> list[Verdict]:
+        if not decode:
+            return [Verdict(False, None, NOT_DECODED) for _ in plans]
+        return score_many([p.item for p in plans], [o.answer for o in outs])
 
     def checkpoint(self, out: Path, step: int) -> None:
         if self.learner is not None:
