@@ -103,11 +103,7 @@ def plot_learning_curve(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title + " — learning curve")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def edge_matrix(
@@ -182,6 +178,13 @@ def plot_topology(names: list[str], probs: np.ndarray, counts: np.ndarray, path:
     ax_g.set_aspect("equal")
     ax_g.axis("off")
     fig.suptitle(title + " — learned communication topology (eval)")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Lay out, write the PNG, release the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
