@@ -154,3 +154,12 @@ def test_fusion_smoke_writes_its_schema(tmp_path):
     assert {r["mode"] for r in rows} == {"concat", "weighted", "learned"}
     for r in rows:
         assert r["fuse_ms"] > 0 and r["decode_step_ms"] > 0 and r["k"] in (2, 4, 8)
+
+
+def test_sandbox_smoke_writes_its_schema(tmp_path):
+    report = _run_smoke("sandbox", tmp_path / "sandbox.json")
+    current = report["results"]["current"]
+    assert report["candidates"] == 4 == len(current["per_candidate_s"])
+    assert all(s > 0 for s in current["per_candidate_s"].values())
+    assert current["median_s"] > 0 and current["humaneval_median_s"] > 0 and current["mbppplus_median_s"] > 0
+    assert current["total_s"] >= current["median_s"] and "machine" in report

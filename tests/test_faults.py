@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from _openai_server import OpenAIServer, Reply
 from gcache.io.config import api_config, resume_command, with_api_settings
+from gcache.io.report import records_table
 from gcache.io.runlog import PARAMS, STATE, read_records
 from gcache_cli.main import app
 
@@ -107,6 +108,23 @@ def test_an_outage_mid_run_stops_early_then_resume_answers_exactly_what_is_left(
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["status"], summary["n"], summary["errors"], summary["retries"]) == ("complete", 6, 0, 3)
     assert "retries 3" in again.output
+    table = records_table(summary, after)
+    cells = {c.header: c._cells for c in table.columns}
+    assert (cells["n"], cells["errors"], cells["retries"]) == (["6"], ["0"], ["3"])
+    compare = CliRunner().invoke(app, ["compare", str(out)], env={"COLUMNS": "200"})
+    assert compare.exit_code == 0, compare.output
+    header, row = [ln for ln in compare.output.splitlines() if ln.startswith(("┃", "│"))]
+    assert header.split("┃")[-2].strip() == "retries" and row.split("│")[-2].strip() == "3"
+
+
+def test_report_says_how_a_stopped_run_continues(tmp_path, api_env):
+    out = tmp_path / "run"
+    with OpenAIServer(script=[DOWN] * 3) as server:
+        first = _gcache(_hybrid(server, out, "--api-outage-after", "3", "--limit", "3"))
+    assert first.exit_code == 4, first.output
+    report = _gcache(["report", str(out), "--no-png"])
+    assert report.exit_code == 0, report.output
+    assert "stopped early" in report.output and "continue with: gcache run gsm8k --method latent-mas" in report.output
 
 
 def test_errored_questions_end_with_status_3_and_only_resume_retries_them(tmp_path, api_env):

@@ -1,11 +1,26 @@
-"""Hostile candidates are contained, reported as failures, and leave the test process unharmed."""
+"""Hostile candidates are contained, reported as failures, and leave the test process unharmed;
+the plain-data codec round-trips exactly and refuses everything else. (More attacks, each scored
+through `tasks.score` from a fresh caller: tests/test_sandbox_hostile.py.)"""
 
+import math
 import os
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gcache.io.sandbox import Limits, child_environment, landlock_available, run_many, run_tests
+from gcache.io import sandbox_child as wire
+from gcache.io.sandbox import (
+    CandidateFailure,
+    Child,
+    Limits,
+    child_environment,
+    landlock_available,
+    outputs_match,
+    run_many,
+    run_tests,
+)
 
 TEST = "def check(candidate):\n    assert candidate(2) == 3\n"
 GOOD = "def f(x):\n    return x + 1\n"
@@ -228,3 +243,154 @@ def test_bad_job_mode_raises():
         run_tests({"mode": "nope", "program": ""})
     with pytest.raises(ValueError, match="wall_s"):
         Limits(wall_s=0)
+
+
+# ------------------------------------------------------------------ the plain-data codec
+
+
+_scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-(1 << 14000), max_value=1 << 14000)
+            | st.floats(allow_nan=True) | st.complex_numbers(allow_nan=True) | st.text() | st.binary())
+# (NaN is left out of set elements and keys: two NaNs there make the same set compare unequal to itself.)
+_keys = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text() | st.binary()
+         | st.complex_numbers(allow_nan=False))
+_hashable = st.recursive(_keys, lambda inner: st.tuples(inner, inner) | st.frozensets(inner, max_size=3), max_leaves=8)
+_plain = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.lists(inner, max_size=4).map(tuple)
+    | st.dictionaries(_hashable, inner, max_size=3) | st.sets(_hashable, max_size=3),
+    max_leaves=20,
+)
+
+
+def _same_exactly(a, b):
+    """Equal with the same types all the way down (NaN equal to NaN, -0.0 apart from 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is float:
+        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+    if type(a) is complex:
+        return _same_exactly(a.real, b.real) and _same_exactly(a.imag, b.imag)
+    if type(a) in (list, tuple):
+        return len(a) == len(b) and all(_same_exactly(x, y) for x, y in zip(a, b))
+    if type(a) is dict:  # the codec keeps the order; NaN keys only match by position
+        return len(a) == len(b) and all(_same_exactly(x, y) for x, y in zip(a.items(), b.items()))
+    if type(a) in (set, frozenset):
+        return a == b and sorted(type(x).__name__ for x in a) == sorted(type(x).__name__ for x in b)
+    return a == b
+
+
+@settings(max_examples=300, deadline=None)
+@given(_plain)
+def test_codec_round_trips_plain_values_with_their_types(value):
+    frame = wire.dumps(wire.encode(value))
+    (n,) = wire.HEADER.unpack(frame[:4])
+    assert n == len(frame) - 4
+    assert _same_exactly(wire.decode(wire.loads(frame[4:])), value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=3)
+                    | st.sampled_from(["t", "s", "S", "d", "i", "f", "c", "b", "nan", "0x1f", "AA=="]),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from("tsSdifcbx"), inner, max_size=2),
+                    max_leaves=10))
+def test_decoder_gives_a_plain_value_or_value_error(obj):
+    try:
+        value = wire.decode(obj)
+    except ValueError:
+        return
+    wire.encode(value)  # whatever it accepts is plain data again
+
+
+@pytest.mark.parametrize("bad", [
+    {"t": 1}, {"d": [[1]]}, {"d": [[[1], 2]]}, {"s": [[1]]}, {"x": 1}, {"t": [], "s": []}, {"i": "zz"},
+    {"f": "1.5"}, {"c": ["a", 1]}, {"c": [1, 2]}, {"b": "%%%"}, {"b": 5}, [1, {"q": 2}],
+])
+def test_decoder_rejects_what_encode_cannot_produce(bad):
+    with pytest.raises(ValueError):
+        wire.decode(bad)
+
+
+def test_decoder_rejects_deep_nesting_and_constants():
+    deep = [True]
+    for _ in range(wire.MAX_DEPTH + 5):
+        deep = [deep]
+    with pytest.raises(ValueError):
+        wire.decode(deep)
+    for text in (b"NaN", b"[Infinity]", b"[" * 100000 + b"]" * 100000, "[\u00e9]".encode()):
+        with pytest.raises(ValueError):
+            wire.loads(text)
+
+
+@pytest.mark.parametrize("value", [object(), type("Eq", (int,), {"__eq__": lambda s, o: True})(1),
+                                   type("S", (str,), {})("x"), [1, print], {1: bytearray(b"x")}])
+def test_encoder_refuses_what_is_not_plain(value):
+    with pytest.raises(wire.NotPlain):
+        wire.encode(value)
+
+
+def test_outputs_match_follows_evalplus():
+    assert outputs_match([1, 2], [1, 2], 0.0) and not outputs_match((1, 2), [1, 2], 0.0)
+    assert outputs_match(0.1 + 0.2, 0.3, 0.0) and not outputs_match(0.31, 0.3, 0.0) and outputs_match(0.31, 0.3, 0.05)
+    assert outputs_match([1.0, 2.0 + 1e-9], [1.0, 2.0], 0.0)
+    assert outputs_match(float("nan"), float("nan"), 1e-6)
+    assert outputs_match([3, 1], [1, 3], 0.0, "set_eq") and not outputs_match(5, [5], 0.0, "set_eq")
+    assert outputs_match(0, 17, 0.0, "zero_ok") and outputs_match("anything", 1, 0.0, "always")
+    assert outputs_match(True, True, 0.0, "not_none") and not outputs_match(1, True, 0.0, "not_none")
+    big = list(range(300000))
+    assert outputs_match(wire.digest(big), wire.digest(big), 0.0)
+    assert not outputs_match(big, wire.digest(big), 0.0)
+
+
+# ------------------------------------------------------------------ the trusted/child split
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and a fresh uid need root")
+def test_child_runs_isolated_under_a_fresh_uid():
+    with Child(FAST) as child:
+        assert child.isolated is True and child.landlock is (True if landlock_available() else False)
+        child.load("import os\ndef f(x):\n    return [os.getuid(), os.getgid(), os.getgroups(), os.getpid()]\n", "f")
+        (uid, gid, groups, pid), _ = child.call([0], limit=2.0)
+    assert uid >= 1_000_000 and gid == uid and groups == [] and pid == 1
+
+
+def test_child_calls_return_plain_values_and_failures_raise():
+    with Child(FAST) as child:
+        child.load("def f(x, y=1):\n    return object() if x == 'obj' else (x, {y}, b'z', 1j, None)\n", "f")
+        assert child.call([[1]], {"y": 2}, limit=2.0)[0] == ([1], {2}, b"z", 1j, None)
+        with pytest.raises(CandidateFailure, match="not plain"):
+            child.call(["obj"], limit=2.0)
+        with pytest.raises(CandidateFailure, match="unhashable"):
+            child.call([1], {"y": []}, limit=2.0)
+        assert child.call([2], limit=2.0)[0][0] == 2  # a failed call leaves the child usable
+    with Child(FAST) as child:
+        child.load("import time\ndef f():\n    time.sleep(30)\n", "f")
+        start = time.monotonic()
+        with pytest.raises(CandidateFailure, match="timed out"):
+            child.call([], limit=0.5)
+        assert time.monotonic() - start < 0.5 + 3
+    with Child(FAST) as child:
+        with pytest.raises(CandidateFailure, match="defines no function"):
+            child.load("g = 1\n", "f")
+
+
+def test_humaneval_check_runs_in_the_trusted_process():
+    # the check reads a file only the trusted process can see and calls a helper of the prelude
+    test = "def check(candidate):\n    assert candidate(2) == helper(2)\n    assert trusted_only() == 'here'\n"
+    prelude = "import os\ndef helper(x):\n    return x + 1\ndef trusted_only():\n    return 'here' if os.getpid() > 1 else 'child'\n"
+    assert run_tests(check_job(GOOD, test=test, prelude=prelude), FAST).passed
+    res = run_tests(check_job("def f(x):\n    return {'x'}\n", test=test, prelude=prelude), FAST)
+    assert not res.passed and "AssertionError" in res.error
+
+
+@pytest.mark.skipif(not landlock_available(), reason="Landlock is not available on this kernel")
+def test_the_gcache_package_is_hidden_but_other_files_read():
+    import gcache.io.sandbox as sandbox
+
+    data = os.path.join(sandbox.PACKAGE_DIR, "data")
+    readme = os.path.join(os.path.dirname(sandbox.PACKAGE_DIR), "README.md")
+    program = ("def f(path):\n    try:\n        with open(path, 'rb') as fh:\n            fh.read(1)\n"
+               "        return 'read'\n    except PermissionError:\n        return 'denied'\n")
+    test = (f"def check(candidate):\n    assert candidate({os.path.join(data, 'HumanEval.jsonl.gz')!r}) == 'denied'\n"
+            f"    assert candidate({readme!r}) == 'read'\n    assert candidate('/etc/passwd') == 'read'\n")
+    res = run_tests(check_job(program, test=test), FAST)
+    assert res.passed, res.error

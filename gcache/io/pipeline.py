@@ -33,7 +33,7 @@ from gcache.core.latent import Decoding
 from gcache.core.rewards import reward
 from gcache.core.topology import TopologyConfig
 from gcache.io.answers import answer_logprobs
-from gcache.io.backends import Answer, ApiClient, answer_stop, generate_answer
+from gcache.io.backends import Answer, ApiClient, ApiOutageError, answer_stop, generate_answer
 from gcache.io.communication import Communication, Context, LatentCaches, NodeOut, Outputs, TextMessages, stack_contexts
 from gcache.io.config import TINY_MODELS, RunConfig, api_config
 from gcache.io.decision import DECISIONS, Decision
@@ -149,11 +149,12 @@ class Pipeline:
             outs = self._answer(plans, step=0, decode=decode)
             logprobs = self._answer_logprobs(plans, outs)
         except Exception as e:  # noqa: BLE001 - isolate the failing question, keep the others
-            if len(items) > 1:
+            # With the endpoint held for down, retrying question by question only repeats the local work.
+            if len(items) > 1 and not isinstance(e, ApiOutageError):
                 log.warning("a batch failed (%s); answering its questions one by one", e)
                 return [r for item in items for r in self.evaluate([item], decode=decode)]
-            log.warning("question %s failed: %s", items[0].id, e)
-            outs, logprobs = [_failed(e)], [None]
+            log.warning("%s failed: %s", ", ".join(str(item.id) for item in items), e)
+            outs, logprobs = [_failed(e) for _ in items], [None] * len(items)
         verdicts = self._verdicts(plans, outs, decode)
         seconds = (time.perf_counter() - started) / len(items)
         return [
