@@ -1,4 +1,4 @@
-"""`gcache report RUN` and `gcache compare RUN...`: tables of finished runs, and the learned topology."""
+"""`gcache report RUN` and `gcache compare RUN...`: tables of finished runs, the learning curve and the learned topology."""
 
 from __future__ import annotations
 
@@ -10,17 +10,28 @@ from rich.console import Console
 from rich.table import Table
 
 from gcache.io.experiment import ending_line, load_summary
-from gcache.io.report import edge_matrix, plot_topology, records_table
+from gcache.io.report import (
+    curve_table,
+    edge_matrix,
+    edge_table,
+    learning_curve,
+    plot_learning_curve,
+    plot_topology,
+    records_table,
+)
 from gcache.io.runlog import read_records
+from gcache.io.stats import format_interval
 from gcache_cli.main import app, fail
 
 
 @app.command("report")
 def report(
     run: Path = typer.Argument(..., help="A run folder (runs/NAME)."),
-    png: bool = typer.Option(True, "--png/--no-png", help="Write RUN/topology.png of the learned edge probabilities."),
+    png: bool = typer.Option(
+        True, "--png/--no-png", help="Write RUN/topology.png (learned edge probabilities) and RUN/learning_curve.png."
+    ),
 ) -> None:
-    """Print a run's summary and per-phase table; plot its learned edge probabilities."""
+    """Print a run's summary and per-phase table, its learning curve and its learned graph; plot both."""
     try:
         summary = load_summary(run)
     except ValueError as e:
@@ -31,7 +42,15 @@ def report(
     ending = ending_line(summary)
     if ending:
         console.print(ending, markup=False, highlight=False, soft_wrap=True)
+    curve = learning_curve(records)
+    if curve:
+        console.print(curve_table(curve))
+        if png:
+            path = plot_learning_curve(curve, run / "learning_curve.png", title=f"{summary['task']} / {summary['method']}")
+            console.print(f"learning curve: {path}")
     names, probs, counts = edge_matrix(records, phase="eval")
+    if names:
+        console.print(edge_table(names, probs, counts))
     if names and png:
         path = plot_topology(names, probs, counts, run / "topology.png", title=f"{summary['task']} / {summary['method']}")
         console.print(f"learned edge probabilities: {path}")
@@ -41,9 +60,11 @@ def report(
 
 @app.command("compare")
 def compare(runs: List[Path] = typer.Argument(..., help="Run folders to put side by side.")) -> None:
-    """Print methods side by side: accuracy, tokens, seconds, errors, retries."""
+    """Print methods side by side: accuracy, mean answer log-probability [95% CI], tokens, seconds, errors, retries."""
     table = Table(title="gcache compare")
-    for col in ("run", "task", "method", "mode", "n", "accuracy", "prompt tok", "latent tok", "generated tok", "s / question", "errors", "retries"):
+    columns = ("run", "task", "method", "mode", "n", "accuracy", "answer logprob [95% CI]", "prompt tok", "latent tok",
+               "generated tok", "s / question", "errors", "retries")
+    for col in columns:
         table.add_column(col, justify="right" if col not in ("run", "task", "method", "mode") else "left")
     for run in runs:
         try:
@@ -56,7 +77,7 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run folders to put side
         acc = s.get("accuracy")
         table.add_row(
             run.name, str(s.get("task")), str(s.get("method")), str(s.get("generation_mode")), str(n),
-            "-" if acc is None else f"{acc:.3f}",
+            "-" if acc is None else f"{acc:.3f}", format_interval(s.get("answer_logprob")),
             str(t.get("prompt", "-")), str(t.get("latent", "-")), str(t.get("generated", "-")),
             "-" if not n or secs is None else f"{secs / n:.2f}",
             str(s.get("errors", "-")),

@@ -52,6 +52,12 @@ def run(
         None, help=f"Training batches (0: evaluate only) (default: {_D.num_iterations})."
     ),
     lr: Optional[float] = typer.Option(None, help=f"Adam learning rate (default: {_D.lr})."),
+    reward: Optional[str] = typer.Option(
+        None,
+        help="The policy's reward: accuracy (1 if the decoded answer is right), likelihood (the reference answer's "
+        "mean log-probability per token under the decision context; trains without decoding) or mixed "
+        f"(accuracy + exp(log-probability)) (default: {_D.reward}).",
+    ),
     limit: Optional[int] = typer.Option(None, help="Evaluate on the first N test questions (default: all)."),
     question_id: Optional[int] = typer.Option(None, help="Evaluate on this one test question only."),
     model: Optional[str] = typer.Option(None, help=f"smollm2-135m, a Hugging Face id or a local path (default: {_D.model})."),

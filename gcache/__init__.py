@@ -49,6 +49,7 @@ from gcache.core.objectives import (
     AnswerBatch,
     FuserStep,
     answer_batch,
+    answer_logprobs,
     answer_nll,
     fuser_grads,
     fuser_loss,
@@ -85,6 +86,7 @@ from gcache.core.reinforce import (
     update_baseline,
 )
 from gcache.core.sampling import deterministic_topology, fixed_topology, log_prob, sample_topology
+from gcache.core.rewards import reward
 from gcache.core.topology import (
     Topology,
     TopologyConfig,
@@ -176,6 +178,7 @@ __all__ = [
     "FuserParams",
     "FuserStep",
     "answer_batch",
+    "answer_logprobs",
     "answer_nll",
     "fuse",
     "fuser_grads",
@@ -184,13 +187,14 @@ __all__ = [
     "gates",
     "init_fuser",
     "source_weights",
-    # REINFORCE
+    # REINFORCE and its rewards
     "RunningBaseline",
     "baseline_value",
     "batch_baseline",
     "init_baseline",
     "penalize_edges",
     "reinforce_loss",
+    "reward",
     "update_baseline",
     # optimizers
     "AdamState",

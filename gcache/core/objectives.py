@@ -73,17 +73,27 @@ def answer_batch(
     return AnswerBatch(input_ids, attention_mask, target_mask)
 
 
-def answer_nll(fns: ModelFns, cache: KVCache | None, batch: AnswerBatch) -> Tensor:
-    """Mean over rows of the per-token negative log-likelihood of the targets, read on top of
-    ``cache`` (a scalar; differentiable w.r.t. cache.keys/values). Raises the ValueErrors of
-    ``sequence_logprob`` (bad masks, targets on padding or at position 0, a mismatched cache)."""
+def answer_logprobs(fns: ModelFns, cache: KVCache | None, batch: AnswerBatch) -> Tensor:  # [B]
+    """Per row, the mean log-probability per target token, read on top of ``cache`` row by row:
+    ``sum_s target[b, s] * log p(x[b, s] | cache[b], x[b, :s]) / sum_s target[b, s]``.
+
+    One teacher-forced forward, no decoding; differentiable w.r.t. cache.keys/values. Raises
+    ValueError when a row has no target, and the ValueErrors of ``sequence_logprob`` (bad masks,
+    targets on padding or at position 0, a mismatched cache)."""
     target = batch.target_mask.to(torch.bool)
     count = target.sum(dim=1)  # [B]
     if bool((count == 0).any()):
         rows = (count == 0).nonzero().flatten().tolist()
         raise ValueError(f"target_mask: expected at least one target token in every row, rows {rows} have none")
     logprob = sequence_logprob(fns, cache, batch.input_ids, batch.attention_mask, target)  # [B]
-    return -(logprob / count.to(logprob.dtype)).mean()
+    return logprob / count.to(logprob.dtype)
+
+
+def answer_nll(fns: ModelFns, cache: KVCache | None, batch: AnswerBatch) -> Tensor:
+    """Mean over rows of the per-token negative log-likelihood of the targets: ``-answer_logprobs``
+    averaged over the batch (a scalar; differentiable w.r.t. cache.keys/values). Raises the
+    ValueErrors of ``answer_logprobs``."""
+    return -answer_logprobs(fns, cache, batch).mean()
 
 
 def fuser_loss(
@@ -150,6 +160,7 @@ __all__ = [
     "AnswerBatch",
     "FuserStep",
     "answer_batch",
+    "answer_logprobs",
     "answer_nll",
     "fuser_grads",
     "fuser_loss",

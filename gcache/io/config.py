@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gcache.core.fusion import MODES as FUSIONS
+from gcache.core.rewards import REWARDS
 from gcache.core.topology import MODES as TOPOLOGIES
 from gcache.io.apiconfig import GENERATION_MODES, ApiConfig, resolve_api_config
 from gcache.io.decision import NAMES as DECISIONS
@@ -28,13 +29,13 @@ _METHOD_FLAGS: dict[str, set[str]] = {
     "single": set(),
     "text-mas": {
         "agents", "num_agents", "topology", "optimize_spatial", "optimize_temporal", "num_rounds",
-        "decision", "train_size", "num_iterations", "lr", "params",
+        "decision", "train_size", "num_iterations", "lr", "params", "reward",
     },
     "latent-mas": {"latent_steps", "latent_only", "sink_positions"},
     "gcache": {
         "latent_steps", "latent_only", "sink_positions", "agents", "num_agents", "topology", "optimize_spatial",
         "optimize_temporal", "num_rounds", "decision", "fusion", "train_size", "num_iterations",
-        "lr", "params",
+        "lr", "params", "reward",
     },
 }
 _COMMON_FLAGS = {
@@ -74,6 +75,7 @@ class RunConfig:
     batch_size: int = 4
     num_iterations: int = 10
     lr: float = 0.1
+    reward: str = "accuracy"  # the policy's reward: accuracy, likelihood or mixed (gcache.core.rewards)
     limit: int | None = None
     question_id: int | None = None
     model: str = "smollm2-135m"
@@ -171,6 +173,12 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
     _choice("topology", config.topology, TOPOLOGIES)
     _choice("decision", config.decision, DECISIONS)
     _choice("fusion", config.fusion, FUSIONS)
+    _choice("reward", config.reward, REWARDS)
+    if config.reward != "accuracy" and config.generation_mode == "api":
+        raise ValueError(
+            f"--reward {config.reward} reads the answer's likelihood through the local model: "
+            "it does not apply to --generation-mode api (text only)"
+        )
     _choice("agents", config.agents, AGENT_SETS)
     _choice("weights", config.weights, WEIGHTS)
     _at_least("latent_steps", config.latent_steps, 0)

@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from gcache.io.apiconfig import require_api
 from gcache.io.config import API_HTTP_FLAGS, RunConfig, api_config, resume_command, with_api_settings
 from gcache.io.runlog import CONFIG, SUMMARY, RunLog, read_records, summarize, write_json_atomic
+from gcache.io.stats import format_interval
 from gcache.io.tasks import TASKS, load_items
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def _append_new(runlog: RunLog, config: RunConfig, records: list[dict]) -> None:
 
 def _train(pipeline, batches, start: int, runlog: RunLog, config: RunConfig, console: Console) -> str | None:
     """Run the training steps from ``start``; returns why training stopped early, or None."""
-    rewards: list[float] = [float(r["correct"]) for r in runlog.phase_records("train")]
+    rewards: list[float] = [_reward(r) for r in runlog.phase_records("train")]
     with _progress(console) as bar:
         task = bar.add_task("train", total=len(batches), completed=start, status="")
         for step in range(start, len(batches)):
@@ -180,10 +181,18 @@ def _train(pipeline, batches, start: int, runlog: RunLog, config: RunConfig, con
             if failed is not None and config.retry_errors:
                 return f"training step {step + 1} of {len(batches)} failed ({failed})"
             pipeline.checkpoint(config.out_dir, step + 1)
-            rewards += [float(r["correct"]) for r in records]
+            now = [_reward(r) for r in records]
+            rewards += now
             recent = rewards[-4 * len(batches[step]) :]
-            bar.update(task, advance=1, status=f"reward {sum(recent) / max(len(recent), 1):.2f}")
+            status = f"reward {sum(now) / max(len(now), 1):.3f} (last 4 steps {sum(recent) / max(len(recent), 1):.3f})"
+            bar.update(task, advance=1, status=status)
     return None
+
+
+def _reward(record: dict) -> float:
+    """A train line's reward (lines written before rewards were recorded: its accuracy)."""
+    value = record.get("reward")
+    return float(record["correct"]) if value is None else float(value)
 
 
 def _evaluate(pipeline, test, runlog: RunLog, config: RunConfig, console: Console) -> str | None:
@@ -224,6 +233,7 @@ def _summary(config: RunConfig, runlog: RunLog, test: Sequence, wall: float, pip
         "total": len(test),
         "remaining": remaining,
         "accuracy": evals["accuracy"],
+        "answer_logprob": evals["answer_logprob"],
         "tokens": evals["tokens"],
         "api_tokens": pipeline.api_tokens(),
         "wall_seconds": wall,
@@ -242,6 +252,7 @@ def _summary_line(summary: dict) -> str:
     return (
         f"[bold]{summary['task']} / {summary['method']} ({summary['generation_mode']})[/]: "
         f"accuracy {acc if acc is None else f'{acc:.3f}'} on {summary['n']} questions, "
+        f"mean answer log-prob {format_interval(summary.get('answer_logprob'))}, "
         f"tokens prompt {t['prompt']} / latent {t['latent']} / generated {t['generated']}, "
         f"{summary['wall_seconds']:.1f} s, errors {summary['errors']}, retries {summary['retries']}"
     )

@@ -19,6 +19,7 @@ from gcache.core.optim import adam
 from gcache.core.reinforce import init_baseline
 from gcache.core.policy import init_policy
 from gcache.core.train import FuserBatch, FuserExample, PolicyBatch, TrainState, train_step
+from gcache.io.answers import answer_inputs
 from gcache.io.communication import Context
 from gcache.io.models import LocalModel, encode_chat
 from gcache.io.params import load_params, save_params
@@ -26,7 +27,10 @@ from gcache.io.planner import LearnedGraph, Plan
 from gcache.io.runlog import PARAMS, STATE
 from gcache.io.tasks import Item
 
-REFERENCE_TOKENS = 256  # the reference answer is cut here, so one long solution cannot dominate a step
+REFERENCE_TOKENS = 256
+# What the fuser learns to make likely: the worked reference (GSM8K's solution, a program, an
+# option) after the decision prompt, or the answer line the likelihood reward measures.
+FUSER_TARGETS = ("reference", "answer")  # the reference answer is cut here, so one long solution cannot dominate a step
 
 
 def reference_text(item: Item) -> str:
@@ -43,14 +47,17 @@ class Learner:
     the method learns), the optimizer's state and the reward baseline."""
 
     def __init__(
-        self, *, lr: float, seed: int, graph: LearnedGraph | None, fuser: FuserConfig | None, local: LocalModel | None
-    ) -> None:
+        self, *, lr: float, seed: int, graph: LearnedGraph | None, fuser: FuserConfig | None, local: LocalModel | None,
+        fuser_target: str = "reference",
+    ) -> None:  # fmt: skip
         params: dict[str, Any] = {}
         if graph is not None:
             params["policy"] = init_policy(graph.config, graph.feature_dim, torch.Generator().manual_seed(seed))
         if fuser is not None:
             params["fuser"] = init_fuser(fuser)
-        self.graph, self.local, self.fuser_config = graph, local, fuser
+        if fuser_target not in FUSER_TARGETS:
+            raise ValueError(f"fuser_target: expected one of {', '.join(FUSER_TARGETS)}, got {fuser_target!r}")
+        self.graph, self.local, self.fuser_config, self.fuser_target = graph, local, fuser, fuser_target
         self.optimizer = adam(lr)
         self.state = TrainState(params, self.optimizer.init(params), init_baseline())
 
@@ -71,12 +78,17 @@ class Learner:
 
     def _fuser_example(self, item: Item, context: Context) -> FuserExample:
         assert self.local is not None and context.fusion is not None
-        tok = self.local.tokenizer
-        ids, mask = encode_chat(self.local, [context.conversation])
-        prompt = ids[0][mask[0].bool()].tolist()
-        answer = tok.encode(reference_text(item), add_special_tokens=False)[:REFERENCE_TOKENS]
-        answer += list(self.local.eos_token_ids[:1])
-        batch = answer_batch([prompt], [answer], pad_token_id=tok.pad_token_id or 0)
+        if self.fuser_target == "answer":
+            # The answer line the likelihood reward measures (gcache.io.answers), so the fuser
+            # learns what the policy is rewarded for.
+            batch = answer_inputs(self.local, [context.conversation], [item])
+        else:
+            tok = self.local.tokenizer
+            ids, mask = encode_chat(self.local, [context.conversation])
+            prompt = ids[0][mask[0].bool()].tolist()
+            answer = tok.encode(reference_text(item), add_special_tokens=False)[:REFERENCE_TOKENS]
+            answer += list(self.local.eos_token_ids[:1])
+            batch = answer_batch([prompt], [answer], pad_token_id=tok.pad_token_id or 0)
         return FuserExample(context.fusion.caches, context.fusion.weights, context.fusion.sources, batch)
 
     def update(self, plans: Sequence[Plan], judged: Sequence[Context | None], rewards: Tensor) -> dict[str, float]:

@@ -30,7 +30,9 @@ import torch
 from gcache.core.fusion import FuserConfig
 from gcache.core.graph import DECISION, Node
 from gcache.core.latent import Decoding
+from gcache.core.rewards import reward
 from gcache.core.topology import TopologyConfig
+from gcache.io.answers import answer_logprobs
 from gcache.io.backends import Answer, ApiClient, ApiOutageError, answer_stop, generate_answer
 from gcache.io.communication import Communication, Context, LatentCaches, NodeOut, Outputs, TextMessages, stack_contexts
 from gcache.io.config import TINY_MODELS, RunConfig, api_config
@@ -43,6 +45,8 @@ from gcache.io.prompts import Role, agent_roles, latent_mas_roles
 from gcache.io.tasks import Item, Verdict, score_many, task_family
 
 log = logging.getLogger(__name__)
+
+NOT_DECODED = "not decoded: only the answer log-probability was measured"
 
 
 def _seed(*parts: Any) -> int:
@@ -106,42 +110,63 @@ class Pipeline:
     def train_step(self, items: Sequence[Item], step: int) -> list[dict]:
         """Answer a train batch with sampled graphs, update the learned parts, return its records.
 
-        A batch that fails (an API error, say) is recorded with its error and makes no update.
+        The reward of each question is ``gcache.core.rewards.reward(config.reward, ...)``: with
+        ``likelihood`` the judger does not decode (the reward reads only its context), and the
+        records say so. A batch that fails (an API error, say) is recorded with its error and
+        makes no update.
         """
         started = time.perf_counter()
         plans = [self._plan(item, train=True, seed=_seed(self.config.seed, "train", step, item.id)) for item in items]
+        decode = self.config.reward != "likelihood"
         try:
-            outs = self._answer(plans, step=step)
+            outs = self._answer(plans, step=step, decode=decode)
+            logprobs = self._answer_logprobs(plans, outs)
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
             log.warning("train step %d failed: %s", step, e)
-            outs = [_failed(e) for _ in plans]
-        verdicts = score_many([p.item for p in plans], [o.answer for o in outs])
-        if self.learner is not None and not any(o.error for o in outs):
-            rewards = torch.tensor([float(v.correct) for v in verdicts])
-            self.learner.update(plans, [o.judged for o in outs], rewards)
+            outs, logprobs = [_failed(e) for _ in plans], [None] * len(plans)
+        verdicts = self._verdicts(plans, outs, decode)
+        rewards: list[float | None] = [None] * len(plans)
+        if not any(o.error for o in outs):
+            rewards = [
+                reward(self.config.reward, v.correct if decode else None, lp) for v, lp in zip(verdicts, logprobs)
+            ]
+            if self.learner is not None:
+                self.learner.update(plans, [o.judged for o in outs], torch.tensor(rewards))
         seconds = (time.perf_counter() - started) / len(items)
         return [
-            self._record("train", f"{step}:{p.item.id}", p, o, v, seconds, step=step)
-            for p, o, v in zip(plans, outs, verdicts)
+            self._record("train", f"{step}:{p.item.id}", p, o, v, seconds, step=step, answer_logprob=lp, reward=r)
+            for p, o, v, lp, r in zip(plans, outs, verdicts, logprobs, rewards)
         ]
 
-    def evaluate(self, items: Sequence[Item]) -> list[dict]:
+    def evaluate(self, items: Sequence[Item], *, decode: bool = True) -> list[dict]:
         """Answer an eval batch with deterministic graphs and no gradient; one record per question.
-        A failing batch is answered question by question, each failure recorded with its error."""
+        A failing batch is answered question by question, each failure recorded with its error.
+        With ``decode`` False the judger only reads its context: the records hold the answer
+        log-probability and no answer (agents that speak under the decision rule still write)."""
         started = time.perf_counter()
         plans = [self._plan(item, train=False, seed=_seed(self.config.seed, "eval", item.id)) for item in items]
         try:
-            outs = self._answer(plans, step=0)
+            outs = self._answer(plans, step=0, decode=decode)
+            logprobs = self._answer_logprobs(plans, outs)
         except Exception as e:  # noqa: BLE001 - isolate the failing question, keep the others
             # With the endpoint held for down, retrying question by question only repeats the local work.
             if len(items) > 1 and not isinstance(e, ApiOutageError):
                 log.warning("a batch failed (%s); answering its questions one by one", e)
-                return [r for item in items for r in self.evaluate([item])]
+                return [r for item in items for r in self.evaluate([item], decode=decode)]
             log.warning("%s failed: %s", ", ".join(str(item.id) for item in items), e)
-            outs = [_failed(e) for _ in items]
-        verdicts = score_many([p.item for p in plans], [o.answer for o in outs])
+            outs, logprobs = [_failed(e) for _ in items], [None] * len(items)
+        verdicts = self._verdicts(plans, outs, decode)
         seconds = (time.perf_counter() - started) / len(items)
-        return [self._record("eval", p.item.id, p, o, v, seconds) for p, o, v in zip(plans, outs, verdicts)]
+        return [
+            self._record("eval", p.item.id, p, o, v, seconds, answer_logprob=lp)
+            for p, o, v, lp in zip(plans, outs, verdicts, logprobs)
+        ]
+
+    @staticmethod
+    def _verdicts(plans: Sequence[Plan], outs: Sequence[QuestionOut], decode: bool) -> list[Verdict]:
+        if not decode:
+            return [Verdict(False, None, NOT_DECODED) for _ in plans]
+        return score_many([p.item for p in plans], [o.answer for o in outs])
 
     def checkpoint(self, out: Path, step: int) -> None:
         if self.learner is not None:
@@ -176,8 +201,11 @@ class Pipeline:
     def _thinks(self, speakers: frozenset[Node], node: Node) -> bool:
         return self.comm.thinks and node not in speakers
 
-    def _answer(self, plans: Sequence[Plan], *, step: int) -> list[QuestionOut]:
-        """Run every question's graph wave by wave, then decide each answer (no gradient)."""
+    def _answer(self, plans: Sequence[Plan], *, step: int, decode: bool = True) -> list[QuestionOut]:
+        """Run every question's graph wave by wave, then decide each answer (no gradient).
+
+        With ``decode`` False the judger builds its context but writes nothing (its answer is "");
+        agents that speak under the decision rule still do (their text is their message)."""
         with torch.no_grad():
             outputs: list[Outputs] = [{} for _ in plans]
             contexts: list[dict[Node, Context]] = [{} for _ in plans]  # of the agents that wrote text
@@ -194,7 +222,7 @@ class Pipeline:
                 if speak:
                     self._speak(plans, outputs, contexts, speak, step=step)
             chosen = [self.decision.decide(p.item, p.schedule, outputs[q]) for q, p in enumerate(plans)]
-            judged = self._judge(plans, outputs, [q for q, node in enumerate(chosen) if node is None], step=step)
+            judged = self._judge(plans, outputs, [q for q, node in enumerate(chosen) if node is None], step=step, decode=decode)
         return [
             judged[q] if node is None else QuestionOut(outputs[q][node].text or "", outputs[q], None, contexts[q][node])
             for q, node in enumerate(chosen)
@@ -214,12 +242,18 @@ class Pipeline:
             outputs[q][n] = NodeOut(self.roles[n[1]].name, None, a.text, dict(a.tokens), seconds)
             contexts[q][n] = c
 
-    def _judge(self, plans: Sequence[Plan], outputs: list[Outputs], qs: list[int], *, step: int) -> dict[int, QuestionOut]:
-        """The decision node of each question in ``qs`` reads its inputs and writes the answer."""
+    def _judge(
+        self, plans: Sequence[Plan], outputs: list[Outputs], qs: list[int], *, step: int, decode: bool = True
+    ) -> dict[int, QuestionOut]:
+        """The decision node of each question in ``qs`` reads its inputs and writes the answer
+        (with ``decode`` False, only reads: the answer is "" and nothing is generated)."""
         if not qs:
             return {}
         started = time.perf_counter()
         contexts = [self.comm.context(plans[q].item, plans[q].schedule, outputs[q], DECISION, self._fuser) for q in qs]
+        if not decode:
+            seconds = (time.perf_counter() - started) / len(qs)
+            return {q: QuestionOut("", outputs[q], NodeOut("decision", None, None, {}, seconds), c) for q, c in zip(qs, contexts)}
         key = ",".join(f"{plans[q].item.id}/decision" for q in qs)
         answers = self.speaker.write(contexts, seed=_seed(self.config.seed, "decode", step, key))
         seconds = (time.perf_counter() - started) / len(qs)
@@ -227,6 +261,24 @@ class Pipeline:
             q: QuestionOut(a.text, outputs[q], NodeOut("decision", None, a.text, dict(a.tokens), seconds), c)
             for q, a, c in zip(qs, answers, contexts)
         }
+
+    def _answer_logprobs(self, plans: Sequence[Plan], outs: Sequence[QuestionOut]) -> list[float | None]:
+        """Per question, the reference answer's mean log-probability per token under the context the
+        answer was (or would be) decoded from (gcache.io.answers), in one batched forward with no
+        gradient; None where there is no context (a failed question) or no local model (API text)."""
+        local = self.speaker.local
+        rows = [q for q, o in enumerate(outs) if o.context is not None and o.error is None]
+        found: list[float | None] = [None] * len(outs)
+        if local is None or not rows:
+            return found
+        with torch.no_grad():
+            values = answer_logprobs(
+                local, [outs[q].context.conversation for q in rows], [outs[q].context.cache for q in rows],
+                [plans[q].item for q in rows],
+            ).tolist()  # fmt: skip
+        for q, v in zip(rows, values):
+            found[q] = float(v)
+        return found
 
     # ---------------------------------------------------------------- records
 
@@ -330,7 +382,10 @@ def build_pipeline(config: RunConfig) -> Pipeline:
         if config.method == "gcache" and config.fusion != "concat":
             fuser = FuserConfig(num_layers=local.fns.num_layers, num_agents=len(roles), mode=config.fusion)
         graph = planner if isinstance(planner, LearnedGraph) else None
-        learner = Learner(lr=config.lr, seed=config.seed, graph=graph, fuser=fuser, local=local)
+        learner = Learner(
+            lr=config.lr, seed=config.seed, graph=graph, fuser=fuser, local=local,
+            fuser_target="reference" if config.reward == "accuracy" else "answer",
+        )  # fmt: skip
     stop = answer_stop(local, task_family(config.task)) if (config.stop_at_answer and local is not None) else None
     decoding = Decoding(config.max_new_tokens, temperature=config.temperature, stop=stop)
     return Pipeline(config, roles, planner, comm, decision, Speaker(config.generation_mode, local, api, decoding), learner)

@@ -8,16 +8,20 @@ import numpy as np
 from rich.table import Table
 
 from gcache.io.runlog import summarize
+from gcache.io.stats import format_interval
 
 
 def records_table(summary: dict, records: list[dict]) -> Table:
-    """One row per phase: questions, accuracy, tokens, seconds per question, errors, retries.
+    """One row per phase: questions, accuracy, mean answer log-probability [95% CI], tokens,
+    seconds per question, errors, retries.
 
     Each question counts once, by its latest line in ``records`` (every line of results.jsonl);
     ``retries`` counts the earlier, errored lines that a retry replaced.
     """
     table = Table(title=f"{summary.get('task')} / {summary.get('method')} ({summary.get('generation_mode')})")
-    for col in ("phase", "n", "accuracy", "prompt tok", "latent tok", "generated tok", "s / question", "errors", "retries"):
+    columns = ("phase", "n", "accuracy", "answer logprob [95% CI]", "prompt tok", "latent tok", "generated tok",
+               "s / question", "errors", "retries")
+    for col in columns:
         table.add_column(col, justify="left" if col == "phase" else "right")
     for phase in ("train", "eval"):
         s = summarize(r for r in records if r["phase"] == phase)
@@ -25,10 +29,81 @@ def records_table(summary: dict, records: list[dict]) -> Table:
             continue
         t = s["tokens"]
         table.add_row(
-            phase, str(s["n"]), f"{s['accuracy']:.3f}", str(t["prompt"]), str(t["latent"]), str(t["generated"]),
-            f"{s['seconds'] / s['n']:.2f}", str(s["errors"]), str(s["retries"]),
+            phase, str(s["n"]), f"{s['accuracy']:.3f}", format_interval(s["answer_logprob"]),
+            str(t["prompt"]), str(t["latent"]), str(t["generated"]), f"{s['seconds'] / s['n']:.2f}", str(s["errors"]),
+            str(s["retries"]),
         )
     return table
+
+
+def learning_curve(records: list[dict]) -> list[dict]:
+    """Per training step (the train records' ``step``), in step order: the questions, their mean
+    ``reward`` and mean ``answer_logprob`` (None where no record of the step has a finite one)."""
+    steps: dict[int, list[dict]] = {}
+    for r in records:
+        if r.get("phase") == "train" and isinstance(r.get("step"), int):
+            steps.setdefault(r["step"], []).append(r)
+    curve = []
+    for step in sorted(steps):
+        rows = steps[step]
+        curve.append({"step": step, "n": len(rows), "reward": _mean(r.get("reward") for r in rows),
+                      "answer_logprob": _mean(r.get("answer_logprob") for r in rows)})
+    return curve
+
+
+def _mean(values) -> float | None:
+    kept = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)]
+    return float(np.mean(kept)) if kept else None
+
+
+def curve_table(curve: list[dict]) -> Table:
+    """The learning curve as a table: step, questions, mean reward, mean answer log-probability."""
+    table = Table(title="learning curve (train)")
+    for col in ("step", "n", "reward", "answer logprob"):
+        table.add_column(col, justify="right")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for c in curve:
+        table.add_row(str(c["step"]), str(c["n"]), fmt(c["reward"]), fmt(c["answer_logprob"]))
+    return table
+
+
+def edge_table(names: list[str], probs: np.ndarray, counts: np.ndarray) -> Table:
+    """The learned graph: every edge with a positive mean probability, most likely first."""
+    table = Table(title="learned graph (eval): edge probabilities")
+    for col in ("from", "to", "mean p", "taken"):
+        table.add_column(col, justify="left" if col in ("from", "to") else "right")
+    edges = [(probs[i, j], i, j) for i in range(len(names)) for j in range(len(names)) if probs[i, j] > 0]
+    for p, i, j in sorted(edges, reverse=True):
+        table.add_row(names[i], names[j], f"{p:.3f}", str(int(counts[i, j])))
+    return table
+
+
+def plot_learning_curve(
+    curve: list[dict], path: Path, *, title: str = "", held_out: list[dict] | None = None
+) -> Path:
+    """The train reward per step (and, when given, the held-out mean answer log-probability
+    [{"step", "mean", "low", "high"}] with its interval as a band); writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    points = [(c["step"], c["reward"]) for c in curve if c.get("reward") is not None]
+    if points:
+        ax.plot(*zip(*points), marker="o", ms=3, lw=1, label="train reward (batch mean)")
+    if held_out:
+        xs = [h["step"] for h in held_out]
+        ax.plot(xs, [h["mean"] for h in held_out], marker="s", ms=4, lw=1.5, color="C1",
+                label="held-out mean answer log-probability")
+        ax.fill_between(xs, [h["low"] for h in held_out], [h["high"] for h in held_out], color="C1", alpha=0.2,
+                        label="95% CI")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("reward / mean log-probability per answer token")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title + " — learning curve")
+    return _save(fig, path)
 
 
 def edge_matrix(
@@ -103,6 +178,13 @@ def plot_topology(names: list[str], probs: np.ndarray, counts: np.ndarray, path:
     ax_g.set_aspect("equal")
     ax_g.axis("off")
     fig.suptitle(title + " — learned communication topology (eval)")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Lay out, write the PNG, release the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

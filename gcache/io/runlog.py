@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from gcache.io.stats import mean_ci
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +162,9 @@ def _truncate_to_complete_lines(path: Path) -> None:
 
 
 def summarize(records: Iterable[dict]) -> dict:
-    """Accuracy, token totals, seconds and errors over the lines of one phase.
+    """Accuracy, token totals, seconds and errors over the lines of one phase, and the mean
+    answer log-probability with its 95% bootstrap interval (gcache.io.stats.mean_ci) over the
+    questions that carry a finite ``answer_logprob`` (None when none does).
 
     Each question counts once, by its latest line; ``retries`` is the number of earlier
     lines (errored attempts that a later line replaced).
@@ -172,6 +177,7 @@ def summarize(records: Iterable[dict]) -> dict:
         for k in tokens:
             tokens[k] += int((r.get("tokens") or {}).get(k, 0))
     correct = sum(bool(r.get("correct")) for r in records)
+    logprobs = [float(v) for v in (r.get("answer_logprob") for r in records) if _finite(v)]
     return {
         "n": n,
         "accuracy": correct / n if n else None,
@@ -180,4 +186,9 @@ def summarize(records: Iterable[dict]) -> dict:
         "seconds": sum(float(r.get("seconds") or 0.0) for r in records),
         "errors": sum(r.get("error") is not None for r in records),
         "retries": len(lines) - n,
+        "answer_logprob": mean_ci(logprobs).as_dict() if logprobs else None,
     }
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,72 @@
+"""The policy's reward for one question, from what a run measured of its answer.
+
+Three kinds (``REWARDS``), chosen with ``--reward``:
+
+- ``accuracy``: 1.0 when the decoded answer is correct, else 0.0.
+- ``likelihood``: the reference answer's mean log-probability per token under the decision
+  node's context (``gcache.io.answers``), clipped to ``[LOGPROB_FLOOR, 0]``. It needs no
+  decoded answer: a small model that never answers right still ranks graphs by how much
+  closer they bring it to the right answer.
+- ``mixed``: ``correct + exp(clipped log-probability)``, in [0, 2]. The exponential is the
+  geometric-mean probability per answer token, in (0, 1], so a correct answer always scores
+  above a wrong one (1 + p > p'), and among answers equally right or wrong, the graph that
+  makes the reference more likely wins. Accuracy alone is 0 for almost every question of a
+  small model; the likelihood term keeps those questions' advantages non-zero.
+
+REINFORCE subtracts a baseline (a mean of other rewards), so only differences between rewards
+matter, not their scale or offset. Every reward is finite and bounded, whatever the measured
+log-probability (NaN and -inf, as from an answer the model cannot produce, map to the floor).
+"""
+
+from __future__ import annotations
+
+import math
+
+REWARDS = ("accuracy", "likelihood", "mixed")
+
+# A mean log-probability per token of -20 is far below a uniform guess over any real
+# vocabulary (log(1 / 49152) = -10.8 for SmolLM2): values under it carry no ranking worth a
+# gradient, and clipping keeps one pathological row from dominating a batch.
+LOGPROB_FLOOR = -20.0
+
+
+def clip_logprob(answer_logprob: float) -> float:
+    """The log-probability clipped to ``[LOGPROB_FLOOR, 0]``; NaN maps to the floor.
+
+    Raises TypeError when it is not a real number."""
+    if isinstance(answer_logprob, bool) or not isinstance(answer_logprob, (int, float)):
+        raise TypeError(f"answer_logprob: expected a float, got {type(answer_logprob).__name__}")
+    value = float(answer_logprob)
+    if math.isnan(value):
+        return LOGPROB_FLOOR
+    return min(0.0, max(LOGPROB_FLOOR, value))
+
+
+def reward(kind: str, correct: bool | None, answer_logprob: float | None) -> float:
+    """The reward of one question under ``kind`` (one of ``REWARDS``; see the module docstring).
+
+    correct: whether the decoded answer was right (None when nothing was decoded: only the
+    likelihood reward does without it); answer_logprob: the reference answer's mean
+    log-probability per token (None when it was not measured: only the accuracy reward does
+    without it). Bounds: accuracy in {0, 1}, likelihood in [LOGPROB_FLOOR, 0], mixed in [0, 2].
+    Raises ValueError for an unknown kind or a missing input the kind needs, TypeError for
+    inputs of the wrong type.
+    """
+    if kind not in REWARDS:
+        raise ValueError(f"reward: expected one of {', '.join(REWARDS)}, got {kind!r}")
+    if kind != "likelihood":
+        if correct is None:
+            raise ValueError(f"correct: the {kind} reward needs a decoded answer's verdict, got None")
+        if not isinstance(correct, bool):
+            raise TypeError(f"correct: expected a bool, got {type(correct).__name__}")
+        if kind == "accuracy":
+            return float(correct)
+    if answer_logprob is None:
+        raise ValueError(f"answer_logprob: the {kind} reward needs the answer's log-probability, got None")
+    clipped = clip_logprob(answer_logprob)
+    if kind == "likelihood":
+        return clipped
+    return float(correct) + math.exp(clipped)
+
+
+__all__ = ["LOGPROB_FLOOR", "REWARDS", "clip_logprob", "reward"]

@@ -1,0 +1,115 @@
+"""Rewards and answer likelihoods through the runner (tiny random model): every method records
+``answer_logprob``, train lines their ``reward``, the likelihood reward trains without decoding,
+the summary carries the mean answer log-probability, and a bad ``--reward`` is one line."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gcache.core.rewards import reward
+from gcache.io.config import METHODS, build_config
+from gcache.io.experiment import run_experiment
+from gcache.io.runlog import read_records
+from gcache_cli.main import app
+
+TINY = dict(model="tiny-llama", max_new_tokens=4, batch_size=2)
+
+
+def _run(tmp_path: Path, method: str, **extra) -> tuple[list[dict], dict]:
+    flags = {"task": "gsm8k", "method": method, "out": str(tmp_path / method), "limit": 2, **TINY, **extra}
+    if method in ("latent-mas", "gcache"):
+        flags.setdefault("latent_steps", 2)
+    if method in ("gcache", "text-mas"):
+        flags.setdefault("num_iterations", 1)
+        flags.setdefault("train_size", 2)
+        flags.setdefault("num_agents", 3)
+    summary = run_experiment(build_config(flags))
+    return read_records(Path(flags["out"]) / "results.jsonl"), summary
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_records_a_finite_answer_logprob_and_the_summary_its_mean(method, tmp_path):
+    records, summary = _run(tmp_path, method)
+    for r in records:
+        assert isinstance(r["answer_logprob"], float) and math.isfinite(r["answer_logprob"]) and r["answer_logprob"] <= 0
+        if r["phase"] == "train":  # the default reward is accuracy
+            assert r["reward"] == float(r["correct"])
+    evals = [r["answer_logprob"] for r in records if r["phase"] == "eval"]
+    interval = summary["answer_logprob"]
+    assert interval["n"] == len(evals) and math.isclose(interval["mean"], sum(evals) / len(evals))
+    assert interval["low"] <= interval["mean"] <= interval["high"]
+
+
+def test_the_likelihood_reward_trains_without_decoding_the_judger(tmp_path):
+    records, summary = _run(tmp_path, "gcache", reward="likelihood", num_iterations=2, train_size=4)
+    train = [r for r in records if r["phase"] == "train"]
+    assert len(train) == 4
+    for r in train:
+        assert r["reward"] == reward("likelihood", None, r["answer_logprob"])
+        assert r["answer"] == "" and r["prediction"] is None and r["score_note"].startswith("not decoded")
+        assert r["tokens"]["generated"] == 0
+        decision = [t for t in r["trace"] if t["node"] == "decision"]
+        assert decision and decision[0]["text"] is None
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert all(r["tokens"]["generated"] > 0 for r in evals)  # evaluation still decodes
+    assert summary["train"]["answer_logprob"]["n"] == 4
+
+
+def test_the_mixed_reward_adds_the_answer_probability_to_accuracy(tmp_path):
+    records, _ = _run(tmp_path, "gcache", reward="mixed")
+    for r in (r for r in records if r["phase"] == "train"):
+        assert math.isclose(r["reward"], float(r["correct"]) + math.exp(r["answer_logprob"]), rel_tol=1e-12)
+        assert r["tokens"]["generated"] > 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--reward", "accuarcy"], "--reward: expected one of accuracy, likelihood, mixed, got 'accuarcy'"),
+        (["--method", "single", "--reward", "likelihood"], "--reward does not apply to --method single"),
+        (["--method", "text-mas", "--generation-mode", "api", "--reward", "likelihood"],
+         "--reward likelihood reads the answer's likelihood through the local model"),
+    ],
+)
+def test_a_bad_reward_is_one_clear_line(flags, message, tmp_path):
+    result = CliRunner().invoke(app, ["run", "gsm8k", *flags, "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_learning_benchmark_smoke_run_writes_its_json_markdown_and_curve(tmp_path):
+    """benchmarks/learning.py --smoke, as CI runs it: every compared method with its interval,
+    the learned-minus-method paired differences, the curve, the markdown table and the PNG."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "learning.py"), "--smoke", "--out", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "learning.json").read_text())
+    expected = {"learned", "chain", "star", "mesh", "layered", "random", "full (untrained)", "latent-mas", "single",
+                "text-mas"}
+    assert set(report["methods"]) == expected
+    for name, row in report["methods"].items():
+        a = row["answer_logprob"]
+        assert a["low"] <= a["mean"] <= a["high"] <= 0
+        values = report["per_question"][name]
+        assert a["n"] == len(values) and math.isclose(a["mean"], sum(values.values()) / len(values))
+        if name != "learned":
+            d = row["learned_minus"]
+            shared = [q for q in values if q in report["per_question"]["learned"]]
+            want = sum(report["per_question"]["learned"][q] - values[q] for q in shared) / len(shared)
+            assert math.isclose(d["mean"], want, abs_tol=1e-9) and d["low"] <= d["mean"] <= d["high"]
+    assert [r["step"] for r in report["curve"]["train"]] == list(range(report["settings"]["steps"]))
+    assert report["curve"]["held_out"][0]["step"] == 0
+    assert report["machine"]["source"]["commit"]
+    assert "| learned |" in (tmp_path / "learning.md").read_text()
+    assert (tmp_path / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
