@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import typer
 
+from gcache.io import distributed
 from gcache.io.apiconfig import SETTING_VARS, ApiConfig
-from gcache.io.config import RunConfig, build_config
+from gcache.io.config import RunConfig, build_config, flag
 from gcache_cli.main import app, fail
 
 _D = RunConfig()  # defaults shown in --help
@@ -79,17 +81,36 @@ def run(
     out: Optional[str] = typer.Option(None, help="Run folder (default: runs/TASK-METHOD)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out, skipping finished questions."),
     params: Optional[str] = typer.Option(None, help="Load learned parameters (params.safetensors) and evaluate only."),
+    nproc: Optional[int] = typer.Option(
+        None, help="Run as N data-parallel processes on this machine (torchrun's launcher; see README 'Scaling out')."
+    ),
 ) -> None:
-    """Train (methods with learned parts) and evaluate one method on one task."""
-    explicit = {k: v for k, v in locals().items() if v is not None and k != "resume"}
+    """Train (methods with learned parts) and evaluate one method on one task.
+
+    Under torchrun (`torchrun --nproc-per-node N -m gcache_cli run TASK ...`) each process
+    answers a share of every batch; rank 0 writes the run folder.
+    """
+    explicit = {k: v for k, v in locals().items() if v is not None and k not in ("resume", "nproc")}
     explicit["resume"] = resume
     try:
+        world = distributed.detect()
         config = build_config(explicit)
         from gcache.io.experiment import check_before_loading, run_experiment
 
-        check_before_loading(config)
+        if world is None:
+            check_before_loading(config)  # under torchrun, rank 0 checks once every rank has joined
+        if nproc is not None and (nproc < 1 or world is not None):
+            raise ValueError(
+                f"--nproc: expected a positive number, got {nproc}" if nproc < 1
+                else "--nproc launches torchrun itself: leave it out when torchrun starts gcache"
+            )
     except ValueError as e:
         raise fail(str(e)) from None
+    if nproc is not None and nproc > 1:
+        raise typer.Exit(distributed.launch(nproc, run_args(task, explicit), threads=config.threads))
+    if world is not None:
+        _run_rank(config, world)
+        return
     try:
         run_experiment(config)
     except ValueError as e:
@@ -100,3 +121,45 @@ def run(
             err=True,
         )
         raise typer.Exit(130) from None
+
+
+def _run_rank(config: RunConfig, world: distributed.World) -> None:
+    """One rank of a torchrun job: rank 0 prints the job's errors, one line each; the others stay
+    quiet (a rank that lost contact says so, unless `gcache run --nproc` launched it, which does)."""
+    try:
+        distributed.run(config, world)
+    except distributed.RankFailed as e:
+        raise (fail(str(e), e.code) if world.leader else typer.Exit(e.code)) from None
+    except ValueError as e:
+        raise (fail(f"{e}") if world.leader else typer.Exit(2)) from None
+    except distributed.LostRank as e:
+        if os.environ.get(distributed.LAUNCHED_VAR):
+            raise typer.Exit(distributed.LOST) from None
+        raise fail(str(e), distributed.LOST) from None
+    except KeyboardInterrupt:
+        if world.leader:
+            typer.secho(
+                f"interrupted: finished questions are in {config.out_dir}/results.jsonl; continue with --resume",
+                err=True,
+            )
+        raise typer.Exit(130) from None
+
+
+# Switches whose off form is not --no-NAME.
+_OFF = {"latent_only": "--full-cache"}
+
+
+def run_args(task: str, explicit: dict) -> list[str]:
+    """The `gcache run` arguments that give the settings ``explicit`` (each launched rank parses them)."""
+    args = [task]
+    for name, value in explicit.items():
+        if name == "task" or value is None:
+            continue
+        if isinstance(value, bool):
+            if name == "resume":
+                args += ["--resume"] if value else []
+            else:
+                args.append(flag(name) if value else _OFF.get(name, "--no-" + flag(name)[2:]))
+        else:
+            args += [flag(name), str(value)]
+    return args

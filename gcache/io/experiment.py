@@ -87,8 +87,12 @@ def train_batches(train: Sequence, config: RunConfig) -> list[list]:
     return batches
 
 
-def run_experiment(config: RunConfig, *, console: Console | None = None) -> dict:
-    """Run the whole experiment of ``config`` and return its summary (also in summary.json)."""
+def run_experiment(config: RunConfig, *, console: Console | None = None, build=None) -> dict:
+    """Run the whole experiment of ``config`` and return its summary (also in summary.json).
+
+    ``build(config)`` makes the pipeline (default ``build_pipeline``; under torchrun, rank 0's
+    ``gcache.io.distributed.TeamPipeline``, whose ``ranks`` answer each batch together).
+    """
     from gcache.io.pipeline import build_pipeline
 
     console = console or Console(stderr=True)
@@ -98,7 +102,7 @@ def run_experiment(config: RunConfig, *, console: Console | None = None) -> dict
     runlog = RunLog.open(out, resume=config.resume)
     write_json_atomic(out / CONFIG, config.to_dict())
     train, test = split_items(config)
-    pipeline = build_pipeline(config)
+    pipeline = (build or build_pipeline)(config)
     if config.params is not None:
         pipeline.load(Path(config.params))
 
@@ -147,8 +151,9 @@ def _evaluate(pipeline, test, runlog: RunLog, config: RunConfig, console: Consol
     correct = sum(bool(r["correct"]) for r in done)
     with _progress(console) as bar:
         task = bar.add_task("eval", total=len(test), completed=len(test) - len(todo), status="")
-        for i in range(0, len(todo), config.batch_size):
-            for record in pipeline.evaluate(todo[i : i + config.batch_size]):
+        size = config.batch_size * pipeline.ranks  # each rank answers batch_size questions at once
+        for i in range(0, len(todo), size):
+            for record in pipeline.evaluate(todo[i : i + size]):
                 runlog.append(record)
                 done.append(record)
                 correct += bool(record["correct"])

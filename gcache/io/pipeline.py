@@ -36,7 +36,7 @@ from gcache.io.communication import Communication, Context, LatentCaches, NodeOu
 from gcache.io.config import TINY_MODELS, RunConfig, api_config
 from gcache.io.decision import DECISIONS, Decision
 from gcache.io.embed import load_encoder
-from gcache.io.learner import Learner
+from gcache.io.learner import Learner, Team
 from gcache.io.models import LocalModel, load_model, tiny_model
 from gcache.io.planner import FixedGraph, LearnedGraph, Plan, Planner, candidate_mask
 from gcache.io.prompts import Role, agent_roles, latent_mas_roles
@@ -94,6 +94,8 @@ class Speaker:
 class Pipeline:
     """A run's components and how they answer, train on and record a batch."""
 
+    ranks = 1  # processes answering each batch together (gcache.io.distributed.TeamPipeline: several)
+
     def __init__(
         self, config: RunConfig, roles: Sequence[Role], planner: Planner, comm: Communication,
         decision: Decision, speaker: Speaker, learner: Learner | None,
@@ -116,9 +118,9 @@ class Pipeline:
             log.warning("train step %d failed: %s", step, e)
             outs = [_failed(e) for _ in plans]
         verdicts = score_many([p.item for p in plans], [o.answer for o in outs])
-        if self.learner is not None and not any(o.error for o in outs):
+        if self.learner is not None:
             rewards = torch.tensor([float(v.correct) for v in verdicts])
-            self.learner.update(plans, [o.judged for o in outs], rewards)
+            self.learner.update(plans, [o.judged for o in outs], rewards, failed=any(o.error for o in outs))
         seconds = (time.perf_counter() - started) / len(items)
         return [
             self._record("train", f"{step}:{p.item.id}", p, o, v, seconds, step=step)
@@ -294,10 +296,10 @@ def _roles(config: RunConfig) -> list[Role]:
     return agent_roles(config.task, config.agents, config.num_agents)
 
 
-def build_pipeline(config: RunConfig) -> Pipeline:
+def build_pipeline(config: RunConfig, *, team: Team | None = None) -> Pipeline:
     """The one place where a run's method becomes components: the local model (unless text-only
     API), the API client (API modes), the roles, the planner, the communication, the decision
-    rule, the speaker and the learned parts."""
+    rule, the speaker and the learned parts (which, under a ``team`` of processes, step together)."""
     latent = config.method in ("latent-mas", "gcache")
     local = load_local(config) if (config.generation_mode != "api" or latent) else None
     api = ApiClient(api_config(config)) if config.generation_mode != "local" else None
@@ -327,7 +329,7 @@ def build_pipeline(config: RunConfig) -> Pipeline:
         if config.method == "gcache" and config.fusion != "concat":
             fuser = FuserConfig(num_layers=local.fns.num_layers, num_agents=len(roles), mode=config.fusion)
         graph = planner if isinstance(planner, LearnedGraph) else None
-        learner = Learner(lr=config.lr, seed=config.seed, graph=graph, fuser=fuser, local=local)
+        learner = Learner(lr=config.lr, seed=config.seed, graph=graph, fuser=fuser, local=local, team=team)
     stop = answer_stop(local, task_family(config.task)) if (config.stop_at_answer and local is not None) else None
     decoding = Decoding(config.max_new_tokens, temperature=config.temperature, stop=stop)
     return Pipeline(config, roles, planner, comm, decision, Speaker(config.generation_mode, local, api, decoding), learner)
