@@ -343,8 +343,8 @@ def start(config: RunConfig, world: World, *, num_questions: Callable[[], int]) 
         here = torch.device("cuda", world.local_rank if config.device in ("cuda", "auto") else torch.device(config.device).index or 0)
         torch.cuda.set_device(here)
     torch.set_num_threads(rank_threads(config.threads, world))
-    dist.init_process_group("nccl" if gpu else "gloo", timeout=timeout)
     team = Team(world, here)
+    team._collective(lambda: dist.init_process_group("nccl" if gpu else "gloo", timeout=timeout))
     try:
         rank_device(config.device, world)
         count = num_questions() if world.leader else None
@@ -531,7 +531,6 @@ def launch(nproc: int, args: Sequence[str], *, threads: int | None = None) -> in
     A rank that ends on an error has said so itself; a rank killed by a signal is said here in one line.
     """
     # torchrun's launcher (torch.distributed.elastic) is imported only when a job is launched.
-    import signal
     import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -543,33 +542,50 @@ def launch(nproc: int, args: Sequence[str], *, threads: int | None = None) -> in
     per_rank = rank_threads(threads, World(0, nproc, 0, nproc))
     os.environ.setdefault("OMP_NUM_THREADS", str(per_rank))
     os.environ[LAUNCHED_VAR] = "1"
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     parsed = get_args_parser().parse_args([
         "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
         "--rdzv-id", str(uuid.uuid4()), "--max-restarts", "0", "-m", "gcache_cli", "run", *args,
     ])  # fmt: skip
     launch_config, cmd, cmd_args = config_from_args(parsed)
+    for name in list(logging.root.manager.loggerDict):  # the launcher's own reports: said here in one line
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         elastic_launch(launch_config, cmd)(*cmd_args)
     except ChildFailedError as e:
-        killed = sorted((r, f) for r, f in e.failures.items() if f.exitcode < 0)
-        if killed:
-            rank, failure = killed[0]
-            name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.Signals._value2member_map_ else str(-failure.exitcode)
-            print(
-                f"error: rank {rank} of {nproc} (pid {failure.pid}) was killed by {name}; the finished questions are "
-                "kept in the run folder: continue with --resume",
-                file=sys.stderr,
-            )
-            return 128 - failure.exitcode
-        rank, failure = min(e.failures.items())
-        if failure.exitcode == LOST:
-            print(
-                f"error: rank {rank} of {nproc} lost contact with the other ranks (one hung past {TIMEOUT_VAR} "
-                "seconds, or died); continue with --resume",
-                file=sys.stderr,
-            )
-        return failure.exitcode
+        line, code = _failure_line(e.failures, nproc)
+        if line:
+            print(f"error: {line}", file=sys.stderr)
+        return code
+    return 0
+
+
+def _failure_line(failures: Mapping[int, Any], nproc: int) -> tuple[str | None, int]:
+    """What to say of a launched job that failed, and its exit status. A rank that exited with an
+    error status has printed its line; the launcher ends the other ranks with SIGTERM."""
+    import signal
+
+    said = sorted((r, f.exitcode) for r, f in failures.items() if f.exitcode > 0 and f.exitcode != LOST)
+    if said:
+        return None, said[0][1]
+    killed = sorted((f.exitcode == -signal.SIGTERM, r, f) for r, f in failures.items() if f.exitcode < 0)
+    if killed:
+        _, rank, failure = killed[0]  # a rank killed by anything but the launcher's SIGTERM comes first
+        try:
+            name = signal.Signals(-failure.exitcode).name
+        except ValueError:
+            name = f"signal {-failure.exitcode}"
+        return (
+            f"rank {rank} of {nproc} (pid {failure.pid}) was killed by {name}; the finished questions are kept "
+            "in the run folder: continue with --resume",
+            128 - failure.exitcode,
+        )
+    rank = min(failures)
+    return (
+        f"rank {rank} of {nproc} lost contact with the other ranks (one hung past {TIMEOUT_VAR} seconds, "
+        "or died); continue with --resume",
+        LOST,
+    )
     return 0
 
 
