@@ -177,10 +177,13 @@ def test_training_on_two_ranks_takes_the_steps_of_one_process(tmp_path):
     code, stderr = _launch([*args, "--out", str(tmp_path / "two")])
     assert code == 0, stderr
     assert _lines(tmp_path / "two") == _lines(tmp_path / "one")
+    # One process rolls the batch's two questions out together, each rank one alone: their caches
+    # (the fuser's inputs) differ in the last float bits, so the parameters agree to 1e-5 here;
+    # on the same inputs the step agrees to 1e-6 (the test above).
     one, two = (load_file(tmp_path / name / "params.safetensors") for name in ("one", "two"))
     assert one.keys() == two.keys() and one
     for k in one:
-        assert float((one[k] - two[k]).abs().max()) <= 1e-6, k
+        assert float((one[k] - two[k]).abs().max()) <= 1e-5, k
 
 
 def _rank_pids(parent: int) -> dict[int, int]:
