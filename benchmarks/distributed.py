@@ -7,8 +7,8 @@ Both runs are the real command (`gcache run gsm8k --method latent-mas ... --batc
 as one process with ``--threads 2``, one as ``--nproc 2 --threads 1``, on the same questions,
 alternated ``--reps`` times so drift of a shared machine hits both. Wall time includes process
 start and model loading (once per rank); the steady rate is measured from the file: the time
-between the first and the last line of results.jsonl, over the questions answered in between
-(polled every 20 ms), so start-up cancels. The answers (every results.jsonl field but timings)
+between the first and the last complete round of lines in results.jsonl (a round: one line
+per rank), over the questions answered in between (polled every 20 ms), so start-up cancels. The answers (every results.jsonl field but timings)
 must be the same. Also written: what a training step all-reduces (the learned parts of
 ``--method gcache`` with this model: policy and fuser parameters, float32), and the expected
 scaling on GPUs, on paper.
@@ -62,7 +62,9 @@ def run_once(args: argparse.Namespace, nproc: int, folder: Path) -> dict:
     n = _count(results)
     if not events or events[-1][1] != n:
         events.append((wall, n))
-    (t0, n0), (t1, n1) = events[0], events[-1]
+    # Rank 0 appends a round's lines one after the other: count whole rounds only.
+    rounds = [(t, k) for t, k in events if k % nproc == 0 or k == n]
+    (t0, n0), (t1, n1) = rounds[0], rounds[-1]
     return {
         "wall_seconds": wall,
         "seconds_to_first_line": t0,
