@@ -126,6 +126,7 @@ def run(
 def _run_rank(config: RunConfig, world: distributed.World) -> None:
     """One rank of a torchrun job: rank 0 prints the job's errors, one line each; the others stay
     quiet (a rank that lost contact says so, unless `gcache run --nproc` launched it, which does)."""
+    distributed.die_with_launcher()
     try:
         distributed.run(config, world)
     except distributed.RankFailed as e:

@@ -60,13 +60,32 @@ class Ranks:
         return out
 
     def kill(self) -> None:
+        """SIGKILL every process started and every descendant (torchrun starts ranks in sessions of their own)."""
         for proc in self.procs:
-            if proc.poll() is None:
+            for pid in [proc.pid, *descendants(proc.pid)]:
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                proc.wait()
+            proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
     def __enter__(self) -> "Ranks":
         return self

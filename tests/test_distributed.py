@@ -205,6 +205,22 @@ def _rank_pids(parent: int) -> dict[int, int]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for_lines(job, results: Path, n: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and job.poll() is None:
+        if results.exists() and len(read_records(results)) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} lines in {results} (the job ended with {job.poll()})")
+
+
 def test_a_killed_rank_ends_the_job_and_resume_loses_and_duplicates_nothing(tmp_path):
     out = tmp_path / "run"
     args = ["gsm8k", "--method", "latent-mas", *TINY, "--max-new-tokens", "24", "--latent-steps", "2",
@@ -212,11 +228,7 @@ def test_a_killed_rank_ends_the_job_and_resume_loses_and_duplicates_nothing(tmp_
     results = out / "results.jsonl"
     with Ranks() as ranks:
         job = ranks.start(gcache_run(*args, "--nproc", "2"), env={**os.environ, "GCACHE_DIST_TIMEOUT": "120"})
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline and job.poll() is None:
-            if results.exists() and len(read_records(results)) >= 2:
-                break
-            time.sleep(0.05)
+        _wait_for_lines(job, results, 2)
         pids = _rank_pids(job.pid)
         assert 1 in pids, f"rank 1 is running ({pids})"
         os.kill(pids[1], signal.SIGKILL)
@@ -225,13 +237,36 @@ def test_a_killed_rank_ends_the_job_and_resume_loses_and_duplicates_nothing(tmp_
     assert code != 0 and 2 <= len(before) < 8, "the kill must land midway"
     lines = _errors(stderr)
     assert len(lines) == 1 and "rank 1 of 2" in lines[0] and "SIGKILL" in lines[0], stderr
-    assert not _rank_pids(job.pid), "no rank is left behind"
+    assert not any(_alive(pid) for pid in pids.values()), "no rank is left behind"
     code, stderr = _launch([*args, "--resume"])
     assert code == 0, stderr
     after = read_records(results)
     ids = [r["id"] for r in after]
     assert len(ids) == 8 and len(set(ids)) == 8 and json.loads((out / "summary.json").read_text())["n"] == 8
     assert after[: len(before)] == before, "finished lines are kept as they were"
+
+
+@pytest.mark.slow
+def test_a_killed_job_leaves_no_rank_and_resumes_in_one_process(tmp_path):
+    """kill -9 of `gcache run --nproc 2` itself: its ranks (in sessions of their own) die with it."""
+    out = tmp_path / "run"
+    args = ["gsm8k", "--method", "latent-mas", *TINY, "--max-new-tokens", "24", "--latent-steps", "2",
+            "--limit", "6", "--out", str(out)]  # fmt: skip
+    with Ranks() as ranks:
+        job = ranks.start(gcache_run(*args, "--nproc", "2"))
+        _wait_for_lines(job, out / "results.jsonl", 2)
+        pids = _rank_pids(job.pid)
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(pids) == 2 and not any(_alive(p) for p in pids.values()), "the ranks die with their launcher"
+    before = read_records(out / "results.jsonl")
+    assert 2 <= len(before) < 6
+    run_experiment(build_config({**_flags(args[:-2]), "out": str(out), "resume": True}))
+    after = read_records(out / "results.jsonl")
+    assert len({r["id"] for r in after}) == len(after) == 6 and after[: len(before)] == before
 
 
 def test_more_ranks_than_questions_is_one_clear_line(tmp_path):

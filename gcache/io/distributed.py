@@ -135,8 +135,9 @@ def rank_threads(threads: int | None, world: World, cpus: int | None = None) -> 
     """torch CPU threads of a rank: ``--threads`` when given, else the node's cores shared out."""
     if threads is not None:
         return threads
-    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cpus or 1) // world.local_size)
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // world.local_size)
 
 
 def collective_timeout(environ: Mapping[str, str] | None = None) -> datetime.timedelta:
@@ -521,7 +522,23 @@ def _tell_followers(team: Team, lead: list[TeamPipeline], error: BaseException) 
         pass  # they know now (or are gone); rank 0 reports its own error
 
 
-LAUNCHED_VAR = "GCACHE_LAUNCHED"  # set by ``gcache run --nproc``: its launcher says how a lost rank ended
+LAUNCHED_VAR = "GCACHE_LAUNCHED"  # set by ``gcache run --nproc`` (its pid): it says how a lost rank ended
+
+
+def die_with_launcher(environ: Mapping[str, str] | None = None) -> None:
+    """Under ``gcache run --nproc``, end this rank when the launcher dies (kill -9 of the job
+    included: torchrun starts each rank in a session of its own, out of reach of a group kill).
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing is done."""
+    env = os.environ if environ is None else environ
+    launcher = env.get(LAUNCHED_VAR)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if str(os.getppid()) != launcher:  # it died before the call
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def launch(nproc: int, args: Sequence[str], *, threads: int | None = None) -> int:
@@ -541,7 +558,7 @@ def launch(nproc: int, args: Sequence[str], *, threads: int | None = None) -> in
         raise ValueError(f"--nproc: expected a positive number of processes, got {nproc!r}")
     per_rank = rank_threads(threads, World(0, nproc, 0, nproc))
     os.environ.setdefault("OMP_NUM_THREADS", str(per_rank))
-    os.environ[LAUNCHED_VAR] = "1"
+    os.environ[LAUNCHED_VAR] = str(os.getpid())
     parsed = get_args_parser().parse_args([
         "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
         "--rdzv-id", str(uuid.uuid4()), "--max-restarts", "0", "-m", "gcache_cli", "run", *args,
@@ -601,6 +618,7 @@ __all__ = [
     "collective_timeout",
     "config_differences",
     "detect",
+    "die_with_launcher",
     "follow",
     "interleave",
     "launch",
