@@ -43,7 +43,7 @@ def _sync(device: torch.device) -> None:
 
 def random_caches(fns, k: int, cache_len: int, generator: torch.Generator) -> list[KVCache]:
     """k caches of the model's shape; their contents do not change the cost of fusing or reading them."""
-    shape = (fns.num_layers, 1, fns.num_heads, cache_len, fns.head_dim)
+    shape = (fns.num_layers, 1, fns.num_kv_heads, cache_len, fns.head_dim)
     out = []
     for i in range(k):
         keys = torch.randn(shape, generator=generator).to(device=fns.device, dtype=fns.dtype)

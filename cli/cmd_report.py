@@ -9,6 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gcache.io.experiment import ending_line, load_summary
+from gcache.io.report import edge_matrix, plot_topology, records_table
+from gcache.io.runlog import read_records
 from gcache_cli.main import app, fail
 
 
@@ -18,10 +21,6 @@ def report(
     png: bool = typer.Option(True, "--png/--no-png", help="Write RUN/topology.png of the learned edge probabilities."),
 ) -> None:
     """Print a run's summary and per-phase table; plot its learned edge probabilities."""
-    from gcache.io.experiment import load_summary
-    from gcache.io.report import edge_matrix, plot_topology, records_table
-    from gcache.io.runlog import read_records
-
     try:
         summary = load_summary(run)
     except ValueError as e:
@@ -29,6 +28,9 @@ def report(
     records = read_records(run / "results.jsonl")
     console = Console()
     console.print(records_table(summary, records))
+    ending = ending_line(summary)
+    if ending:
+        console.print(ending, markup=False, highlight=False, soft_wrap=True)
     names, probs, counts = edge_matrix(records, phase="eval")
     if names and png:
         path = plot_topology(names, probs, counts, run / "topology.png", title=f"{summary['task']} / {summary['method']}")
@@ -39,11 +41,9 @@ def report(
 
 @app.command("compare")
 def compare(runs: List[Path] = typer.Argument(..., help="Run folders to put side by side.")) -> None:
-    """Print methods side by side: accuracy, tokens, seconds."""
-    from gcache.io.experiment import load_summary
-
+    """Print methods side by side: accuracy, tokens, seconds, errors, retries."""
     table = Table(title="gcache compare")
-    for col in ("run", "task", "method", "mode", "n", "accuracy", "prompt tok", "latent tok", "generated tok", "s / question", "errors"):
+    for col in ("run", "task", "method", "mode", "n", "accuracy", "prompt tok", "latent tok", "generated tok", "s / question", "errors", "retries"):
         table.add_column(col, justify="right" if col not in ("run", "task", "method", "mode") else "left")
     for run in runs:
         try:
@@ -60,5 +60,6 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run folders to put side
             str(t.get("prompt", "-")), str(t.get("latent", "-")), str(t.get("generated", "-")),
             "-" if not n or secs is None else f"{secs / n:.2f}",
             str(s.get("errors", "-")),
+            str(s.get("retries", "-")),
         )
     Console().print(table)

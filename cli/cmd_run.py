@@ -7,13 +7,16 @@ from typing import Optional
 
 import typer
 
-from gcache.io import distributed
+from gcache.io import distributed, experiment
 from gcache.io.apiconfig import SETTING_VARS, ApiConfig
-from gcache.io.config import RunConfig, build_config, flag
+from gcache.io.config import RunConfig, build_config, flag_args
 from gcache_cli.main import app, fail
 
 _D = RunConfig()  # defaults shown in --help
 _A = ApiConfig()
+
+# How `gcache run` ends (also in its --help and the README); 2 is a bad flag (main.fail), 130 Ctrl-C.
+EXIT_STATUS = {"complete": 0, "errors": 3, "stopped": 4}
 
 
 @app.command("run")
@@ -71,6 +74,12 @@ def run(
         help=f"API requests in flight at once (else {SETTING_VARS['max_concurrency'][0]} / .env; "
         f"default: {_A.max_concurrency}).",
     ),
+    api_outage_after: Optional[int] = typer.Option(
+        None,
+        help=f"Stop the run once this many API requests in a row failed with a connection error or a timeout "
+        f"(each after its retries; 0: never) (else {SETTING_VARS['outage_after'][0]} / .env; "
+        f"default: {_A.outage_after}).",
+    ),
     max_new_tokens: Optional[int] = typer.Option(None, help=f"Tokens each decoding agent may write (default: {_D.max_new_tokens})."),
     stop_at_answer: Optional[bool] = typer.Option(
         None, "--stop-at-answer/--no-stop-at-answer",
@@ -79,13 +88,27 @@ def run(
     temperature: Optional[float] = typer.Option(None, help="0 decodes greedily (default: 0)."),
     seed: Optional[int] = typer.Option(None, help="Seed of every random draw (default: 0)."),
     out: Optional[str] = typer.Option(None, help="Run folder (default: runs/TASK-METHOD)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out, skipping finished questions."),
+    resume: bool = typer.Option(
+        False, "--resume",
+        help="Continue the run in --out: answer the questions not yet answered and those whose latest line holds an error.",
+    ),
+    retry_errors: Optional[bool] = typer.Option(
+        None, "--retry-errors/--no-retry-errors",
+        help="On --resume, answer again the questions that ended with an error; a failed training step stops "
+        "the run, to be redone on --resume (--no-retry-errors: errored questions count as finished, "
+        "a failed training step is skipped) (default: on).",
+    ),
     params: Optional[str] = typer.Option(None, help="Load learned parameters (params.safetensors) and evaluate only."),
     nproc: Optional[int] = typer.Option(
         None, help="Run as N data-parallel processes on this machine (torchrun's launcher; see README 'Scaling out')."
     ),
 ) -> None:
     """Train (methods with learned parts) and evaluate one method on one task.
+
+    Exit status: 0 every test question answered; 2 bad usage (one line names the flag);
+    3 the run finished but some questions hold an error (retry them with --resume);
+    4 the run stopped early (the API endpoint is down, or a training step failed; the last
+    line gives the --resume command that continues it); 130 interrupted.
 
     Under torchrun (`torchrun --nproc-per-node N -m gcache_cli run TASK ...`) each process
     answers a share of every batch; rank 0 writes the run folder.
@@ -95,10 +118,8 @@ def run(
     try:
         world = distributed.detect()
         config = build_config(explicit)
-        from gcache.io.experiment import check_before_loading, run_experiment
-
         if world is None:
-            check_before_loading(config)  # under torchrun, rank 0 checks once every rank has joined
+            experiment.check_before_loading(config)  # under torchrun, rank 0 checks once every rank has joined
         if nproc is not None and (nproc < 1 or world is not None):
             raise ValueError(
                 f"--nproc: expected a positive number, got {nproc}" if nproc < 1
@@ -109,10 +130,10 @@ def run(
     if nproc is not None and nproc > 1:
         raise typer.Exit(distributed.launch(nproc, run_args(task, explicit), threads=config.threads))
     if world is not None:
-        _run_rank(config, world)
-        return
+        summary = _run_rank(config, world)
+        raise typer.Exit(EXIT_STATUS[summary["status"]] if summary is not None else 0)
     try:
-        run_experiment(config)
+        summary = experiment.run_experiment(config)
     except ValueError as e:
         raise fail(str(e)) from None
     except KeyboardInterrupt:
@@ -121,14 +142,16 @@ def run(
             err=True,
         )
         raise typer.Exit(130) from None
+    raise typer.Exit(EXIT_STATUS[summary["status"]])
 
 
-def _run_rank(config: RunConfig, world: distributed.World) -> None:
-    """One rank of a torchrun job: rank 0 prints the job's errors, one line each; the others stay
-    quiet (a rank that lost contact says so, unless `gcache run --nproc` launched it, which does)."""
+def _run_rank(config: RunConfig, world: distributed.World) -> dict | None:
+    """One rank of a torchrun job (rank 0 returns the summary): rank 0 prints the job's errors, one
+    line each; the others stay quiet (a rank that lost contact says so, unless `gcache run --nproc`
+    launched it, which does)."""
     distributed.die_with_launcher()
     try:
-        distributed.run(config, world)
+        return distributed.run(config, world)
     except distributed.RankFailed as e:
         raise (fail(str(e), e.code) if world.leader else typer.Exit(e.code)) from None
     except ValueError as e:
@@ -146,21 +169,6 @@ def _run_rank(config: RunConfig, world: distributed.World) -> None:
         raise typer.Exit(130) from None
 
 
-# Switches whose off form is not --no-NAME.
-_OFF = {"latent_only": "--full-cache"}
-
-
 def run_args(task: str, explicit: dict) -> list[str]:
     """The `gcache run` arguments that give the settings ``explicit`` (each launched rank parses them)."""
-    args = [task]
-    for name, value in explicit.items():
-        if name == "task" or value is None:
-            continue
-        if isinstance(value, bool):
-            if name == "resume":
-                args += ["--resume"] if value else []
-            else:
-                args.append(flag(name) if value else _OFF.get(name, "--no-" + flag(name)[2:]))
-        else:
-            args += [flag(name), str(value)]
-    return args
+    return [task] + [a for name, value in explicit.items() if name != "task" for a in flag_args(name, value)]

@@ -35,6 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     latent_steps, max_new_tokens = (3, 8) if args.smoke else (args.latent_steps, args.max_new_tokens)
+    decoding = gcache.Decoding(max_new_tokens=max_new_tokens)  # greedy
 
     start = time.perf_counter()
     lm = gcache.tiny_model() if args.smoke else gcache.load_model()
@@ -48,12 +49,10 @@ def main() -> None:
         planner = gcache.rollout(lm.fns, lm.realign, *prompt("planner"), latent_steps=latent_steps)
         # The critic's prompt continues at the planner's next position, attending to all of its cache.
         critic = gcache.rollout(lm.fns, lm.realign, *prompt("critic"), cache=planner.cache, latent_steps=latent_steps)
-        answer = gcache.generate(
-            lm.fns, *prompt("judger"), cache=critic.cache, max_new_tokens=max_new_tokens, eos_token_ids=lm.eos_token_ids
-        )
+        answer = gcache.generate(lm.fns, *prompt("judger"), decoding, cache=critic.cache, eos_token_ids=lm.eos_token_ids)
     elapsed = time.perf_counter() - start
     with torch.no_grad():
-        alone = gcache.generate(lm.fns, *prompt("judger"), max_new_tokens=max_new_tokens, eos_token_ids=lm.eos_token_ids)
+        alone = gcache.generate(lm.fns, *prompt("judger"), decoding, eos_token_ids=lm.eos_token_ids)
 
     for name, r in (("planner", planner), ("critic", critic)):
         print(f"{name}: {int(r.prompt_tokens[0])} prompt tokens + {r.latent_tokens} latent steps, cache "

@@ -3,7 +3,8 @@
 The public surface is this module's ``__all__``: the state types of the core
 (``KVCache``, ``Topology``, ``PolicyParams``, ``FuserParams``, ``AdamState``, ...)
 and its pure functions (cache transforms, realignment, latent rollout, topology
-masks, sampling and log-probabilities, fusion, losses and optimizer updates),
+masks, sampling and log-probabilities, execution schedules, fusion, losses, optimizer
+updates and the training step),
 plus the shell's model loader (``load_model``, ``tiny_model``, ``LocalModel``,
 ``encode_chat``, ``decode_text``). Property-test strategies live in
 ``gcache.testing`` (it needs hypothesis, so it is not imported here).
@@ -30,8 +31,10 @@ from gcache.core.cache import (
     trim_padding,
     validate,
 )
+from gcache.core.graph import Edge, Schedule, schedule
 from gcache.core.fusion import FuserConfig, FuserParams, fuse, gates, init_fuser, source_weights
 from gcache.core.latent import (
+    Decoding,
     Generation,
     ModelFns,
     Prefill,
@@ -59,6 +62,17 @@ from gcache.core.optim import (
     sgd,
     tree_leaves,
     tree_map,
+    value_and_grad,
+)
+from gcache.core.policy import (
+    PolicyLogits,
+    PolicyParams,
+    edge_logits,
+    edge_probs,
+    init_policy,
+    node_features,
+    normalized_adjacency,
+    policy_logits,
 )
 from gcache.core.realign import Realign, apply_realign, identity_realign, realign_params
 from gcache.core.reinforce import (
@@ -70,30 +84,21 @@ from gcache.core.reinforce import (
     reinforce_loss,
     update_baseline,
 )
+from gcache.core.sampling import deterministic_topology, fixed_topology, log_prob, sample_topology
 from gcache.core.topology import (
-    PolicyLogits,
-    PolicyParams,
     Topology,
     TopologyConfig,
     decision_inputs,
-    deterministic_topology,
-    edge_logits,
-    edge_probs,
-    init_policy,
     is_acyclic,
-    log_prob,
-    node_features,
-    normalized_adjacency,
     num_edges,
-    policy_logits,
     predecessors,
     reachability,
-    sample_topology,
     spatial_mask,
     successors,
     topological_order,
     with_decision_node,
 )
+from gcache.core.train import FuserBatch, FuserExample, PolicyBatch, TrainState, train_loss, train_step
 
 __version__ = "0.1.0"
 
@@ -127,6 +132,7 @@ __all__ = [
     "identity_realign",
     "realign_params",
     # latent rollout
+    "Decoding",
     "Generation",
     "ModelFns",
     "Prefill",
@@ -136,7 +142,7 @@ __all__ = [
     "prefill",
     "rollout",
     "sequence_logprob",
-    # topology: masks, policy, sampling, log-probabilities
+    # topology: graphs, masks, policy, sampling, log-probabilities
     "PolicyLogits",
     "PolicyParams",
     "Topology",
@@ -145,6 +151,7 @@ __all__ = [
     "deterministic_topology",
     "edge_logits",
     "edge_probs",
+    "fixed_topology",
     "init_policy",
     "is_acyclic",
     "log_prob",
@@ -159,6 +166,10 @@ __all__ = [
     "successors",
     "topological_order",
     "with_decision_node",
+    # execution schedule of a graph
+    "Edge",
+    "Schedule",
+    "schedule",
     # fusion and its objective
     "AnswerBatch",
     "FuserConfig",
@@ -189,6 +200,14 @@ __all__ = [
     "sgd",
     "tree_leaves",
     "tree_map",
+    "value_and_grad",
+    # the training step
+    "FuserBatch",
+    "FuserExample",
+    "PolicyBatch",
+    "TrainState",
+    "train_loss",
+    "train_step",
     # shell: local models (lazy)
     "LocalModel",
     "decode_text",

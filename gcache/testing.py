@@ -19,8 +19,8 @@ shrinks to 0), or element by element from a float strategy passed as
 
 What is generated, and the invariants it keeps:
 
-- ``cache_dims``, ``kv_caches``: keys/values [L, B, H, T, D] of one dtype (float32, float16,
-  bfloat16, float64 by default), a mask [B, T] that is arbitrary, LEFT-padded
+- ``cache_dims``, ``kv_caches``: keys/values [L, B, H, T, D] of one dtype (by default any of
+  ``DTYPES``: float32, float16, bfloat16, float64), a mask [B, T] that is arbitrary, LEFT-padded
   (``left_padded``: row b False on its first pad[b] positions, True after) or full, and
   next_pos [B] >= each row's real count. ``gcache.validate`` passes on every one.
 - ``left_padded_masks``: [B, T] bool masks alone.
@@ -48,9 +48,10 @@ from torch import Tensor
 from gcache.core.cache import KVCache
 from gcache.core.fusion import MODES as _FUSION_MODES
 from gcache.core.fusion import FuserConfig, FuserParams
-from gcache.core.topology import DECISION_RULES as _DECISION_RULES
+from gcache.core.policy import PolicyLogits, PolicyParams, init_policy
 from gcache.core.topology import MODES as _TOPOLOGY_MODES
-from gcache.core.topology import PolicyLogits, PolicyParams, TopologyConfig, init_policy, spatial_mask
+from gcache.core.topology import WIRINGS as _WIRINGS
+from gcache.core.topology import TopologyConfig, spatial_mask
 
 Size = Union[int, SearchStrategy]  # a fixed int or a strategy of ints
 DTypes = Union[torch.dtype, Sequence[torch.dtype], SearchStrategy]
@@ -287,11 +288,11 @@ def topology_configs(
     num_rounds: Size = st.integers(1, 2),
     optimize_spatial: bool | SearchStrategy = st.booleans(),
     optimize_temporal: bool | SearchStrategy = st.booleans(),
-    decisions: Sequence[str] = _DECISION_RULES,
+    wirings: Sequence[str] = _WIRINGS,
     hidden_dim: Size = st.integers(1, 8),
     head_dim: Size = st.integers(1, 8),
 ) -> TopologyConfig:
-    """Valid ``TopologyConfig``s over the given modes and decision rules (defaults: all of them)."""
+    """Valid ``TopologyConfig``s over the given modes and decision-node wirings (defaults: all of them)."""
 
     def flag(value: bool | SearchStrategy) -> bool:
         return bool(draw(value)) if isinstance(value, SearchStrategy) else bool(value)
@@ -302,7 +303,7 @@ def topology_configs(
         num_rounds=_draw_size(draw, num_rounds, "num_rounds", 1),
         optimize_spatial=flag(optimize_spatial),
         optimize_temporal=flag(optimize_temporal),
-        decision=draw(st.sampled_from(list(decisions))),
+        wiring=draw(st.sampled_from(list(wirings))),
         hidden_dim=_draw_size(draw, hidden_dim, "hidden_dim", 1),
         head_dim=_draw_size(draw, head_dim, "head_dim", 1),
     )

@@ -9,8 +9,9 @@ Answers come from ``backend(messages, max_tokens, temperature) -> (text,
 prompt_tokens, completion_tokens)`` (the embedded model in the mode tests), or,
 without one, from a word-count echo. A ``script`` of :class:`Reply` items is
 consumed first, one per request, to inject faults: an HTTP status, a hang,
-malformed JSON, an empty choice list. A hang waits on the server's stop event,
-so it is bounded by ``hang_s`` and ends at once when the server stops.
+malformed JSON, an empty choice list, a dropped connection. A hang waits on the
+server's stop event, so it is bounded by ``hang_s`` and ends at once when the
+server stops. A stopped server starts again on the same port (an outage that ends).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ Backend = Callable[[list[dict], int, float], tuple[str, int, int]]
 
 
 class Reply(NamedTuple):
-    """One scripted answer. kind: "ok", "status", "hang", "malformed", "empty_choices", "no_content"."""
+    """One scripted answer. kind: "ok", "status", "hang", "malformed", "empty_choices", "no_content",
+    "drop" (the connection is closed with no answer: the client sees a connection error)."""
 
     kind: str
     status: int = 200
@@ -93,6 +95,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, owner: "OpenAIServer", request: dict) -> None:
         reply = owner._next_reply()
+        if reply.kind == "drop":
+            self.close_connection = True
+            return
         if reply.kind == "status":
             body = reply.body if reply.body is not None else json.dumps({"error": {"message": f"scripted {reply.status}"}})
             self._send(reply.status, body.encode(), reply.headers)
@@ -153,12 +158,12 @@ class OpenAIServer:
         self._lock = threading.Lock()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._port = 0  # after the first start, the port a restart binds again
 
     @property
     def base_url(self) -> str:
-        assert self._httpd is not None, "server not started"
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        assert self._port, "server never started"
+        return f"http://127.0.0.1:{self._port}/v1"
 
     def script(self, replies: Iterable[Reply]) -> None:
         """Queue more scripted replies (after those still pending)."""
@@ -191,7 +196,8 @@ class OpenAIServer:
 
     def start(self) -> "OpenAIServer":
         self.stop_event.clear()
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd = _Server(("127.0.0.1", self._port), _Handler)
+        self._port = self._httpd.server_address[1]
         self._httpd.owner = self
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -204,6 +210,7 @@ class OpenAIServer:
             self._httpd.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._httpd = self._thread = None
 
     def __enter__(self) -> "OpenAIServer":
         return self.start()

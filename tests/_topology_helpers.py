@@ -8,7 +8,7 @@ agent 1 is informed (believes +1), the others are neutral. Beliefs flow along th
 sampled spatial graph: a neutral agent takes the sign of the sum of its direct
 predecessors' beliefs (0 with none, or a tie). The decision node takes the sign
 of the sum of its inputs' beliefs; the answer is right when it is positive.
-With decision rule "all" this means the informed agent must feed the neutral
+With wiring "all" this means the informed agent must feed the neutral
 agents and the adversarial one must not outvote it: the graph, not mere
 reachability, decides (under the documented invariant every agent reaches the
 decision node, so "the adversary does not reach it" could never hold).
@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from gcache.core import optim, reinforce
+from gcache.core import policy as pl
+from gcache.core import sampling as sm
 from gcache.core import topology as tp
 
 ADVERSARY = 0
@@ -38,7 +40,7 @@ INFORMED = 1
 def enumerate_topologies(mask: Tensor, config: tp.TopologyConfig) -> tp.Topology:
     """Every (order, spatial, temporal) the sampler can draw, stacked on a leading dim [K, ...].
 
-    log_prob is a placeholder (zeros): compute it with tp.log_prob.
+    log_prob is a placeholder (zeros): compute it with sm.log_prob.
     """
     n = config.num_agents
     orders = list(itertools.permutations(range(n))) if config.samples_order else [tuple(range(n))]
@@ -72,13 +74,13 @@ def enumerate_topologies(mask: Tensor, config: tp.TopologyConfig) -> tp.Topology
     spatial = spatial.repeat_interleave(k_t, 0)
     order = order.repeat_interleave(k_t, 0)
     temporal = temporals.repeat(k_s, 1, 1)
-    inputs = tp.decision_inputs(spatial, config.decision)
+    inputs = tp.decision_inputs(spatial, config.wiring)
     return tp.Topology(spatial, temporal, order, inputs, torch.zeros(spatial.shape[0]))
 
 
-def reference_log_prob(logits: tp.PolicyLogits, mask: Tensor, config: tp.TopologyConfig, topology: tp.Topology) -> float:
+def reference_log_prob(logits: pl.PolicyLogits, mask: Tensor, config: tp.TopologyConfig, topology: tp.Topology) -> float:
     """The exact log-probability of one outcome, by plain float64 arithmetic (products of p and 1-p,
-    Plackett-Luce as a product of softmax choices), independent of tp.log_prob's code path."""
+    Plackett-Luce as a product of softmax choices), independent of sm.log_prob's code path."""
     n = config.num_agents
     order = topology.order.tolist()
     prob = 1.0
@@ -180,12 +182,12 @@ class SyntheticTask(NamedTuple):
 
 
 def make_task(seed: int, *, num_agents: int = 4, mode: str = "full", embed_dim: int = 384,
-              num_questions: int = 8, decision: str = "all") -> SyntheticTask:
+              num_questions: int = 8, wiring: str = "all") -> SyntheticTask:
     """Random unit-norm role and question embeddings (stand-ins for MiniLM's), a complete role prior."""
     g = torch.Generator().manual_seed(seed)
     roles = torch.nn.functional.normalize(torch.randn(num_agents, embed_dim, generator=g), dim=-1)
     questions = torch.nn.functional.normalize(torch.randn(num_questions, embed_dim, generator=g), dim=-1)
-    config = tp.TopologyConfig(num_agents=num_agents, mode=mode, decision=decision)
+    config = tp.TopologyConfig(num_agents=num_agents, mode=mode, wiring=wiring)
     mask = tp.spatial_mask(mode, num_agents, g)
     prior = ~torch.eye(num_agents, dtype=torch.bool)
     return SyntheticTask(roles, questions, prior, mask, config)
@@ -193,44 +195,44 @@ def make_task(seed: int, *, num_agents: int = 4, mode: str = "full", embed_dim: 
 
 def task_features(task: SyntheticTask) -> Tensor:
     """[Q, N, 2D] node features of every question of the pool."""
-    return tp.node_features(task.roles, task.questions)
+    return pl.node_features(task.roles, task.questions)
 
 
-def expected_reward(params: tp.PolicyParams, task: SyntheticTask) -> float:
+def expected_reward(params: pl.PolicyParams, task: SyntheticTask) -> float:
     """Exact probability of a right answer, averaged over the question pool (by enumeration)."""
     support = enumerate_topologies(task.mask, task.config)
     right = synthetic_right(support).double()
     with torch.no_grad():
-        logits = tp.policy_logits(params, task_features(task), task.role_adjacency)  # [Q, N, N]
+        logits = pl.policy_logits(params, task_features(task), task.role_adjacency)  # [Q, N, N]
         batched = support._replace(
             spatial=support.spatial[:, None], temporal=support.temporal[:, None], order=support.order[:, None]
         )
-        probs = tp.log_prob(logits, task.mask, task.config, batched).double().exp()  # [K, Q]
+        probs = sm.log_prob(logits, task.mask, task.config, batched).double().exp()  # [K, Q]
     return float((probs * right[:, None]).sum(0).mean())
 
 
 class TrainResult(NamedTuple):
-    params: tp.PolicyParams
+    params: pl.PolicyParams
     expected_rewards: list[float]  # at step 0, every `eval_every` steps, and at the end
 
 
-def policy_gradient(params: tp.PolicyParams, task: SyntheticTask, features: Tensor, topology: tp.Topology,
-                    rewards: Tensor, baseline: Tensor | float) -> tp.PolicyParams:
+def policy_gradient(params: pl.PolicyParams, task: SyntheticTask, features: Tensor, topology: tp.Topology,
+                    rewards: Tensor, baseline: Tensor | float) -> pl.PolicyParams:
     """The REINFORCE gradient (a PolicyParams of grads) for one question's sampled batch."""
 
-    def loss_fn(p: tp.PolicyParams) -> Tensor:
-        lp = tp.log_prob(tp.policy_logits(p, features, task.role_adjacency), task.mask, task.config, topology)
+    def loss_fn(p: pl.PolicyParams) -> Tensor:
+        lp = sm.log_prob(pl.policy_logits(p, features, task.role_adjacency), task.mask, task.config, topology)
         return reinforce.reinforce_loss(lp, rewards, baseline)
 
     return torch.func.grad(loss_fn)(params)
 
 
-def sample_rewards(params: tp.PolicyParams, task: SyntheticTask, features: Tensor, batch_size: int,
+def sample_rewards(params: pl.PolicyParams, task: SyntheticTask, features: Tensor, batch_size: int,
                    noise: float, generator: torch.Generator) -> tuple[tp.Topology, Tensor]:
     """Sample batch_size graphs for one question; observed rewards [B] = right + noise."""
     with torch.no_grad():
-        logits = tp.policy_logits(params, features, task.role_adjacency)
-    topology = tp.sample_topology(logits, task.mask, task.config, generator, num_samples=batch_size)
+        logits = pl.policy_logits(params, features, task.role_adjacency)
+    topology = sm.sample_topology(logits, task.mask, task.config, generator, num_samples=batch_size)
     right = synthetic_right(topology).float()
     rewards = right + noise * torch.randn(batch_size, generator=generator)
     return topology._replace(log_prob=topology.log_prob.detach()), rewards
@@ -241,7 +243,7 @@ def train(seed: int, task: SyntheticTask, *, steps: int, batch_size: int = 16, l
     """REINFORCE + Adam on the synthetic task. baseline: "batch" (leave-one-out), "running" or "none"."""
     g = torch.Generator().manual_seed(seed)
     features = task_features(task)
-    params = tp.init_policy(task.config, features.shape[-1], g)
+    params = pl.init_policy(task.config, features.shape[-1], g)
     opt = optim.adam(lr)
     opt_state = opt.init(params)
     running = reinforce.init_baseline()

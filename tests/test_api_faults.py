@@ -1,4 +1,5 @@
-"""The API client against a scripted loopback server: retries, timeouts, bad answers, concurrency.
+"""The API client against a scripted loopback server: retries, timeouts, bad answers, concurrency,
+and the circuit breaker that holds a dead endpoint for down.
 
 No model is needed: the server answers with a word-count echo unless a scripted fault comes first.
 Backoff is set to a few milliseconds so that retries cost no time.
@@ -15,8 +16,10 @@ import pytest
 from _openai_server import OpenAIServer, Reply
 from gcache.io.backends import (
     ApiClient,
+    ApiError,
     ApiConfig,
     ApiConnectionError,
+    ApiOutageError,
     ApiResponseError,
     ApiStatusError,
     ApiTimeoutError,
@@ -198,3 +201,97 @@ def test_malformed_conversations_are_type_errors(messages):
     api = ApiClient(ApiConfig(model="m", base_url="http://127.0.0.1:9/v1", api_key=KEY))
     with pytest.raises(TypeError, match="messages"):
         asyncio.run(api.complete(messages, max_tokens=4))
+
+
+# --------------------------------------------------------------------------- circuit breaker
+
+
+def _requests(api: ApiClient, n: int) -> list[object]:
+    """n requests one after the other on one client; each one's Completion or ApiError."""
+
+    async def go() -> list[object]:
+        out: list[object] = []
+        for _ in range(n):
+            try:
+                out.append(await api.complete(MESSAGES, max_tokens=4))
+            except ApiError as err:
+                out.append(err)
+        await api.aclose()
+        return out
+
+    return asyncio.run(go())
+
+
+def test_k_connection_failures_in_a_row_trip_the_breaker_and_later_requests_are_refused_unsent():
+    with OpenAIServer(script=[Reply("drop")] * 20) as server:
+        api = ApiClient(_config(server, max_retries=1, outage_after=3))
+        results = _requests(api, 6)
+    kinds = [type(r) for r in results]
+    assert kinds == [ApiConnectionError] * 3 + [ApiOutageError] * 3
+    assert len(server.requests) == 3 * 2, "three requests of two attempts each; none after the breaker tripped"
+    assert isinstance(api.outage, ApiOutageError)
+    message = str(results[-1])
+    assert "3 requests in a row failed" in message and "could not connect" in message and server.base_url in message
+    assert "\n" not in message and KEY not in message
+    assert results[-1].attempts == 0
+
+
+def test_timeouts_count_toward_the_breaker():
+    with OpenAIServer(script=[Reply("hang")] * 4, hang_s=5.0) as server:
+        api = ApiClient(_config(server, max_retries=0, timeout=0.3, outage_after=2))
+        results = _requests(api, 3)
+    assert [type(r) for r in results] == [ApiTimeoutError, ApiTimeoutError, ApiOutageError]
+    assert len(server.requests) == 2
+
+
+def test_an_answer_between_failures_resets_the_count():
+    script = [Reply("drop"), Reply("drop"), Reply("ok"), Reply("drop"), Reply("drop"), Reply("ok")]
+    with OpenAIServer(script=script) as server:
+        api = ApiClient(_config(server, max_retries=0, outage_after=3))
+        results = _requests(api, 6)
+    assert [type(r).__name__ for r in results] == ["ApiConnectionError"] * 2 + ["Completion"] + ["ApiConnectionError"] * 2 + ["Completion"]
+    assert api.outage is None and len(server.requests) == 6
+
+
+@pytest.mark.parametrize("reply", [Reply("status", 429), Reply("status", 503), Reply("status", 400)])
+def test_a_server_that_answers_with_an_error_status_is_not_an_outage(reply):
+    with OpenAIServer(script=[reply] * 40) as server:
+        api = ApiClient(_config(server, max_retries=1, outage_after=2))
+        results = _requests(api, 4)
+    assert all(isinstance(r, ApiStatusError) for r in results)
+    assert api.outage is None
+    assert len(server.requests) == 4 * (1 if reply.status == 400 else 2), "every request still tried and retried"
+
+
+def test_outage_after_zero_never_trips():
+    with OpenAIServer(script=[Reply("drop")] * 10) as server:
+        api = ApiClient(_config(server, max_retries=0, outage_after=0))
+        results = _requests(api, 5)
+    assert all(isinstance(r, ApiConnectionError) for r in results) and api.outage is None
+
+
+def test_a_pending_retry_stops_once_another_request_tripped_the_breaker(monkeypatch):
+    conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(2)]
+
+    async def go(api: ApiClient):
+        try:
+            return await api.complete_many(conversations, max_tokens=4)
+        finally:
+            await api.aclose()
+
+    with OpenAIServer(script=[Reply("drop")] * 10) as server:
+        api = ApiClient(_config(server, max_retries=1, outage_after=1))
+        # The first request to back off retries soon and fails for good, tripping the breaker
+        # while the other still waits: that one must give up without its retry.
+        waits = iter([0.05, 0.5])
+        monkeypatch.setattr(api, "_backoff", lambda retry, headers=None: next(waits))
+        with pytest.raises(ApiError):
+            asyncio.run(go(api))
+    assert api.outage is not None
+    assert len(server.requests) == 3, "two first attempts, one retry; the refused retry was never sent"
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "3"])
+def test_outage_after_must_be_a_non_negative_integer(value):
+    with pytest.raises(ValueError, match="outage_after"):
+        ApiConfig(outage_after=value)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from _openai_server import OpenAIServer, Reply, echo_backend
+from gcache.core.latent import Decoding
 from gcache.io.apiconfig import GENERATION_MODES, SETTING_VARS, scrub
 from gcache.io.backends import (
     HYBRID_INSTRUCTION,
@@ -23,6 +24,7 @@ from gcache.io.backends import (
     ApiConfig,
     ApiStatusError,
     CacheInfo,
+    answer_stop,
     describe_cache_hint,
     generate_answer,
     generate_local,
@@ -253,7 +255,7 @@ def _tiny_cache(local, conversations, latent_steps=2):
 def test_api_mode_sends_the_conversation_as_is_and_reads_usage():
     rows = [QUESTION, SHORT]
     with OpenAIServer() as server:
-        answers = asyncio.run(generate_answer("api", rows, api=_client(server), max_new_tokens=6))
+        answers = generate_answer("api", rows, Decoding(6), api=_client(server))
     # Rows go as concurrent requests: they may arrive in any order.
     assert sorted(json.dumps(r["messages"]) for r in server.requests) == sorted(json.dumps(r) for r in rows)
     for answer, row in zip(answers, rows):
@@ -265,8 +267,8 @@ def test_api_mode_sends_the_conversation_as_is_and_reads_usage():
 
 def test_sampling_settings_reach_the_api_and_top_p_only_when_set():
     with OpenAIServer() as server:
-        asyncio.run(generate_answer("api", [SHORT], api=_client(server), max_new_tokens=5, temperature=0.7, top_p=0.9))
-        asyncio.run(generate_answer("api", [SHORT], api=_client(server), max_new_tokens=5))
+        generate_answer("api", [SHORT], Decoding(5, temperature=0.7, top_p=0.9), api=_client(server))
+        generate_answer("api", [SHORT], Decoding(5), api=_client(server))
     nucleus, default = server.requests
     assert (nucleus["temperature"], nucleus["top_p"], nucleus["max_tokens"]) == (0.7, 0.9, 5)
     assert default["temperature"] == 0.0 and "top_p" not in default
@@ -275,7 +277,7 @@ def test_sampling_settings_reach_the_api_and_top_p_only_when_set():
 def test_api_hint_mode_prepends_one_hint_per_row():
     infos = [CacheInfo(2, 40, 5), CacheInfo(4, 90, 5)]
     with OpenAIServer() as server:
-        asyncio.run(generate_answer("api_hint", [QUESTION, SHORT], api=_client(server), cache_info=infos, max_new_tokens=6))
+        generate_answer("api_hint", [QUESTION, SHORT], Decoding(6), api=_client(server), cache_info=infos)
     # Rows go as concurrent requests: they may arrive in any order.
     expected = [
         original[:-1] + [{**original[-1], "content": f"{describe_cache_hint(*info)}\n\n{original[-1]['content']}"}]
@@ -287,11 +289,11 @@ def test_api_hint_mode_prepends_one_hint_per_row():
 def test_local_mode_batched_equals_one_row_at_a_time(tiny):
     rows = [QUESTION, SHORT]
     cache = _tiny_cache(tiny, [[{"role": "user", "content": "Agent one thinks about apples."}]] * 2)
-    batched = asyncio.run(generate_answer("local", rows, local=tiny, cache=cache, max_new_tokens=8))
+    batched = generate_answer("local", rows, Decoding(8), local=tiny, cache=cache)
     from gcache.core.cache import select_rows
 
     for i, row in enumerate(rows):
-        (alone,) = generate_local(tiny, [row], cache=select_rows(cache, [i]), max_new_tokens=8)
+        (alone,) = generate_local(tiny, [row], Decoding(8), cache=select_rows(cache, [i]))
         assert batched[i].text == alone.text
         assert batched[i].tokens == {"prompt": alone.prompt_tokens, "latent": 0, "generated": alone.generated_tokens}
         assert batched[i].api_tokens == {"prompt": 0, "completion": 0}
@@ -304,18 +306,16 @@ def test_local_mode_batched_equals_one_row_at_a_time(tiny):
 
 def test_the_cache_changes_what_the_local_model_says(tiny):
     cache = _tiny_cache(tiny, [[{"role": "user", "content": "A long preamble about something else entirely."}]])
-    with_cache = generate_local(tiny, [SHORT], cache=cache, max_new_tokens=8)
-    without = generate_local(tiny, [SHORT], max_new_tokens=8)
-    assert with_cache != without
+    with_cache = generate_local(tiny, [SHORT], Decoding(8), cache=cache)
+    without = generate_local(tiny, [SHORT], Decoding(8))
+    assert with_cache[0].text != without[0].text, "the same words with and without the cache"
 
 
 def test_hybrid_mode_gives_the_api_the_local_draft(tiny):
     cache = _tiny_cache(tiny, [[{"role": "user", "content": "Agent one thinks about apples."}]])
-    (local,) = asyncio.run(generate_answer("local", [QUESTION], local=tiny, cache=cache, max_new_tokens=8))
+    (local,) = generate_answer("local", [QUESTION], Decoding(8), local=tiny, cache=cache)
     with OpenAIServer() as server:
-        (hybrid,) = asyncio.run(
-            generate_answer("hybrid", [QUESTION], local=tiny, api=_client(server), cache=cache, max_new_tokens=8)
-        )
+        (hybrid,) = generate_answer("hybrid", [QUESTION], Decoding(8), local=tiny, api=_client(server), cache=cache)
     (request,) = server.requests
     assert hybrid.draft == local.text and hybrid.tokens == local.tokens
     assert request["messages"] == with_draft(QUESTION, local.text)
@@ -339,13 +339,43 @@ def test_a_mode_without_what_it_needs_is_a_value_error(mode, kwargs, word, tiny)
         values = {"local": tiny, "api": _client(server), "cache": _tiny_cache(tiny, [SHORT, SHORT])}
         kwargs = {k: values[k] if v == "set" else v for k, v in kwargs.items()}
         with pytest.raises(ValueError, match=word):
-            asyncio.run(generate_answer(mode, [SHORT, SHORT], max_new_tokens=4, **kwargs))
+            generate_answer(mode, [SHORT, SHORT], Decoding(4), **kwargs)
         assert server.requests == []
+
+
+@pytest.mark.parametrize("mode", ["local", "api", "api_hint", "hybrid"])
+def test_generate_answer_is_synchronous_and_closes_the_api_connections(mode, tiny):
+    cache = None if mode == "api" else _tiny_cache(tiny, [SHORT])
+    with OpenAIServer() as server:
+        api = _client(server)
+        for _ in range(2):  # the same client serves one call after another, each in a loop of its own
+            answers = generate_answer(mode, [SHORT], Decoding(4), local=tiny, api=api, cache=cache,
+                                      cache_info=CacheInfo(1, 3, 2))  # fmt: skip
+            assert isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0].text, str)
+            assert api._client is None  # the call's SDK client (and its connections) closed before returning
+    assert len(server.requests) == (0 if mode == "local" else 2)
+
+
+@pytest.mark.parametrize("decoding, error", [(8, TypeError), ({"max_new_tokens": 8}, TypeError), (Decoding(0), ValueError)])
+def test_a_decoding_that_is_not_one_or_decodes_nothing_is_refused(decoding, error, tiny):
+    with OpenAIServer() as server:
+        with pytest.raises(error, match="decoding"):
+            generate_answer("api", [SHORT], decoding, api=_client(server))
+        with pytest.raises(error, match="decoding"):
+            generate_local(tiny, [SHORT], decoding)
+    assert server.requests == []
+
+
+def test_local_sampling_follows_the_decoding_seed(tiny):
+    rows = [QUESTION, SHORT]
+    sampled = [generate_local(tiny, rows, Decoding(8, temperature=1.0, seed=s)) for s in (5, 5, 6)]
+    greedy = generate_local(tiny, rows, Decoding(8))
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2] and sampled[0] != greedy
 
 
 def test_a_cache_with_the_wrong_rows_is_a_value_error(tiny):
     with pytest.raises(ValueError, match="one row per conversation"):
-        generate_local(tiny, [SHORT], cache=_tiny_cache(tiny, [SHORT, SHORT]), max_new_tokens=4)
+        generate_local(tiny, [SHORT], Decoding(4), cache=_tiny_cache(tiny, [SHORT, SHORT]))
 
 
 # --------------------------------------------------------------------------- key hygiene
@@ -360,10 +390,8 @@ def test_the_key_never_reaches_logs_results_or_errors(tiny, caplog):
     with OpenAIServer(api_key=KEY, script=[Reply("status", 429, body=leaky_429)]) as server:
         api = _client(server)
         for mode in ("api", "api_hint", "hybrid"):
-            results += asyncio.run(
-                generate_answer(mode, [SHORT], local=tiny, api=api, cache=None if mode == "api" else cache,
-                                cache_info=CacheInfo(1, cache.seq_len, 2), max_new_tokens=6)
-            )  # fmt: skip
+            results += generate_answer(mode, [SHORT], Decoding(6), local=tiny, api=api,
+                                       cache=None if mode == "api" else cache, cache_info=CacheInfo(1, cache.seq_len, 2))
         # A wrong key, which the server echoes back in its 401 body.
         other = "sk-other-key-5566778899"
         async def wrong_key() -> None:
@@ -391,8 +419,6 @@ def test_the_key_never_reaches_logs_results_or_errors(tiny, caplog):
 
 
 def test_answer_stop_fires_on_the_token_that_ends_the_answer_line(tiny):
-    from gcache.io.backends import answer_stop
-
     stop = answer_stop(tiny, "math")
     text = "Half of 10 is 5, plus 37.\n#### 42\nThen more words\n#### 43\n"
     ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -417,17 +443,16 @@ def test_generate_local_stops_each_row_where_the_rule_first_holds(tiny, monkeypa
     # accepts. The rule here ('at least 12 characters', every token a candidate) fires on the
     # random tiny model's output, which never writes '#### N'.
     import gcache.io.backends as backends
-    import gcache.io.extract as extract
 
     from gcache.core.latent import generate
     from gcache.io.models import encode_chat
 
     rows = [QUESTION, SHORT, [{"role": "user", "content": "Say something long about rivers."}]]
     ids, mask = encode_chat(tiny, rows)
-    free = generate(tiny.fns, ids, mask, max_new_tokens=12, eos_token_ids=tiny.eos_token_ids, pad_token_id=tiny.pad_token_id)
-    monkeypatch.setattr(extract, "answer_complete", lambda family, text: len(text) >= 12)
+    free = generate(tiny.fns, ids, mask, Decoding(12), eos_token_ids=tiny.eos_token_ids, pad_token_id=tiny.pad_token_id)
+    monkeypatch.setattr(backends, "answer_complete", lambda family, text: len(text) >= 12)
     monkeypatch.setattr(backends, "_newline_token_ids", lambda tokenizer: torch.arange(len(tokenizer)))
-    cut = generate_local(tiny, rows, max_new_tokens=12, stop_family="math")
+    cut = generate_local(tiny, rows, Decoding(12, stop=answer_stop(tiny, "math")))
     for b, c in enumerate(cut):
         tokens = free.tokens[b, : int(free.lengths[b])].tolist()
         texts = [tiny.tokenizer.decode(tokens[:n], skip_special_tokens=True) for n in range(1, len(tokens) + 1)]
@@ -481,8 +506,8 @@ def test_stopping_at_the_answer_only_cuts_the_tail_on_the_embedded_model(embedde
     # writes on in several of them (questions 5, 6 and 7)
     items = load_items("gsm8k", "test", limit=10)
     rows = [decision_messages("gsm8k", item.question) for item in items]
-    free = generate_local(embedded, rows, max_new_tokens=170)
-    cut = generate_local(embedded, rows, max_new_tokens=170, stop_family="math")
+    free = generate_local(embedded, rows, Decoding(170))
+    cut = generate_local(embedded, rows, Decoding(170, stop=answer_stop(embedded, "math")))
     stopped = 0
     for f, c in zip(free, cut):
         assert f.text.startswith(c.text)
@@ -509,28 +534,28 @@ def test_all_four_modes_on_the_embedded_model(embedded, model_server):
     n = 16
 
     # api: the text baseline, over HTTP: transformers' generate in the server thread.
-    (text,) = asyncio.run(generate_answer("api", rows, api=api, max_new_tokens=n))
+    (text,) = generate_answer("api", rows, Decoding(n), api=api)
     (prompt_len,) = encode_chat(embedded, rows)[1].sum(-1).tolist()
     assert text.text.strip() and text.api_tokens["prompt"] == prompt_len
     assert 1 <= text.api_tokens["completion"] <= n and text.tokens == {"prompt": 0, "latent": 0, "generated": 0}
 
     # local without a cache: the latent core's greedy decoding equals transformers' generate.
-    (plain,) = asyncio.run(generate_answer("local", rows, local=embedded, max_new_tokens=n))
+    (plain,) = generate_answer("local", rows, Decoding(n), local=embedded)
     assert plain.text == text.text
     assert plain.tokens == {"prompt": prompt_len, "latent": 0, "generated": text.api_tokens["completion"]}
 
     # local on the cache (that a cache changes the answer is shown on the tiny model).
-    (local,) = asyncio.run(generate_answer("local", rows, local=embedded, cache=cache, max_new_tokens=n))
+    (local,) = generate_answer("local", rows, Decoding(n), local=embedded, cache=cache)
     assert local.text.strip() and local.tokens["prompt"] == prompt_len and 1 <= local.tokens["generated"] <= n
 
     # api_hint: the server model answers the hinted prompt.
     info = CacheInfo(1, cache.seq_len, 3)
-    (hinted,) = asyncio.run(generate_answer("api_hint", rows, api=api, cache_info=info, max_new_tokens=n))
+    (hinted,) = generate_answer("api_hint", rows, Decoding(n), api=api, cache_info=info)
     hinted_messages = with_cache_hint(QUESTION, describe_cache_hint(*info))
     assert model_server.requests[-1]["messages"] == hinted_messages and hinted.text.strip()
 
     # hybrid: the draft is the local answer on the cache; the API answers with it in context.
-    (hybrid,) = asyncio.run(generate_answer("hybrid", rows, local=embedded, api=api, cache=cache, max_new_tokens=n))
+    (hybrid,) = generate_answer("hybrid", rows, Decoding(n), local=embedded, api=api, cache=cache)
     assert hybrid.draft == local.text and hybrid.tokens == local.tokens
     assert model_server.requests[-1]["messages"] == with_draft(QUESTION, local.text) and hybrid.text.strip()
     assert hybrid.api_tokens["prompt"] > text.api_tokens["prompt"]  # the draft was in the API's context

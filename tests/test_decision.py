@@ -7,9 +7,9 @@ from typing import NamedTuple
 import pytest
 
 from gcache.core.graph import DECISION, schedule
+from gcache.core.sampling import fixed_topology
 from gcache.core.topology import TopologyConfig, spatial_mask
 from gcache.io.decision import DECISIONS, majority
-from gcache.io.planner import fixed_topology
 from gcache.io.tasks import load_items
 
 

@@ -88,12 +88,13 @@ def test_role_embeddings_are_cached_on_disk_and_in_memory(cache_root):
 
 @pytest.mark.slow
 def test_question_features_feed_the_policy(cache_root):
+    from gcache.core import policy as pl
     from gcache.core import topology as tp
 
     feats = embed.question_features(PROFILES, "What is 12 * 7?")
     assert feats.shape == (3, 768)
     assert torch.equal(feats[0, 384:], feats[2, 384:])
     config = tp.TopologyConfig(num_agents=3)
-    params = tp.init_policy(config, 768, torch.Generator().manual_seed(0))
-    probs = tp.edge_probs(params, feats, ~torch.eye(3, dtype=torch.bool))
+    params = pl.init_policy(config, 768, torch.Generator().manual_seed(0))
+    probs = pl.edge_probs(params, feats, ~torch.eye(3, dtype=torch.bool))
     assert probs.shape == (3, 3) and torch.isfinite(probs).all()

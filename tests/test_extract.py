@@ -30,6 +30,43 @@ def test_extract_number_cases(reply, expected):
     assert extract_number(reply) == expected
 
 
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("#### 3\nThe answer is 5", "3"),  # the kind decides before the position
+        ("The answer is 5\n#### 3", "3"),
+        ("#### 3\nWait, I made an error.\n#### 5", "5"),  # among one kind, the last (the correction)
+        ("\\boxed{3}, no: \\boxed{5}", "5"),
+        ("\\boxed{3}\n#### 5", "5"),
+        ("#### 5\n\\boxed{3}", "5"),
+        ("The answer is 3. No, the answer is 5.", "5"),
+        ("The answer is 5.\n\\boxed{3}", "5"),
+        ("\\boxed{3}\nThe answer is 5.", "5"),
+        ("#### 3\n#### unsure", "3"),  # a last marker without a number falls through
+    ],
+)
+def test_extract_number_with_two_markers(reply, expected):
+    assert extract_number(reply) == expected
+
+
+_MARKERS = {"hashes": "#### {}", "answer_is": "The answer is {}.", "boxed": "\\boxed{{{}}}"}
+_RANK = ["hashes", "answer_is", "boxed"]  # extract_number's precedence
+
+
+@given(
+    first=st.sampled_from(_RANK), second=st.sampled_from(_RANK),
+    a=st.integers(0, 10**6), b=st.integers(0, 10**6), filler=st.sampled_from(["\n", " then ", "\nso 17 + 4 = 21\n"]),
+)
+@settings(max_examples=200, deadline=None)
+def test_of_two_markers_the_higher_kind_then_the_later_one_counts(first, second, a, b, filler):
+    reply = _MARKERS[first].format(a) + filler + _MARKERS[second].format(b)
+    if first == second:
+        expected = b
+    else:
+        expected = a if _RANK.index(first) < _RANK.index(second) else b
+    assert extract_number(reply) == str(expected)
+
+
 def test_numbers_compare_numerically_and_keep_signs():
     assert numbers_equal("18.00", "18")
     assert numbers_equal("1,000", "1000")

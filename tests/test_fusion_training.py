@@ -15,7 +15,7 @@ import torch
 
 from gcache.core.cache import keep_last
 from gcache.core.fusion import FuserConfig, FuserParams, init_fuser
-from gcache.core.latent import generate, rollout
+from gcache.core.latent import Decoding, generate, rollout
 from gcache.core.objectives import (
     AnswerBatch,
     answer_batch,
@@ -58,7 +58,7 @@ def informed_task(lm, ids):
     the model say next (4 greedy tokens)."""
     caches = predecessor_caches(lm, ids)
     qs = [question(i)[0] for i in ids]
-    said = generate(lm.fns, *encode(lm, qs), cache=caches[0], max_new_tokens=4, eos_token_ids=[])
+    said = generate(lm.fns, *encode(lm, qs), Decoding(4), cache=caches[0], eos_token_ids=[])
     prompts = [lm.tokenizer(q)["input_ids"] for q in qs]
     return caches, answer_batch(prompts, said.tokens.tolist(), pad_token_id=lm.pad_token_id)
 

@@ -10,9 +10,8 @@ from hypothesis import strategies as st
 
 import gcache.testing as gt
 from gcache.core.graph import DECISION, schedule
-from gcache.core.sampling import sample_topology
+from gcache.core.sampling import fixed_topology, sample_topology
 from gcache.core.topology import Topology, TopologyConfig, spatial_mask
-from gcache.io.planner import fixed_topology
 
 
 def _sampled(case, seed: int) -> Topology:
@@ -92,7 +91,8 @@ def test_debate_runs_every_agent_of_a_round_in_one_wave():
 
 
 def test_bad_topologies_are_refused_with_the_argument_named():
-    ok = fixed_topology(spatial_mask("chain", 3), TopologyConfig(3, mode="chain", optimize_spatial=False))
+    ok = fixed_topology(spatial_mask("chain", 3), TopologyConfig(3, mode="chain", optimize_spatial=False,
+                                                                 optimize_temporal=False))
     cyclic = ok._replace(spatial=ok.spatial | ok.spatial.T)
     with pytest.raises(ValueError, match="topology.spatial: the graph has a cycle"):
         schedule(cyclic, 1)
@@ -104,3 +104,21 @@ def test_bad_topologies_are_refused_with_the_argument_named():
         schedule(ok._replace(decision_inputs=torch.zeros(3, dtype=torch.bool)), 1)
     with pytest.raises(ValueError, match="one graph"):
         schedule(ok._replace(spatial=ok.spatial[None]), 1)
+
+
+@given(gt.topology_configs(num_agents=st.integers(1, 5), num_rounds=st.integers(1, 3),
+                           optimize_spatial=False, optimize_temporal=False), st.integers(0, 2**31))
+def test_fixed_topology_takes_every_forward_candidate_edge_with_log_prob_zero(config, seed):
+    mask = spatial_mask(config.mode, config.num_agents, torch.Generator().manual_seed(seed))
+    topology = fixed_topology(mask, config)
+    n = config.num_agents
+    assert torch.equal(topology.spatial, mask & torch.ones(n, n, dtype=torch.bool).triu(1))
+    assert bool(topology.temporal.all()) if config.num_rounds > 1 else not bool(topology.temporal.any())
+    assert torch.equal(topology.order, torch.arange(n))
+    assert float(topology.log_prob) == 0.0
+    schedule(topology, config.num_rounds)  # and it runs
+
+
+def test_fixed_topology_refuses_a_config_that_learns():
+    with pytest.raises(ValueError, match="fixed topology learns no edges"):
+        fixed_topology(spatial_mask("full", 3), TopologyConfig(3, mode="full"))

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.cache_utils import DynamicLayer
 
-from gcache.core.latent import generate, rollout
+from gcache.core.latent import Decoding, generate, rollout
 from gcache.io.hf import GrowingLayer, growing_cache
 from gcache.io.models import tiny_model
 from tests._latent_helpers import conversations
@@ -86,7 +86,7 @@ def test_long_generation_across_reallocations_equals_transformers(arch):
     # 300 new tokens outgrow the first buffer (prompt + 256), so decoding crosses a reallocation.
     lm = tiny_model(arch, seed=1)
     ids, mask = lm.encode_chat(conversations(["Count slowly."]))
-    got = generate(lm.fns, ids, mask, max_new_tokens=300, eos_token_ids=[])
+    got = generate(lm.fns, ids, mask, Decoding(300), eos_token_ids=[])
     want = lm.model.generate(
         ids, attention_mask=mask.long(), max_new_tokens=300, min_new_tokens=300, do_sample=False,
         pad_token_id=lm.pad_token_id,

@@ -54,7 +54,7 @@ def test_tiny_model_is_seeded_frozen_and_reads_real_prompts(arch):
     cfg = a.model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (2, 64, 49152)
     assert len(a.tokenizer) == 49152 and a.dtype == torch.float32
-    assert a.fns.num_layers == 2 and a.fns.num_heads == 2 and a.fns.head_dim == 16
+    assert a.fns.num_layers == 2 and a.fns.num_kv_heads == 2 and a.fns.head_dim == 16
     ids, mask = a.encode_chat([[{"role": "user", "content": "Hello there"}]])
     assert bool(mask.all()) and int(ids.max()) < 49152
     assert tiny_model(arch, num_hidden_layers=3).fns.num_layers == 3

@@ -22,8 +22,10 @@ def test_families_have_the_issue_roles():
     assert [r.name for r in ROLES["math"]] == ["Math Solver", "Mathematical Analyst", "Programming Expert", "Inspector"]
     assert [r.name for r in ROLES["code"]] == ["Project Manager", "Algorithm Designer", "Programming Expert", "Test Analyst", "Bug Fixer"]
     assert "Critic" in [r.name for r in ROLES["science"]] and "Critic" in [r.name for r in ROLES["medicine"]]
-    profiles = [r.profile for roles in ROLES.values() for r in roles]
-    assert all(p.startswith(p.split(":")[0]) and len(p) > 30 for p in profiles)
+    # each profile (the text the policy embeds) names its role, then describes it
+    for role in (r for roles in ROLES.values() for r in roles):
+        assert role.profile.startswith(f"{role.name}: "), role
+        assert len(role.profile) > len(role.name) + 30, role
 
 
 def test_bad_arguments():

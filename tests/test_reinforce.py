@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gcache.core import policy as pl
 from gcache.core import reinforce
-from gcache.core import topology as tp
+from gcache.core import sampling as sm
 
 from _topology_helpers import (
     enumerate_topologies,
@@ -65,11 +66,11 @@ def test_estimator_is_unbiased_against_the_exact_gradient():
     task = make_task(0, num_agents=3, mode="full", embed_dim=8)
     features = task_features(task)[0]
     g = torch.Generator().manual_seed(0)
-    params = tp.init_policy(task.config, features.shape[-1], g)._replace(log_scale=torch.tensor(1.0))
+    params = pl.init_policy(task.config, features.shape[-1], g)._replace(log_scale=torch.tensor(1.0))
     support = enumerate_topologies(task.mask, task.config)
     right = synthetic_right(support).double()
-    leaves = tp.PolicyParams(*(p.detach().double().requires_grad_() for p in params))
-    lp = tp.log_prob(tp.policy_logits(leaves, features.double(), task.role_adjacency), task.mask, task.config,
+    leaves = pl.PolicyParams(*(p.detach().double().requires_grad_() for p in params))
+    lp = sm.log_prob(pl.policy_logits(leaves, features.double(), task.role_adjacency), task.mask, task.config,
                      support)
     grads = torch.autograd.grad((lp.exp() * right).sum(), leaves, materialize_grads=True)
     exact = torch.cat([grad.flatten() for grad in grads])
@@ -77,8 +78,8 @@ def test_estimator_is_unbiased_against_the_exact_gradient():
     estimates = []
     for _ in range(40):
         topo, rewards = sample_rewards(params, task, features, 64, noise=0.0, generator=g)
-        leaves = tp.PolicyParams(*(p.detach().double().requires_grad_() for p in params))
-        lp = tp.log_prob(tp.policy_logits(leaves, features.double(), task.role_adjacency), task.mask,
+        leaves = pl.PolicyParams(*(p.detach().double().requires_grad_() for p in params))
+        lp = sm.log_prob(pl.policy_logits(leaves, features.double(), task.role_adjacency), task.mask,
                          task.config, topo)
         loss = reinforce.reinforce_loss(lp, rewards.double(), reinforce.batch_baseline(rewards.double()))
         grads = torch.autograd.grad(loss, leaves, materialize_grads=True)

@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gcache.core import optim
+from gcache.core import policy as pl
+from gcache.core import sampling as sm
 from gcache.core import topology as tp
 from gcache.io.config import RunConfig
 from gcache.testing import adjacency_matrices, candidate_masks
@@ -36,11 +38,11 @@ def seeds() -> st.SearchStrategy[int]:
     return st.integers(0, 2**31 - 1)
 
 
-def random_logits(config: tp.TopologyConfig, seed: int, spread: float = 1.5) -> tp.PolicyLogits:
+def random_logits(config: tp.TopologyConfig, seed: int, spread: float = 1.5) -> pl.PolicyLogits:
     """Logits far enough from 0 that the brute-force checks see unequal probabilities."""
     g = torch.Generator().manual_seed(seed)
     n = config.num_agents
-    return tp.PolicyLogits(
+    return pl.PolicyLogits(
         edge=spread * torch.randn(n, n, generator=g, dtype=torch.float64),
         order=spread * torch.randn(n, generator=g, dtype=torch.float64),
         temporal=spread * torch.randn(n, n, generator=g, dtype=torch.float64),
@@ -61,7 +63,7 @@ def test_log_prob_is_exact_and_sums_to_one(mode, n):
     mask = tp.spatial_mask(mode, n, torch.Generator().manual_seed(n))
     logits = random_logits(config, seed=10 * n + len(mode))
     support = enumerate_topologies(mask, config)
-    lp = tp.log_prob(logits, mask, config, support)
+    lp = sm.log_prob(logits, mask, config, support)
     assert torch.isfinite(lp).all()
     assert torch.logsumexp(lp, 0).item() == pytest.approx(0.0, abs=1e-9)
     assert len(set(outcome_keys(support))) == support.spatial.shape[0]
@@ -78,9 +80,9 @@ def test_sampled_frequencies_match_exact_probabilities(mode):
     mask = tp.spatial_mask(mode, n, torch.Generator().manual_seed(7))
     logits = random_logits(config, seed=3, spread=1.0)
     support = enumerate_topologies(mask, config)
-    probs = tp.log_prob(logits, mask, config, support).exp().tolist()
+    probs = sm.log_prob(logits, mask, config, support).exp().tolist()
     samples = 20_000
-    drawn = tp.sample_topology(logits, mask, config, torch.Generator().manual_seed(11), num_samples=samples)
+    drawn = sm.sample_topology(logits, mask, config, torch.Generator().manual_seed(11), num_samples=samples)
     counts = Counter(outcome_keys(drawn))
     keys = outcome_keys(support)
     assert set(counts) <= set(keys), "the sampler drew an outcome outside the enumerated support"
@@ -100,16 +102,35 @@ def test_dag_marginal_frequencies_in_full_mode():
     mask = tp.spatial_mask("full", 3)
     logits = random_logits(config, seed=5, spread=1.0)
     support = enumerate_topologies(mask, config)
-    probs = tp.log_prob(logits, mask, config, support).exp()
+    probs = sm.log_prob(logits, mask, config, support).exp()
     marginal: Counter = Counter()
     for graph, p in zip(support.spatial.reshape(-1, 9).tolist(), probs.tolist()):
         marginal[tuple(graph)] += p
     assert sum(marginal.values()) == pytest.approx(1.0, abs=1e-12)
     samples = 20_000
-    drawn = tp.sample_topology(logits, mask, config, torch.Generator().manual_seed(2), num_samples=samples)
+    drawn = sm.sample_topology(logits, mask, config, torch.Generator().manual_seed(2), num_samples=samples)
     counts = Counter(tuple(g) for g in drawn.spatial.reshape(-1, 9).tolist())
     keys = list(marginal)
     assert chi_square_p_value([counts.get(k, 0) for k in keys], [samples * marginal[k] for k in keys]) > 1e-3
+
+
+@pytest.mark.parametrize("mode", tp.MODES)
+def test_deterministic_topology_takes_every_choice_at_its_mode(mode):
+    """Outside mode full that is the single most likely outcome (brute force over the support);
+    in mode full the most likely order (scores sorted), then the most likely graph in it."""
+    n = 3
+    config = tp.TopologyConfig(num_agents=n, mode=mode, num_rounds=2)
+    mask = tp.spatial_mask(mode, n, torch.Generator().manual_seed(4))
+    logits = random_logits(config, seed=9)
+    det = sm.deterministic_topology(logits, mask, config)
+    support = enumerate_topologies(mask, config)
+    lp = sm.log_prob(logits, mask, config, support)
+    if config.samples_order:
+        assert det.order.tolist() == sorted(range(n), key=lambda i: -logits.order[i].item())
+        lp = lp.where((support.order == det.order).all(-1), torch.tensor(-math.inf, dtype=lp.dtype))
+    best = int(lp.argmax())
+    assert torch.equal(det.spatial, support.spatial[best]) and torch.equal(det.temporal, support.temporal[best])
+    assert det.log_prob.item() == pytest.approx(lp[best].item(), abs=1e-12)
 
 
 def test_out_of_support_graphs_have_probability_zero():
@@ -120,7 +141,7 @@ def test_out_of_support_graphs_have_probability_zero():
     backward[0, 2] = True  # not a chain edge
     topo = tp.Topology(backward, torch.zeros(3, 3, dtype=torch.bool), torch.arange(3),
                        torch.ones(3, dtype=torch.bool), torch.zeros(()))
-    assert tp.log_prob(logits, mask, config, topo).item() == -math.inf
+    assert sm.log_prob(logits, mask, config, topo).item() == -math.inf
 
 
 # ---------------------------------------------------------------------------- invariants
@@ -149,17 +170,17 @@ def _check_invariants(topo: tp.Topology, mask: torch.Tensor, config: tp.Topology
 
 
 @settings(max_examples=40, deadline=None)
-@given(data=st.data(), seed=seeds(), mode=st.sampled_from(tp.MODES), decision=st.sampled_from(tp.DECISION_RULES),
+@given(data=st.data(), seed=seeds(), mode=st.sampled_from(tp.MODES), wiring=st.sampled_from(tp.WIRINGS),
        rounds=st.integers(1, 3), optimize_spatial=st.booleans(), optimize_temporal=st.booleans())
-def test_sampled_graphs_are_dags_within_the_mask(data, seed, mode, decision, rounds, optimize_spatial,
+def test_sampled_graphs_are_dags_within_the_mask(data, seed, mode, wiring, rounds, optimize_spatial,
                                                  optimize_temporal):
     n, mask = data.draw(candidate_masks(mode="full" if mode == "full" else "mesh"))
-    config = tp.TopologyConfig(num_agents=n, mode=mode, num_rounds=rounds, decision=decision,
+    config = tp.TopologyConfig(num_agents=n, mode=mode, num_rounds=rounds, wiring=wiring,
                                optimize_spatial=optimize_spatial, optimize_temporal=optimize_temporal)
     logits = random_logits(config, seed % 1000, spread=3.0)
-    topo = tp.sample_topology(logits, mask, config, torch.Generator().manual_seed(seed), num_samples=8)
+    topo = sm.sample_topology(logits, mask, config, torch.Generator().manual_seed(seed), num_samples=8)
     _check_invariants(topo, mask, config)
-    det = tp.deterministic_topology(logits, mask, config)
+    det = sm.deterministic_topology(logits, mask, config)
     _check_invariants(tp.Topology(*(f[None] for f in det)), mask, config)
 
 
@@ -215,7 +236,7 @@ def test_no_optimization_takes_every_candidate_with_log_prob_zero():
     config = tp.TopologyConfig(num_agents=4, mode="full", num_rounds=2, optimize_spatial=False,
                                optimize_temporal=False)
     mask = tp.spatial_mask("full", 4)
-    topo = tp.sample_topology(random_logits(config, 0), mask, config, torch.Generator().manual_seed(0))
+    topo = sm.sample_topology(random_logits(config, 0), mask, config, torch.Generator().manual_seed(0))
     assert torch.equal(topo.spatial, tp.spatial_mask("mesh", 4))
     assert topo.temporal.all()
     assert topo.log_prob.item() == 0.0
@@ -226,8 +247,8 @@ def test_sampling_is_reproducible_and_does_not_mutate_inputs():
     mask = tp.spatial_mask("full", 4)
     logits = random_logits(config, 0)
     before = [t.clone() for t in logits] + [mask.clone()]
-    a = tp.sample_topology(logits, mask, config, torch.Generator().manual_seed(3), num_samples=5)
-    b = tp.sample_topology(logits, mask, config, torch.Generator().manual_seed(3), num_samples=5)
+    a = sm.sample_topology(logits, mask, config, torch.Generator().manual_seed(3), num_samples=5)
+    b = sm.sample_topology(logits, mask, config, torch.Generator().manual_seed(3), num_samples=5)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     for x, y in zip(list(logits) + [mask], before):
@@ -240,7 +261,7 @@ def test_sampling_is_reproducible_and_does_not_mutate_inputs():
 def _policy_setup(mode: str = "full", rounds: int = 2, feature_dim: int = 24, n: int = 4):
     config = tp.TopologyConfig(num_agents=n, mode=mode, num_rounds=rounds)
     g = torch.Generator().manual_seed(0)
-    params = tp.init_policy(config, feature_dim, g)
+    params = pl.init_policy(config, feature_dim, g)
     features = torch.randn(n, feature_dim, generator=g)
     prior = ~torch.eye(n, dtype=torch.bool)
     return config, params, features, prior, tp.spatial_mask(mode, n)
@@ -248,12 +269,12 @@ def _policy_setup(mode: str = "full", rounds: int = 2, feature_dim: int = 24, n:
 
 def test_gradient_reaches_every_parameter():
     config, params, features, prior, mask = _policy_setup()
-    logits = tp.policy_logits(params, features, prior)
-    topo = tp.sample_topology(logits, mask, config, torch.Generator().manual_seed(1), num_samples=16)
+    logits = pl.policy_logits(params, features, prior)
+    topo = sm.sample_topology(logits, mask, config, torch.Generator().manual_seed(1), num_samples=16)
     advantages = torch.linspace(-1, 1, 16)
 
     def loss(p):
-        lp = tp.log_prob(tp.policy_logits(p, features, prior), mask, config, topo)
+        lp = sm.log_prob(pl.policy_logits(p, features, prior), mask, config, topo)
         return -(advantages * lp).mean()
 
     grads = torch.func.grad(loss)(params)
@@ -261,8 +282,8 @@ def test_gradient_reaches_every_parameter():
         assert torch.isfinite(grad).all(), name
         assert grad.abs().sum() > 0, f"no gradient reaches {name}"
     # The sampler's own log_prob is differentiable too, with the same gradient.
-    leaves = tp.PolicyParams(*(t.detach().requires_grad_() for t in params))
-    sampled = tp.sample_topology(tp.policy_logits(leaves, features, prior), mask, config,
+    leaves = pl.PolicyParams(*(t.detach().requires_grad_() for t in params))
+    sampled = sm.sample_topology(pl.policy_logits(leaves, features, prior), mask, config,
                                  torch.Generator().manual_seed(1), num_samples=16)
     assert torch.equal(sampled.spatial, topo.spatial)
     (-(advantages * sampled.log_prob).mean()).backward()
@@ -273,7 +294,7 @@ def test_gradient_reaches_every_parameter():
 def test_policy_distinguishes_agents_under_a_complete_prior():
     """A GCN alone over a complete prior maps every node to the same vector; the skip keeps them apart."""
     config, params, features, prior, mask = _policy_setup(rounds=1)
-    logits = tp.policy_logits(params, features, prior)
+    logits = pl.policy_logits(params, features, prior)
     assert logits.edge.std() > 1e-3
     assert not torch.allclose(logits.edge, logits.edge.T)  # i -> j and j -> i are scored apart
 
@@ -281,18 +302,18 @@ def test_policy_distinguishes_agents_under_a_complete_prior():
 def test_probabilities_can_approach_zero_and_one():
     config, params, features, prior, mask = _policy_setup(rounds=1)
     sharp = params._replace(log_scale=torch.tensor(6.0))
-    probs = tp.edge_probs(sharp, features, prior)
+    probs = pl.edge_probs(sharp, features, prior)
     off_diagonal = probs[~torch.eye(4, dtype=torch.bool)]
     assert off_diagonal.min() < 0.01 and off_diagonal.max() > 0.99
-    assert tp.edge_probs(params._replace(bias=torch.tensor(-30.0)), features, prior).max() < 1e-9
+    assert pl.edge_probs(params._replace(bias=torch.tensor(-30.0)), features, prior).max() < 1e-9
 
 
 def test_batched_questions_match_one_by_one():
     config, params, features, prior, mask = _policy_setup(rounds=1)
     batch = torch.stack([features, features.flip(0), 2 * features])
-    together = tp.policy_logits(params, batch, prior)
+    together = pl.policy_logits(params, batch, prior)
     for q in range(3):
-        alone = tp.policy_logits(params, batch[q], prior)
+        alone = pl.policy_logits(params, batch[q], prior)
         torch.testing.assert_close(together.edge[q], alone.edge)
         torch.testing.assert_close(together.order[q], alone.order)
 
@@ -300,10 +321,10 @@ def test_batched_questions_match_one_by_one():
 def test_node_features_concatenate_role_and_query():
     roles = torch.randn(3, 5)
     query = torch.randn(5)
-    feats = tp.node_features(roles, query)
+    feats = pl.node_features(roles, query)
     assert feats.shape == (3, 10)
     assert torch.equal(feats[:, :5], roles) and torch.equal(feats[1, 5:], query)
-    assert tp.node_features(roles, torch.randn(2, 5)).shape == (2, 3, 10)
+    assert pl.node_features(roles, torch.randn(2, 5)).shape == (2, 3, 10)
 
 
 def _minilm_like_features(n: int, width: int, seed: int) -> torch.Tensor:
@@ -311,7 +332,7 @@ def _minilm_like_features(n: int, width: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     roles = torch.nn.functional.normalize(torch.randn(n, width, generator=g), dim=-1)
     query = torch.nn.functional.normalize(torch.randn(width, generator=g), dim=-1)
-    return tp.node_features(roles, query)
+    return pl.node_features(roles, query)
 
 
 @settings(max_examples=12, deadline=None)
@@ -320,10 +341,10 @@ def test_policy_ignores_the_scale_of_the_features(seed, width, scale):
     """Features enter RMS-normalized: the encoder's norm (or a rescaled one) changes nothing."""
     config = tp.TopologyConfig(num_agents=3, mode="full", num_rounds=2)
     features = _minilm_like_features(3, width, seed)
-    params = tp.init_policy(config, features.shape[-1], torch.Generator().manual_seed(seed))
+    params = pl.init_policy(config, features.shape[-1], torch.Generator().manual_seed(seed))
     prior = ~torch.eye(3, dtype=torch.bool)
-    base = tp.policy_logits(params, features, prior)
-    scaled = tp.policy_logits(params, scale * features, prior)
+    base = pl.policy_logits(params, features, prior)
+    scaled = pl.policy_logits(params, scale * features, prior)
     for a, b in zip(base, scaled):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -338,28 +359,28 @@ def test_adam_steps_at_the_product_lr_move_logits_by_about_one(seed, width):
     n, steps = 4, 3
     config = tp.TopologyConfig(num_agents=n, mode="full")
     features = _minilm_like_features(n, width, seed)
-    params = tp.init_policy(config, features.shape[-1], torch.Generator().manual_seed(seed))
+    params = pl.init_policy(config, features.shape[-1], torch.Generator().manual_seed(seed))
     prior = ~torch.eye(n, dtype=torch.bool)
     opt = optim.adam(PRODUCT_LR)
     state = opt.init(params)
     direction = torch.randn(n, n, generator=torch.Generator().manual_seed(seed + 1)).sign()
 
     def loss(p):
-        return -(direction * tp.policy_logits(p, features, prior).edge).sum()
+        return -(direction * pl.policy_logits(p, features, prior).edge).sum()
 
-    before = tp.policy_logits(params, features, prior)
+    before = pl.policy_logits(params, features, prior)
     for _ in range(steps):
         updates, state = opt.update(torch.func.grad(loss)(params), state, params)
         params = optim.apply_updates(params, updates)
-    after = tp.policy_logits(params, features, prior)
+    after = pl.policy_logits(params, features, prior)
     moved = (after.edge - before.edge).abs().max().item()
     assert moved < 1.5 * steps
     assert moved > 0.1  # and the steps do move them
     assert (after.order - before.order).abs().max().item() < 1.5 * steps
 
 
-def _learned_probs(params: tp.PolicyParams, task) -> torch.Tensor:
-    return tp.edge_probs(params, task_features(task), task.role_adjacency)[:, task.mask]  # [Q, candidates]
+def _learned_probs(params: pl.PolicyParams, task) -> torch.Tensor:
+    return pl.edge_probs(params, task_features(task), task.role_adjacency)[:, task.mask]  # [Q, candidates]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -395,36 +416,38 @@ def test_bad_input_raises_naming_the_argument():
         tp.spatial_mask("ring", 3)
     with pytest.raises(ValueError, match="generator"):
         tp.spatial_mask("random", 3)
-    with pytest.raises(ValueError, match="decision"):
-        tp.TopologyConfig(num_agents=3, decision="last")
+    with pytest.raises(ValueError, match="wiring"):
+        tp.TopologyConfig(num_agents=3, wiring="last")
+    with pytest.raises(ValueError, match="wiring"):
+        tp.decision_inputs(torch.zeros(3, 3, dtype=torch.bool), "last")
     with pytest.raises(ValueError, match="num_rounds"):
         tp.TopologyConfig(num_agents=3, num_rounds=0)
     config, params, features, prior, mask = _policy_setup(rounds=1)
-    logits = tp.policy_logits(params, features, prior)
+    logits = pl.policy_logits(params, features, prior)
     g = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match="mask"):
-        tp.sample_topology(logits, torch.ones(3, 3, dtype=torch.bool), config, g)
+        sm.sample_topology(logits, torch.ones(3, 3, dtype=torch.bool), config, g)
     with pytest.raises(TypeError, match="mask"):
-        tp.sample_topology(logits, mask.float(), config, g)
+        sm.sample_topology(logits, mask.float(), config, g)
     with pytest.raises(ValueError, match="mask"):
-        tp.sample_topology(logits, mask | torch.eye(4, dtype=torch.bool), config, g)
+        sm.sample_topology(logits, mask | torch.eye(4, dtype=torch.bool), config, g)
     mesh = tp.TopologyConfig(num_agents=4, mode="mesh")
     with pytest.raises(ValueError, match="mask"):
-        tp.sample_topology(logits, mask, mesh, g)  # a full mask is not upper triangular
+        sm.sample_topology(logits, mask, mesh, g)  # a full mask is not upper triangular
     bad = logits._replace(edge=logits.edge.clone().fill_(float("nan")))
     with pytest.raises(ValueError, match="logits.edge"):
-        tp.sample_topology(bad, mask, config, g)
+        sm.sample_topology(bad, mask, config, g)
     with pytest.raises(ValueError, match="logits.edge"):
-        tp.log_prob(bad, mask, config, tp.deterministic_topology(logits, mask, config))
+        sm.log_prob(bad, mask, config, sm.deterministic_topology(logits, mask, config))
     inf_features = features.clone()
     inf_features[0, 0] = float("inf")
     with pytest.raises(ValueError, match="finite"):
-        tp.sample_topology(tp.policy_logits(params, inf_features, prior), mask, config, g)
+        sm.sample_topology(pl.policy_logits(params, inf_features, prior), mask, config, g)
     with pytest.raises(ValueError, match="features"):
-        tp.policy_logits(params, features[:3], prior)
+        pl.policy_logits(params, features[:3], prior)
     with pytest.raises(ValueError, match="features"):
-        tp.policy_logits(params, features[:, :5], prior)
+        pl.policy_logits(params, features[:, :5], prior)
     with pytest.raises(ValueError, match="num_samples"):
-        tp.sample_topology(logits, mask, config, g, num_samples=0)
+        sm.sample_topology(logits, mask, config, g, num_samples=0)
     with pytest.raises(ValueError, match="feature_dim"):
-        tp.init_policy(config, 0, g)
+        pl.init_policy(config, 0, g)

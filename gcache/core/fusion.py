@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, Sequence
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from gcache.core.batch import pad_left
@@ -311,18 +312,18 @@ def _mix(caches: list[KVCache], w: Tensor, g: Tensor, present: Tensor) -> KVCach
     fused_mask = (masks & present[:, :, None]).any(0)  # [B, T]
 
     if bool(avail.all()):
-        u = present.float() / present.sum(0, keepdim=True)  # [k, B]
-        v = w
-        a = u[:, None, :] + g[None, :, None] * (v - u)[:, None, :]  # [k, L, B]
-        a = a[:, :, :, None, None, None]  # [k, L, B, 1(H), 1(T), 1(D)]
+        u = present.float() / present.sum(0, keepdim=True)
+        step = w - u
+        a = rearrange(u, "k b -> k 1 b") + rearrange(g, "l -> 1 l 1") * rearrange(step, "k b -> k 1 b")
+        a = rearrange(a, "k l b -> k l b 1 1 1")  # one coefficient for every head, slot and channel
     else:
         af = avail.float()
-        u = af / af.sum(0, keepdim=True)  # [k, B, T]
-        wv = w[:, :, None] * af
-        v = wv / wv.sum(0, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        a = u[:, None] + g[None, :, None, None] * (v - u)[:, None]  # [k, L, B, T]
-        a = a[:, :, :, None, :, None]  # [k, L, B, 1(H), T, 1(D)]
-    a = a.to(first.keys.dtype)
+        u = af / af.sum(0, keepdim=True)
+        wv = rearrange(w, "k b -> k b 1") * af
+        step = wv / wv.sum(0, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) - u
+        a = rearrange(u, "k b t -> k 1 b t") + rearrange(g, "l -> 1 l 1 1") * rearrange(step, "k b t -> k 1 b t")
+        a = rearrange(a, "k l b t -> k l b 1 t 1")  # one coefficient for every head and channel
+    a = a.to(first.keys.dtype)  # [k, L, B, H or 1, T or 1, D or 1], broadcast against each cache
 
     keys = first.keys * a[0]
     values = first.values * a[0]

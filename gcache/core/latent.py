@@ -15,6 +15,8 @@ attended, so a batch gives, row by row, the results of running each row alone.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
@@ -46,7 +48,7 @@ class ModelFns(NamedTuple):
     to_state: Callable[[KVCache | None], State]
     from_state: Callable[[State, Tensor, Tensor], KVCache]
     num_layers: int
-    num_heads: int  # key/value heads
+    num_kv_heads: int  # key/value heads (fewer than the query heads under grouped-query attention)
     head_dim: int
     hidden_size: int
     dtype: torch.dtype
@@ -88,6 +90,51 @@ class Generation(NamedTuple):
     cache: KVCache
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode an answer; one frozen value handed from the caller to ``generate``.
+
+    max_new_tokens: the most tokens decoded per row (an int >= 0; EOS counts as one).
+    temperature: 0 decodes greedily (argmax); > 0 samples from softmax(logits / temperature).
+    top_p: sampled decoding keeps the smallest set of most likely tokens whose mass reaches
+        top_p (nucleus sampling), in (0, 1]; 1 keeps every token. Ignored when greedy.
+    seed: sampled decoding draws from ``torch.Generator(device).manual_seed(seed)`` made
+        afresh by each ``generate`` call, so a seed repeats its answers; None means 0.
+    stop: ``stop(tokens [B, n] long, running [B] bool) -> done [B] bool``, called after each
+        step; a running row where ``done`` is True ends after that step's token, which it
+        keeps (see ``generate``). None: rows end at EOS or max_new_tokens only.
+    Raises ValueError naming the field on a value out of range, TypeError on a ``stop``
+    that is not callable.
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None  # sampled decoding draws from torch.Generator().manual_seed(seed); None -> 0
+    stop: Callable[[Tensor, Tensor], Tensor] | None = None  # the stop(tokens, running) -> done rule
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"max_new_tokens: expected a non-negative integer, got {n!r}")
+        t = self.temperature
+        if not _is_real(t) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature: expected a finite number >= 0, got {t!r}")
+        p = self.top_p
+        if not _is_real(p) or not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p: expected a number in (0, 1], got {p!r}")
+        s = self.seed
+        if s is not None and (not isinstance(s, int) or isinstance(s, bool) or not -(2**63) <= s < 2**64):
+            raise ValueError(f"seed: expected None or an integer in [-2**63, 2**64), got {s!r}")
+        if self.stop is not None and not callable(self.stop):
+            raise TypeError(f"stop: expected None or a callable stop(tokens, running) -> done, got {type(self.stop).__name__}")
+
+
+def _is_real(x: Any) -> bool:
+    """A plain real number (int or float, bool excluded)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -117,7 +164,7 @@ def _check_prompt(fns: ModelFns, input_ids: Tensor, attention_mask: Tensor) -> T
 
 def _check_cache(fns: ModelFns, cache: KVCache, batch: int) -> None:
     validate(cache, "cache")
-    want = (fns.num_layers, batch, fns.num_heads, fns.head_dim)
+    want = (fns.num_layers, batch, fns.num_kv_heads, fns.head_dim)
     got = (cache.num_layers, cache.batch_size, cache.num_heads, cache.head_dim)
     if got != want:
         raise ValueError(
@@ -244,102 +291,56 @@ def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.G
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def generate(
+def _generator(decoding: Decoding, device: torch.device) -> torch.Generator | None:
+    """The draws of sampled decoding, seeded from ``decoding.seed`` (None: 0) on ``device``; None when greedy."""
+    if decoding.temperature == 0.0:
+        return None
+    return torch.Generator(device=device).manual_seed(0 if decoding.seed is None else decoding.seed)
+
+
+def decode_one_token(
     fns: ModelFns,
-    input_ids: Tensor,  # [B, S]
-    attention_mask: Tensor,  # [B, S]
+    token: Tensor,  # [B'] long, the token just chosen for each row the state holds
+    state: State,
+    attention_mask: Tensor,  # [B', T + 1] bool, covering the state and the token's position
+    position_ids: Tensor,  # [B'] long, the token's position
+    decoding: Decoding,
+    generator: torch.Generator | None,
     *,
-    cache: KVCache | None = None,
-    max_new_tokens: int,
-    eos_token_ids: Sequence[int],
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    pad_token_id: int | None = None,
-    stop: Callable[[Tensor, Tensor], Tensor] | None = None,
-) -> Generation:
-    """Decode up to ``max_new_tokens`` tokens per row after the prompt (read on top of ``cache``).
+    sample: bool = True,
+) -> tuple[Tensor | None, State]:
+    """Read ``token`` back (one forward of one position, the state grows by it in place) and,
+    when ``sample``, choose each row's next token from the new logits; returns (next [B'] or None, state)."""
+    hidden, state = fns.forward(fns.embed(token[:, None]), attention_mask, position_ids[:, None], state)
+    if not sample:
+        return None, state
+    return _sample(fns.logits(hidden[:, -1]), decoding.temperature, decoding.top_p, generator), state
 
-    Greedy when temperature == 0; otherwise samples from softmax(logits / temperature)
-    restricted to the top_p nucleus, drawing with ``generator`` (seeded, reproducible).
-    A row stops at its first token in ``eos_token_ids``; the loop stops when every
-    row has. ``stop(tokens, running) -> done``, when given, is called after each step
-    with the tokens decoded so far ([B, n] long, to be read, not written) and the rows
-    still running ([B] bool); a running row where ``done`` ([B] bool) is True ends
-    after that step's token, which it keeps (for example once an answer line is
-    complete). See ``Generation`` for what the result holds. pad_token_id (default:
-    the first EOS id, else 0) fills slots after a row's end. Raises ValueError on
-    max_new_tokens < 0, temperature < 0, top_p outside (0, 1], a ``stop`` result that
-    is not a [B] tensor, and the errors of ``prefill``.
+
+class _Held(NamedTuple):
+    """The batch rows the model-native state holds while decoding, and the ended rows set aside."""
+
+    rows: Tensor  # [B'] long, batch indices of the rows in ``state``, ascending
+    state: State
+    parked: tuple[tuple[Tensor, KVCache], ...]  # (batch indices [b], their cache [L, b, H, T_i, D]) per parking
+
+
+def _park_ended(fns: ModelFns, held: _Held, running: Tensor, mask: Tensor, next_pos: Tensor) -> _Held:
+    """Take the ended rows out of the state once at most half of the held rows still run.
+
+    running: [B] bool; mask: [B, T] bool over the state's positions; next_pos: [B] long.
+    A long answer then no longer makes every finished row pay for each of its steps.
     """
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected a non-negative integer, got {max_new_tokens!r}")
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
-    eos_ids = [int(t) for t in eos_token_ids]
-    if pad_token_id is None:
-        pad_token_id = eos_ids[0] if eos_ids else 0
-    pre = prefill(fns, input_ids, attention_mask, cache=cache)
-    batch, past = pre.mask.shape
-    device = input_ids.device
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.cat([pre.mask, pre.mask.new_zeros(batch, max_new_tokens)], dim=1)  # [B, T + S + N]
-    running = torch.ones(batch, dtype=torch.bool, device=device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=device)
-    ended_by_rule = torch.zeros(batch, dtype=torch.bool, device=device)
-    state, next_pos = pre.state, pre.next_pos
-    logits = fns.logits(pre.hidden[:, -1])  # [B', V] for the rows the state holds
-    # The state holds the batch rows ``rows`` (all at first). Once half of them have ended,
-    # the ended ones are taken out (their caches set aside in ``parked``), so that a long
-    # answer does not make every finished row pay for each of its steps.
-    rows = torch.arange(batch, device=device)
-    parked: list[tuple[Tensor, KVCache]] = []
-    fed = 0  # answer slots read back by the model
-    for step in range(max_new_tokens):
-        token = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
-        token[rows] = _sample(logits, temperature, top_p, generator)
-        token = torch.where(running, token, torch.full_like(token, pad_token_id))
-        at_eos = running & torch.isin(token, eos)
-        tokens[:, step] = token
-        running = running & ~at_eos
-        lengths += running.long()
-        if not bool(running.any()):
-            break
-        # Rows the stop rule ends keep this token: it is read back with the others below.
-        done = _check_stop(stop(tokens[:, : step + 1], running), batch) & running if stop is not None else None
-        held = running[rows]
-        if 2 * int(held.sum()) <= rows.numel():
-            kept = fns.from_state(state, mask[rows, : past + fed], next_pos[rows])
-            parked.append((rows[~held], select_rows(kept, (~held).nonzero().flatten())))
-            state = fns.to_state(select_rows(kept, held.nonzero().flatten()))
-            rows = rows[held]
-        # Read the token back even on the last step, so the cache holds every answer token.
-        mask[:, past + step] = running
-        hidden, state = fns.forward(
-            fns.embed(token[rows][:, None]), mask[rows, : past + step + 1], next_pos[rows][:, None], state
-        )
-        fed = step + 1
-        next_pos = next_pos + running.long()
-        if done is not None:
-            ended_by_rule |= done
-            running = running & ~done
-            if not bool(running.any()):
-                break
-        if step + 1 < max_new_tokens:
-            logits = fns.logits(hidden[:, -1])
-    at_eos_end = ~running & ~ended_by_rule  # these rows hold their EOS token after the answer
-    stopped = ~running
-    width = int((lengths + at_eos_end.long()).max()) if max_new_tokens else 0
-    out = fns.from_state(state, mask[rows, : past + fed], next_pos[rows])
-    if parked:
-        out = _unpark(out, rows, parked, mask[:, : past + fed], next_pos)
-    return Generation(tokens[:, :width].clone(), lengths, stopped, out)
+    still = running[held.rows]  # [B']
+    if 2 * int(still.sum()) > held.rows.numel():
+        return held
+    kept = fns.from_state(held.state, mask[held.rows], next_pos[held.rows])
+    ended = (held.rows[~still], select_rows(kept, (~still).nonzero().flatten()))
+    state = fns.to_state(select_rows(kept, still.nonzero().flatten()))
+    return _Held(held.rows[still], state, (*held.parked, ended))
 
 
-def _unpark(out: KVCache, rows: Tensor, parked: list[tuple[Tensor, KVCache]], mask: Tensor, next_pos: Tensor) -> KVCache:
+def _unpark(out: KVCache, rows: Tensor, parked: Sequence[tuple[Tensor, KVCache]], mask: Tensor, next_pos: Tensor) -> KVCache:
     """Reassemble the whole batch's cache from the rows still held and the parked ones.
 
     A parked cache ends where its rows stopped; it is extended on the right with zero
@@ -354,6 +355,102 @@ def _unpark(out: KVCache, rows: Tensor, parked: list[tuple[Tensor, KVCache]], ma
         order.append(ids)
     back = torch.argsort(torch.cat(order))
     return KVCache(torch.cat(keys, dim=1)[:, back], torch.cat(values, dim=1)[:, back], mask.clone(), next_pos.clone())
+
+
+def decode_tokens(
+    fns: ModelFns,
+    pre: Prefill,
+    decoding: Decoding,
+    eos: Tensor,  # [E] long
+    pad_token_id: int,
+) -> Generation:
+    """The decoding loop after a prefill: up to ``decoding.max_new_tokens`` tokens per row (see ``generate``)."""
+    batch, past = pre.mask.shape
+    steps, stop = decoding.max_new_tokens, decoding.stop
+    device = pre.next_pos.device
+    tokens = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)  # [B, N]
+    mask = torch.cat([pre.mask, pre.mask.new_zeros(batch, steps)], dim=1)  # [B, T + S + N]
+    running = torch.ones(batch, dtype=torch.bool, device=device)  # [B]
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+    ended_by_rule = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
+    next_pos = pre.next_pos  # [B]
+    held = _Held(torch.arange(batch, device=device), pre.state, ())
+    logits = fns.logits(pre.hidden[:, -1])  # [B, V]
+    generator = _generator(decoding, logits.device)
+    chosen = _sample(logits, decoding.temperature, decoding.top_p, generator)  # [B'], B' = B
+    fed = 0  # answer slots read back by the model
+    for step in range(steps):
+        token = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
+        token[held.rows] = chosen
+        token = torch.where(running, token, torch.full_like(token, pad_token_id))
+        at_eos = running & torch.isin(token, eos)
+        tokens[:, step] = token
+        running = running & ~at_eos
+        lengths += running.long()
+        if not bool(running.any()):
+            break
+        # Rows the stop rule ends keep this token: it is read back with the others below.
+        done = _check_stop(stop(tokens[:, : step + 1], running), batch) & running if stop is not None else None
+        held = _park_ended(fns, held, running, mask[:, : past + fed], next_pos)
+        going = running if done is None else running & ~done
+        # Read the token back even on the last step, so the cache holds every answer token.
+        mask[:, past + step] = running
+        rows = held.rows
+        chosen, state = decode_one_token(
+            fns, token[rows], held.state, mask[rows, : past + step + 1], next_pos[rows], decoding, generator,
+            sample=step + 1 < steps and (done is None or bool(going.any())),
+        )  # fmt: skip
+        held = held._replace(state=state)
+        fed = step + 1
+        next_pos = next_pos + running.long()
+        if done is not None:
+            ended_by_rule |= done
+            running = going
+            if not bool(running.any()):
+                break
+    at_eos_end = ~running & ~ended_by_rule  # these rows hold their EOS token after the answer
+    width = int((lengths + at_eos_end.long()).max()) if steps else 0
+    out = fns.from_state(held.state, mask[held.rows, : past + fed], next_pos[held.rows])
+    if held.parked:
+        out = _unpark(out, held.rows, held.parked, mask[:, : past + fed], next_pos)
+    return Generation(tokens[:, :width].clone(), lengths, ~running, out)
+
+
+def generate(
+    fns: ModelFns,
+    input_ids: Tensor,  # [B, S]
+    attention_mask: Tensor,  # [B, S]
+    decoding: Decoding,
+    *,
+    cache: KVCache | None = None,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int | None = None,
+) -> Generation:
+    """Decode up to ``decoding.max_new_tokens`` tokens per row after the prompt (read on top of ``cache``).
+
+    Greedy when decoding.temperature == 0; otherwise samples from softmax(logits /
+    temperature) restricted to the top_p nucleus, drawing from a generator seeded with
+    ``decoding.seed`` on the model's device (so a seed repeats its answers). A row stops
+    at its first token in ``eos_token_ids``; the loop stops when every row has.
+    ``decoding.stop(tokens, running) -> done``, when given, is called after each step
+    with the tokens decoded so far ([B, n] long, to be read, not written) and the rows
+    still running ([B] bool); a running row where ``done`` ([B] bool) is True ends after
+    that step's token, which it keeps (for example once an answer line is complete).
+    Rows that have ended leave the model's batch once half of them have, so that a long
+    answer does not make every finished row pay for each of its steps.
+    See ``Generation`` for what the result holds. pad_token_id (default: the first EOS
+    id, else 0) fills slots after a row's end. Raises TypeError when ``decoding`` is not
+    a ``Decoding``, ValueError on a ``stop`` result that is not a [B] tensor, and the
+    errors of ``prefill``.
+    """
+    if not isinstance(decoding, Decoding):
+        raise TypeError(f"decoding: expected a Decoding, got {type(decoding).__name__}")
+    eos_ids = [int(t) for t in eos_token_ids]
+    if pad_token_id is None:
+        pad_token_id = eos_ids[0] if eos_ids else 0
+    pre = prefill(fns, input_ids, attention_mask, cache=cache)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
+    return decode_tokens(fns, pre, decoding, eos, pad_token_id)
 
 
 def sequence_logprob(
@@ -389,11 +486,14 @@ def sequence_logprob(
 
 
 __all__ = [
+    "Decoding",
     "Generation",
     "ModelFns",
     "Prefill",
     "Rollout",
     "State",
+    "decode_one_token",
+    "decode_tokens",
     "generate",
     "latent_step",
     "prefill",

@@ -16,10 +16,10 @@ Within the environment and within ``.env`` the seed's names come first, then
 the OpenAI SDK's: ``API_KEY`` then ``OPENAI_API_KEY``; ``BASE_URL`` then
 ``OPENAI_BASE_URL``; ``API_MODEL`` then ``OPENAI_MODEL``.
 
-The HTTP settings ``timeout``, ``max_retries`` and ``max_concurrency`` follow the
-same order (argument, environment, ``.env``) under ``GCACHE_API_TIMEOUT``,
-``GCACHE_API_MAX_RETRIES`` and ``GCACHE_API_CONCURRENCY``; unset everywhere,
-they take :class:`ApiConfig`'s defaults.
+The HTTP settings ``timeout``, ``max_retries``, ``max_concurrency`` and
+``outage_after`` follow the same order (argument, environment, ``.env``) under
+``GCACHE_API_TIMEOUT``, ``GCACHE_API_MAX_RETRIES``, ``GCACHE_API_CONCURRENCY`` and
+``GCACHE_API_OUTAGE_AFTER``; unset everywhere, they take :class:`ApiConfig`'s defaults.
 
 The key is a secret: ``repr``/``str`` of an :class:`ApiConfig` mask it,
 :meth:`ApiConfig.to_record` (what goes into results) leaves it out, and
@@ -49,6 +49,7 @@ SETTING_VARS: dict[str, tuple[str, type]] = {
     "timeout": ("GCACHE_API_TIMEOUT", float),
     "max_retries": ("GCACHE_API_MAX_RETRIES", int),
     "max_concurrency": ("GCACHE_API_CONCURRENCY", int),
+    "outage_after": ("GCACHE_API_OUTAGE_AFTER", int),
 }
 
 _MASK = "***"
@@ -63,9 +64,12 @@ class ApiConfig:
     429, a 408, a 5xx, a timeout or a connection error; backoff: the first wait
     between attempts in seconds, doubled each retry up to max_backoff, less a
     random 0-25% (a server's Retry-After of up to a minute is honoured instead);
-    max_concurrency: requests in flight at once from one client.
+    max_concurrency: requests in flight at once from one client;
+    outage_after: requests in a row that end in a connection error or a timeout
+    (each after its retries) before the client declares the endpoint down and
+    refuses every further request (0: never).
     Raises ValueError on a non-positive or infinite timeout, a non-positive
-    concurrency, or negative retries or backoff.
+    concurrency, or negative retries, backoff or outage_after.
     """
 
     model: str | None = None
@@ -76,6 +80,7 @@ class ApiConfig:
     max_concurrency: int = 8
     backoff: float = 0.5
     max_backoff: float = 8.0
+    outage_after: int = 3
 
     def __post_init__(self) -> None:
         if not (self.timeout > 0 and math.isfinite(self.timeout)):
@@ -84,6 +89,8 @@ class ApiConfig:
             raise ValueError(f"max_retries: expected a non-negative integer, got {self.max_retries!r}")
         if isinstance(self.max_concurrency, bool) or not isinstance(self.max_concurrency, int) or self.max_concurrency < 1:
             raise ValueError(f"max_concurrency: expected a positive integer, got {self.max_concurrency!r}")
+        if isinstance(self.outage_after, bool) or not isinstance(self.outage_after, int) or self.outage_after < 0:
+            raise ValueError(f"outage_after: expected a non-negative integer, got {self.outage_after!r}")
         if not self.backoff >= 0:
             raise ValueError(f"backoff: expected a non-negative number of seconds, got {self.backoff!r}")
         if not self.max_backoff >= self.backoff:
@@ -152,8 +159,8 @@ def resolve_api_config(
 
     env defaults to ``os.environ``; dotenv_path None skips the file. ``settings``
     are passed to ApiConfig (timeout, max_retries, max_concurrency, backoff,
-    max_backoff); a setting given as None counts as unset, and timeout,
-    max_retries and max_concurrency then come from ``SETTING_VARS``. Nothing is
+    max_backoff, outage_after); a setting given as None counts as unset, and
+    those of ``SETTING_VARS`` then come from the environment or ``.env``. Nothing is
     required here: :func:`require_api` says what a mode lacks. Raises ValueError
     on bad settings (naming the variable when one came from the environment or
     ``.env``), TypeError on an unknown one.

@@ -22,6 +22,14 @@ retry, capped at ``max_backoff``) or the server's Retry-After. A semaphore per
 client bounds the requests in flight (``max_concurrency``). Every failure ends
 as an :class:`ApiError` whose message names the endpoint and the cause and
 never holds the key (the SDK's exception, which may, is not chained).
+
+Circuit breaker: when ``ApiConfig.outage_after`` requests in a row end in a
+connection error or a timeout (each after its retries), the client holds the
+endpoint for down: ``ApiClient.outage`` is set, and every later request, and
+every pending retry, fails at once with :class:`ApiOutageError` instead of
+waiting through its own timeouts. Any answer from the server (a success, a 429,
+a 4xx, a 5xx) resets the count: a server that answers is not down, and rate
+limits back off as before.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from gcache.core.cache import KVCache
+from gcache.core.latent import Decoding, generate
 from gcache.io.apiconfig import (
     API_MODES,
     GENERATION_MODES,
@@ -47,8 +56,8 @@ from gcache.io.apiconfig import (
     require_api,
     resolve_api_config,
 )
-
-from gcache.io.models import LocalModel
+from gcache.io.extract import answer_complete
+from gcache.io.models import LocalModel, decode_text, encode_chat
 
 __all__ = [
     "GENERATION_MODES",
@@ -61,6 +70,7 @@ __all__ = [
     "ApiTimeoutError",
     "ApiConnectionError",
     "ApiResponseError",
+    "ApiOutageError",
     "Completion",
     "ApiClient",
     "CacheInfo",
@@ -112,6 +122,10 @@ class ApiConnectionError(ApiError):
 
 class ApiResponseError(ApiError):
     """The server answered 200 with something that is not a usable chat completion."""
+
+
+class ApiOutageError(ApiError):
+    """The client holds the endpoint for down (its circuit breaker tripped) and sent no request."""
 
 
 # --------------------------------------------------------------------------- client
@@ -174,6 +188,8 @@ class ApiClient:
         self._semaphore: asyncio.Semaphore | None = None
         self._warned_no_usage = False
         self.totals = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.failures_in_a_row = 0  # requests ended by a connection error or a timeout since the last answer
+        self.outage: ApiOutageError | None = None  # set once the endpoint is held for down; then every request fails
 
     def __repr__(self) -> str:
         return f"ApiClient({self.config!r})"
@@ -181,7 +197,7 @@ class ApiClient:
     def _state(self) -> tuple[Any, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            import openai
+            import openai  # here, not at the top: ~2.3 s to import (measured), and local runs never need it
 
             # A client from a finished loop holds connections bound to that loop: start afresh.
             self._client = openai.AsyncOpenAI(
@@ -212,6 +228,27 @@ class ApiClient:
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         return cls(self.config.scrub(f"API at {where}: {what}{tries}"), attempts=attempts, **extra)
 
+    def _give_up(self, cls: type[ApiError], what: str, attempts: int, **extra: Any) -> ApiError:
+        """The error that ends a request; counts it toward the circuit breaker (see the module docstring)."""
+        err = self._fail(cls, what, attempts, **extra)
+        if not issubclass(cls, (ApiConnectionError, ApiTimeoutError)):
+            self.failures_in_a_row = 0
+            return err
+        self.failures_in_a_row += 1
+        limit = self.config.outage_after
+        if limit and self.failures_in_a_row >= limit and self.outage is None:
+            tries = f" after {attempts} attempts" if attempts > 1 else ""
+            self.outage = self._fail(
+                ApiOutageError, f"held for down: {self.failures_in_a_row} requests in a row failed, the last: {what}{tries}", 1
+            )
+            log.warning("%s", self.outage)
+        return err
+
+    def _refused(self) -> ApiOutageError:
+        """A fresh copy of the outage error (one instance raised twice would chain its tracebacks)."""
+        assert self.outage is not None
+        return ApiOutageError(str(self.outage), attempts=0)
+
     def _backoff(self, retry: int, headers: Any = None) -> float:
         server = _retry_after(headers)
         if server is not None:
@@ -228,7 +265,7 @@ class ApiClient:
         top_p: float | None = None,
     ) -> Completion:
         """The model's reply to one conversation. Raises ValueError on bad arguments, ApiError on failure."""
-        import openai
+        import openai  # see _state: imported by the first API call, not by local runs
 
         messages = _check_conversation(messages, "messages")
         if max_tokens < 1:
@@ -248,32 +285,35 @@ class ApiClient:
         async with semaphore:
             attempt = 0
             while True:
+                if self.outage is not None:  # also stops a retry once another request tripped the breaker
+                    raise self._refused()
                 attempt += 1
                 self.totals["requests"] += 1
                 headers = None
                 try:
                     log.debug("chat completion: model %s, %d messages, attempt %d", self.config.model, len(messages), attempt)
                     response = await client.chat.completions.create(**request)
+                    self.failures_in_a_row = 0
                     break
                 except openai.APIStatusError as err:
                     status = err.status_code
                     cause = f"HTTP {status} ({_server_message(err.body, err.message)})"
                     if status not in _RETRY_STATUSES and status < 500:
-                        raise self._fail(ApiStatusError, f"answered {cause}", attempt, status_code=status) from None
+                        raise self._give_up(ApiStatusError, f"answered {cause}", attempt, status_code=status) from None
                     if attempt > self.config.max_retries:
-                        raise self._fail(ApiStatusError, f"answered {cause}", attempt, status_code=status) from None
+                        raise self._give_up(ApiStatusError, f"answered {cause}", attempt, status_code=status) from None
                     headers = err.response.headers
                 except openai.APITimeoutError:
                     cause = f"no answer within {self.config.timeout:g} s"
                     if attempt > self.config.max_retries:
-                        raise self._fail(ApiTimeoutError, cause, attempt) from None
+                        raise self._give_up(ApiTimeoutError, cause, attempt) from None
                 except openai.APIConnectionError as err:
                     cause = f"could not connect ({type(err.__cause__ or err).__name__})"
                     if attempt > self.config.max_retries:
-                        raise self._fail(ApiConnectionError, cause, attempt) from None
+                        raise self._give_up(ApiConnectionError, cause, attempt) from None
                 except (json.JSONDecodeError, openai.APIResponseValidationError) as err:
                     what = f"sent a response that is not chat-completions JSON ({type(err).__name__}: {err})"
-                    raise self._fail(ApiResponseError, what, attempt) from None
+                    raise self._give_up(ApiResponseError, what, attempt) from None
                 delay = self._backoff(attempt - 1, headers)
                 self.totals["retries"] += 1
                 log.warning(
@@ -414,15 +454,13 @@ def _newline_token_ids(tokenizer: Any) -> torch.Tensor:
 
 
 def answer_stop(local: LocalModel, family: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A ``stop`` rule for the latent core's ``generate``: a row ends once its text holds a
-    complete final answer in the task family's format (``extract.answer_complete``: a
+    """A ``stop`` rule for ``Decoding.stop``: a row ends once its text holds a complete
+    final answer in the task family's format (``extract.answer_complete``: a
     ``#### <number>`` line, an "Answer: X" line, a closed code block with a ``def``).
 
     Answers are complete only at a line break, so a row's text is decoded only at steps
     whose token holds one; other steps cost one ``isin``. Raises ValueError on an unknown family.
     """
-    from gcache.io.extract import answer_complete
-
     answer_complete(family, "")  # an unknown family fails here, before decoding starts
     newlines = _newline_token_ids(local.tokenizer).to(local.device)
 
@@ -437,54 +475,46 @@ def answer_stop(local: LocalModel, family: str) -> Callable[[torch.Tensor, torch
     return stop
 
 
+def _check_decoding(decoding: Any) -> Decoding:
+    """A Decoding that decodes at least one token (an answer of none is no answer)."""
+    if not isinstance(decoding, Decoding):
+        raise TypeError(f"decoding: expected a gcache Decoding, got {type(decoding).__name__}")
+    if decoding.max_new_tokens < 1:
+        raise ValueError(f"decoding.max_new_tokens: expected a positive integer, got {decoding.max_new_tokens!r}")
+    return decoding
+
+
 def generate_local(
     local: LocalModel,
     conversations: Sequence[Conversation],
+    decoding: Decoding,
     *,
     cache: KVCache | None = None,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    stop_family: str | None = None,
 ) -> list[LocalText]:
     """Decode one answer per conversation with the local model, on top of ``cache`` when given.
 
     The conversations are encoded with the chat template and left-padded into one batch;
     ``cache`` ([L, B, H, T, D] with B = len(conversations)) holds what each row's prompt
-    follows; the latent core's ``generate`` reads the prompt on it and decodes (greedy at
-    temperature 0, else sampled with ``generator``). With ``stop_family`` (a task family:
-    math, science, medicine, code), a row ends as soon as its text holds a complete final
-    answer (see ``answer_stop``). Latent steps are the rollout's business (their tokens
-    are counted there), so ``latent_tokens`` is 0 here.
-    Raises ValueError/TypeError on bad arguments (a cache whose rows do not match).
+    follows; the latent core's ``generate`` reads the prompt on it and decodes as
+    ``decoding`` says (greedy at temperature 0, else sampled from its seed; its ``stop``
+    rule, e.g. ``answer_stop(local, family)``, ends a row once its answer is complete).
+    Latent steps are the rollout's business (their tokens are counted there), so
+    ``latent_tokens`` is 0 here. Raises ValueError/TypeError on bad arguments (a cache
+    whose rows do not match, a decoding of no tokens).
     """
-    from gcache.core import latent
-    from gcache.io.models import decode_text, encode_chat
-
     rows = [_check_conversation(c, f"conversations[{i}]") for i, c in enumerate(conversations)]
     if not rows:
         raise ValueError("conversations: expected at least one conversation, got none")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    _check_decoding(decoding)
     if cache is not None and cache.batch_size != len(rows):
         raise ValueError(
             f"cache: expected one row per conversation ({len(rows)}), got a cache of {cache.batch_size} rows"
         )
     input_ids, attention_mask = encode_chat(local, rows, add_generation_prompt=True)  # [B, S], [B, S]
-    gen = latent.generate(
-        local.fns,
-        input_ids,
-        attention_mask,
-        cache=cache,
-        max_new_tokens=max_new_tokens,
-        eos_token_ids=local.eos_token_ids,
-        temperature=temperature,
-        top_p=top_p,
-        generator=generator,
-        pad_token_id=local.pad_token_id,
-        stop=None if stop_family is None else answer_stop(local, stop_family),
-    )
+    gen = generate(
+        local.fns, input_ids, attention_mask, decoding,
+        cache=cache, eos_token_ids=local.eos_token_ids, pad_token_id=local.pad_token_id,
+    )  # fmt: skip
     texts = decode_text(local, gen.tokens, gen.lengths)
     prompt_tokens = attention_mask.sum(-1).tolist()
     lengths = gen.lengths.tolist()
@@ -525,100 +555,77 @@ def _api_tokens(c: Completion) -> dict[str, int]:
     return {"prompt": c.prompt_tokens, "completion": c.completion_tokens}
 
 
-async def generate_answer(
+def _hint_infos(cache_info: CacheInfo | Sequence[CacheInfo] | None, rows: int) -> list[CacheInfo]:
+    """One CacheInfo per row from one for all rows or one per row."""
+    if cache_info is None:
+        raise ValueError("cache_info: mode 'api_hint' describes the cache to the API, but no CacheInfo was given")
+    infos = [cache_info] * rows if isinstance(cache_info, CacheInfo) else list(cache_info)
+    if len(infos) != rows or not all(isinstance(i, CacheInfo) for i in infos):
+        raise ValueError(f"cache_info: expected one CacheInfo or {rows} of them, got {cache_info!r:.120}")
+    return infos
+
+
+def generate_answer(
     mode: str,
     conversations: Sequence[Conversation],
+    decoding: Decoding,
     *,
     local: LocalModel | None = None,
     api: ApiClient | None = None,
     cache: KVCache | None = None,
     cache_info: CacheInfo | Sequence[CacheInfo] | None = None,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    stop_family: str | None = None,
 ) -> list[Answer]:
     """One answer per conversation (batch row) in the given generation mode (see the module docstring).
 
-    stop_family: the task family whose complete final answer ends local decoding early
-    (``local`` and the ``hybrid`` draft; see ``generate_local``); None decodes to EOS or
-    ``max_new_tokens``.
-
+    decoding: how every answer is decoded: the local model uses all of it (its ``stop`` rule,
+    e.g. ``answer_stop(local, family)``, ends local decoding early, in ``local`` mode and for
+    the ``hybrid`` draft); the API gets its max_new_tokens, temperature and top_p.
     local: needed by ``local`` and ``hybrid``; api: needed by ``api_hint``, ``hybrid`` and ``api``.
     cache: [L, B, H, T, D] with B = len(conversations), or None; ``api`` takes none.
     cache_info: what the ``api_hint`` sentence describes, one for all rows or one per row
-    (needed by api_hint). The local model decodes all rows as one batch; the API gets them as
-    concurrent requests (up to the client's ``max_concurrency``), and the client's connections
-    are closed before returning (the client itself stays usable, in this loop or another).
+    (needed by api_hint; the other modes ignore it). The local model decodes all rows as one
+    batch; the API gets them as concurrent requests (up to the client's ``max_concurrency``)
+    in an event loop of their own (``asyncio.run``: call this outside a running loop), and the
+    client's connections are closed before returning (the client itself stays usable).
     Raises ValueError/TypeError naming what is missing or wrong, ApiError when the API fails.
     """
     mode = check_mode(mode)
     rows = list(conversations)
     if not rows:
         raise ValueError("conversations: expected at least one conversation, got none")
+    _check_decoding(decoding)
     if mode in LOCAL_MODES and local is None:
         raise ValueError(f"local: mode {mode!r} decodes with the local model, but none was given")
     if mode in API_MODES and api is None:
         raise ValueError(f"api: mode {mode!r} calls the API, but no ApiClient was given")
     if mode == "api" and cache is not None:
         raise ValueError("cache: mode 'api' is the text baseline and takes no cache, but one was given")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    infos = _hint_infos(cache_info, len(rows)) if mode == "api_hint" else None
 
     if mode == "local":
-        decoded = generate_local(
-            local, rows, cache=cache, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, generator=generator, stop_family=stop_family,
-        )  # fmt: skip
-        return [Answer(d.text, _local_tokens(d), _no_api()) for d in decoded]
-
+        return [Answer(d.text, _local_tokens(d), _no_api()) for d in generate_local(local, rows, decoding, cache=cache)]
     assert api is not None
-    try:
-        return await _api_answers(mode, rows, local=local, api=api, cache=cache, cache_info=cache_info,
-                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  generator=generator, stop_family=stop_family)  # fmt: skip
-    finally:
-        # Runners call this under asyncio.run, one loop per batch: close the connections
-        # before the loop ends, so none is left bound to a dead loop.
-        await api.aclose()
-
-
-async def _api_answers(
-    mode: str,
-    rows: list[Conversation],
-    *,
-    local: LocalModel | None,
-    api: ApiClient,
-    cache: KVCache | None,
-    cache_info: CacheInfo | Sequence[CacheInfo] | None,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    generator: torch.Generator | None,
-    stop_family: str | None,
-) -> list[Answer]:
-    api_top_p = None if top_p == 1.0 else top_p  # servers differ in defaults: send it only when set
     if mode == "api":
-        done = await api.complete_many(rows, max_tokens=max_new_tokens, temperature=temperature, top_p=api_top_p)
+        done = asyncio.run(_complete_many(api, rows, decoding))
         return [Answer(c.text, _no_local(), _api_tokens(c)) for c in done]
-
     if mode == "api_hint":
-        if cache_info is None:
-            raise ValueError("cache_info: mode 'api_hint' describes the cache to the API, but no CacheInfo was given")
-        infos = [cache_info] * len(rows) if isinstance(cache_info, CacheInfo) else list(cache_info)
-        if len(infos) != len(rows) or not all(isinstance(i, CacheInfo) for i in infos):
-            raise ValueError(f"cache_info: expected one CacheInfo or {len(rows)} of them, got {cache_info!r:.120}")
         hinted = [with_cache_hint(r, describe_cache_hint(*i)) for r, i in zip(rows, infos)]
-        done = await api.complete_many(hinted, max_tokens=max_new_tokens, temperature=temperature, top_p=api_top_p)
+        done = asyncio.run(_complete_many(api, hinted, decoding))
         return [Answer(c.text, _no_local(), _api_tokens(c)) for c in done]
-
     # hybrid
-    assert local is not None
-    drafts = generate_local(
-        local, rows, cache=cache, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, generator=generator, stop_family=stop_family,
-    )  # fmt: skip
+    drafts = generate_local(local, rows, decoding, cache=cache)
     prompts = [with_draft(r, d.text) for r, d in zip(rows, drafts)]
-    done = await api.complete_many(prompts, max_tokens=max_new_tokens, temperature=temperature, top_p=api_top_p)
+    done = asyncio.run(_complete_many(api, prompts, decoding))
     return [Answer(c.text, _local_tokens(d), _api_tokens(c), draft=d.text) for c, d in zip(done, drafts)]
+
+
+async def _complete_many(api: ApiClient, conversations: list[Conversation], decoding: Decoding) -> list[Completion]:
+    """The API's replies under ``decoding``'s settings; the client's connections are closed before the loop ends."""
+    top_p = None if decoding.top_p == 1.0 else decoding.top_p  # servers differ in defaults: send it only when set
+    try:
+        return await api.complete_many(
+            conversations, max_tokens=decoding.max_new_tokens, temperature=decoding.temperature, top_p=top_p
+        )
+    finally:
+        # This loop ends when the batch does: close its connections, so none is left bound to a dead loop.
+        await api.aclose()

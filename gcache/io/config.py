@@ -7,6 +7,7 @@ One name per idea: each field here is a `gcache run` flag (``latent_steps`` is
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,10 @@ _METHOD_FLAGS: dict[str, set[str]] = {
 _COMMON_FLAGS = {
     "task", "method", "generation_mode", "batch_size", "limit", "question_id", "model", "device",
     "dtype", "threads", "api_model", "base_url", "api_timeout", "api_max_retries", "api_concurrency",
-    "max_new_tokens", "temperature", "seed", "out", "resume", "stop_at_answer",
+    "api_outage_after", "max_new_tokens", "temperature", "seed", "out", "resume", "retry_errors", "stop_at_answer",
 }
 # How the run talks to the API, not what it computes: a resumed run may change them.
-API_HTTP_FLAGS = ("api_timeout", "api_max_retries", "api_concurrency")
+API_HTTP_FLAGS = ("api_timeout", "api_max_retries", "api_concurrency", "api_outage_after")
 _MODES_BY_METHOD = {
     "single": ("local", "api"),
     "text-mas": ("local", "api"),
@@ -80,16 +81,19 @@ class RunConfig:
     threads: int | None = None
     api_model: str | None = None
     base_url: str | None = None
-    # None: GCACHE_API_TIMEOUT / _MAX_RETRIES / _CONCURRENCY (environment or .env), else ApiConfig's default.
+    # None: GCACHE_API_TIMEOUT / _MAX_RETRIES / _CONCURRENCY / _OUTAGE_AFTER (environment or .env),
+    # else ApiConfig's default.
     api_timeout: float | None = None
     api_max_retries: int | None = None
     api_concurrency: int | None = None
+    api_outage_after: int | None = None
     max_new_tokens: int = 256
     stop_at_answer: bool = True
     temperature: float = 0.0
     seed: int = 0
     out: str | None = None
     resume: bool = False
+    retry_errors: bool = True  # --resume answers again the questions whose latest line holds an error
     params: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,6 +189,8 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
         _at_least("api_max_retries", config.api_max_retries, 0)
     if config.api_concurrency is not None:
         _at_least("api_concurrency", config.api_concurrency, 1)
+    if config.api_outage_after is not None:
+        _at_least("api_outage_after", config.api_outage_after, 0)
     if config.temperature < 0:
         raise ValueError(f"--temperature: expected a value >= 0, got {config.temperature}")
     if not config.lr > 0:
@@ -212,6 +218,7 @@ def api_config(config: RunConfig) -> ApiConfig:
         timeout=config.api_timeout,
         max_retries=config.api_max_retries,
         max_concurrency=config.api_concurrency,
+        outage_after=config.api_outage_after,
     )
 
 
@@ -221,7 +228,34 @@ def with_api_settings(config: RunConfig) -> RunConfig:
     if config.generation_mode == "local":
         return config
     api = api_config(config)
-    return replace(config, api_timeout=api.timeout, api_max_retries=api.max_retries, api_concurrency=api.max_concurrency)
+    return replace(
+        config,
+        api_timeout=api.timeout,
+        api_max_retries=api.max_retries,
+        api_concurrency=api.max_concurrency,
+        api_outage_after=api.outage_after,
+    )
+
+
+# The `gcache run` switch that turns a boolean field off, where it is not --no-FLAG.
+_OFF_SWITCHES = {"latent_only": "--full-cache"}
+
+
+def resume_command(config: RunConfig) -> str:
+    """The `gcache run` command line that continues ``config``'s run with ``--resume``.
+
+    It names every flag whose value differs from the method's default, so the resumed
+    run passes the settings check; it retries errored questions (no --no-retry-errors).
+    """
+    base = build_config({"method": config.method})
+    args = ["gcache", "run", config.task, "--method", config.method]
+    for f in fields(RunConfig):
+        name, value = f.name, getattr(config, f.name)
+        if name in ("task", "method", "out", "resume", "retry_errors") or value == getattr(base, name):
+            continue
+        args += flag_args(name, value)
+    args += ["--out", str(config.out_dir), "--resume"]
+    return shlex.join(args)
 
 
 # Fields whose flag keeps the G-Cache prototype's name.
@@ -231,6 +265,15 @@ _FLAG_NAMES = {"num_agents": "agent-nums"}
 def flag(name: str) -> str:
     """The `gcache run` flag of a RunConfig field (``num_agents`` -> ``--agent-nums``)."""
     return "--" + _FLAG_NAMES.get(name, name.replace("_", "-"))
+
+
+def flag_args(name: str, value: Any) -> list[str]:
+    """The `gcache run` arguments that set a RunConfig field: ``--flag VALUE``, a switch, or none (None, no --resume)."""
+    if value is None or (name == "resume" and not value):
+        return []
+    if isinstance(value, bool):
+        return [flag(name) if value else _OFF_SWITCHES.get(name, "--no-" + flag(name)[2:])]
+    return [flag(name), str(value)]
 
 
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:

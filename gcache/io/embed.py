@@ -14,7 +14,7 @@ cached, keyed by the SHA-256 of (model, text), in memory and on disk:
 one safetensors file per text, written atomically. Questions vary, so their
 embeddings are computed each time (``embed_texts``).
 
-    features = question_features(role_profiles, question)   # [N, 768] for gcache.core.topology
+    features = question_features(role_profiles, question)   # [N, 768] for gcache.core.policy
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from gcache.core.topology import node_features
+from gcache.core.policy import node_features
 from gcache.io.paths import cache_root
 
 log = logging.getLogger(__name__)

@@ -7,12 +7,22 @@ Phases:
 - eval: the test split with the deterministic topology and no gradient, one record per question.
 
 Resume: the checkpoint holds the number of finished steps; a step that was cut short is run
-again from the same parameters and seed, and only its missing records are appended, so
-results.jsonl never holds a line twice and loses none.
+again from the same parameters and seed, and only its missing records are appended. A
+question whose latest line holds an error (API, sandbox, model) is answered again and its
+new line appended (``retry_errors``, on by default); one answered without error never is.
+
+Faults: a training step that failed (any of its records holds an error) makes no update and
+is not checkpointed; the run stops there, and ``--resume`` redoes that step from the same
+parameters and seed (with ``retry_errors`` off, the step is skipped and training goes on, as
+before). When the API client holds its endpoint for down (its circuit breaker, see
+``gcache.io.backends``), the run stops after the batch at hand. Either way the summary's
+``status`` is "stopped"; a run that answered every test question is "complete", one that
+finished with errored questions "errors".
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -22,10 +32,16 @@ from typing import Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gcache.io.config import API_HTTP_FLAGS, RunConfig, api_config, with_api_settings
+from gcache.io.apiconfig import require_api
+from gcache.io.config import API_HTTP_FLAGS, RunConfig, api_config, resume_command, with_api_settings
 from gcache.io.runlog import CONFIG, SUMMARY, RunLog, read_records, summarize, write_json_atomic
+from gcache.io.tasks import TASKS, load_items
 
 log = logging.getLogger(__name__)
+
+# What a record's error starts with when the client refused to call an endpoint held for down
+# (the pipeline records errors as "TypeName: message"); such a question was never tried.
+_REFUSED = "ApiOutageError:"
 
 
 def check_before_loading(config: RunConfig) -> None:
@@ -33,25 +49,18 @@ def check_before_loading(config: RunConfig) -> None:
 
     Raises ValueError with one clear line, before anything slow happens.
     """
-    from gcache.io.tasks import TASKS
-
     if config.task not in TASKS:
         raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {config.task!r}")
     if config.generation_mode != "local":
-        from gcache.io.apiconfig import require_api
-
         require_api(config.generation_mode, api_config(config))
     out = config.out_dir
     if (out / "results.jsonl").exists() and not config.resume:
         raise ValueError(f"--out: {out} already holds results; pass --resume to continue it or choose another --out")
     if config.resume and (out / CONFIG).exists():
-        import json
-
         saved = json.loads((out / CONFIG).read_text())
+        how = ("resume", "retry_errors", "out", "device", "threads", "dtype", *API_HTTP_FLAGS)
         changed = {
-            k: (saved.get(k), v)
-            for k, v in config.to_dict().items()
-            if k not in ("resume", "out", "device", "threads", "dtype", *API_HTTP_FLAGS) and saved.get(k) != v
+            k: (saved.get(k), v) for k, v in config.to_dict().items() if k not in how and saved.get(k) != v
         }
         if changed:
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
@@ -60,8 +69,6 @@ def check_before_loading(config: RunConfig) -> None:
 
 def split_items(config: RunConfig) -> tuple[list, list]:
     """The train items (seeded order, ``train_size`` of them) and the selected test items."""
-    from gcache.io.tasks import load_items
-
     train: list = []
     if config.learns and config.num_iterations > 0 and config.params is None:
         train = load_items(config.task, "train", seed=config.seed)
@@ -90,9 +97,13 @@ def train_batches(train: Sequence, config: RunConfig) -> list[list]:
 def run_experiment(config: RunConfig, *, console: Console | None = None, build=None) -> dict:
     """Run the whole experiment of ``config`` and return its summary (also in summary.json).
 
-    ``build(config)`` makes the pipeline (default ``build_pipeline``; under torchrun, rank 0's
-    ``gcache.io.distributed.TeamPipeline``, whose ``ranks`` answer each batch together).
+    The summary's ``status`` says how the run ended: "complete" (every test question answered
+    without error), "errors" (finished, some test questions hold an error) or "stopped" (a
+    training step failed or the API endpoint is down; ``stopped`` says why); ``resume_command``
+    continues it. ``build(config)`` makes the pipeline (default ``build_pipeline``; under
+    torchrun, rank 0's ``gcache.io.distributed.TeamPipeline``, whose ``ranks`` answer each batch together).
     """
+    # Loads torch and transformers (~3 s): imported when a run starts, not when the CLI parses flags.
     from gcache.io.pipeline import build_pipeline
 
     console = console or Console(stderr=True)
@@ -108,13 +119,17 @@ def run_experiment(config: RunConfig, *, console: Console | None = None, build=N
 
     batches = train_batches(train, config)
     step = pipeline.restore(out) if config.resume else 0
+    stopped = None
     if batches and step < len(batches):
-        _train(pipeline, batches, step, runlog, out, console)
-
-    _evaluate(pipeline, test, runlog, config, console)
-    summary = _summary(config, runlog, time.perf_counter() - started, pipeline)
+        stopped = _train(pipeline, batches, step, runlog, config, console)
+    if stopped is None:
+        stopped = _evaluate(pipeline, test, runlog, config, console)
+    summary = _summary(config, runlog, test, time.perf_counter() - started, pipeline, stopped)
     write_json_atomic(out / SUMMARY, summary)
     console.print(_summary_line(summary))
+    ending = ending_line(summary)
+    if ending:
+        console.print(ending, markup=False, highlight=False, soft_wrap=True)
     return summary
 
 
@@ -130,52 +145,95 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def _train(pipeline, batches, start: int, runlog: RunLog, out: Path, console: Console) -> None:
+def _outage(pipeline) -> str | None:
+    """Why the run's API client holds its endpoint for down, or None (no API, or it answers)."""
+    outage = getattr(pipeline.api, "outage", None)
+    return None if outage is None else str(outage)
+
+
+def _to_do(runlog: RunLog, config: RunConfig, phase: str, qid: str) -> bool:
+    """Whether a question still needs a line: it has none, or (retrying errors) its latest holds one."""
+    return not runlog.is_done(phase, qid) if config.retry_errors else not runlog.has(phase, qid)
+
+
+def _append_new(runlog: RunLog, config: RunConfig, records: list[dict]) -> None:
+    """Append the records a question still needs; those the client refused to send (the
+    endpoint was held for down) are left out: such a question was not tried and stays to do."""
+    for record in records:
+        if (record["error"] or "").startswith(_REFUSED):
+            continue
+        if _to_do(runlog, config, record["phase"], record["id"]):
+            runlog.append(record)
+
+
+def _train(pipeline, batches, start: int, runlog: RunLog, config: RunConfig, console: Console) -> str | None:
+    """Run the training steps from ``start``; returns why training stopped early, or None."""
     rewards: list[float] = [float(r["correct"]) for r in runlog.phase_records("train")]
     with _progress(console) as bar:
         task = bar.add_task("train", total=len(batches), completed=start, status="")
         for step in range(start, len(batches)):
             records = pipeline.train_step(batches[step], step)
-            for record in records:
-                if not runlog.is_done("train", record["id"]):
-                    runlog.append(record)
-                rewards.append(float(record["correct"]))
-            pipeline.checkpoint(out, step + 1)
+            _append_new(runlog, config, records)
+            outage = _outage(pipeline)
+            if outage is not None:
+                return outage
+            failed = next((r["error"] for r in records if r["error"] is not None), None)
+            if failed is not None and config.retry_errors:
+                return f"training step {step + 1} of {len(batches)} failed ({failed})"
+            pipeline.checkpoint(config.out_dir, step + 1)
+            rewards += [float(r["correct"]) for r in records]
             recent = rewards[-4 * len(batches[step]) :]
             bar.update(task, advance=1, status=f"reward {sum(recent) / max(len(recent), 1):.2f}")
+    return None
 
 
-def _evaluate(pipeline, test, runlog: RunLog, config: RunConfig, console: Console) -> None:
-    todo = [item for item in test if not runlog.is_done("eval", item.id)]
-    done = runlog.phase_records("eval")
-    correct = sum(bool(r["correct"]) for r in done)
+def _evaluate(pipeline, test, runlog: RunLog, config: RunConfig, console: Console) -> str | None:
+    """Answer the test questions still to do; returns why evaluation stopped early, or None."""
+    todo = [item for item in test if _to_do(runlog, config, "eval", item.id)]
+    answered = len(test) - len(todo)
     with _progress(console) as bar:
-        task = bar.add_task("eval", total=len(test), completed=len(test) - len(todo), status="")
+        task = bar.add_task("eval", total=len(test), completed=answered, status="")
         size = config.batch_size * pipeline.ranks  # each rank answers batch_size questions at once
         for i in range(0, len(todo), size):
-            for record in pipeline.evaluate(todo[i : i + size]):
-                runlog.append(record)
-                done.append(record)
-                correct += bool(record["correct"])
-                bar.update(task, advance=1, status=f"accuracy {correct / len(done):.3f}")
+            records = pipeline.evaluate(todo[i : i + size])
+            _append_new(runlog, config, records)
+            outage = _outage(pipeline)
+            if outage is not None:
+                return outage
+            s = summarize(runlog.phase_records("eval"))
+            bar.update(task, advance=len(records), status=f"accuracy {s['accuracy']:.3f}, errors {s['errors']}")
+    return None
 
 
-def _summary(config: RunConfig, runlog: RunLog, wall: float, pipeline) -> dict:
+def _summary(config: RunConfig, runlog: RunLog, test: Sequence, wall: float, pipeline, stopped: str | None) -> dict:
     evals = summarize(runlog.phase_records("eval"))
     trains = summarize(runlog.phase_records("train"))
+    remaining = sum(not runlog.is_done("eval", item.id) for item in test)
+    if stopped is not None:
+        status = "stopped"
+    elif evals["errors"]:
+        status = "errors"
+    else:
+        status = "complete"
     return {
         "task": config.task,
         "method": config.method,
         "generation_mode": config.generation_mode,
         "model": config.model,
+        "status": status,
+        "stopped": stopped,
         "n": evals["n"],
+        "total": len(test),
+        "remaining": remaining,
         "accuracy": evals["accuracy"],
         "tokens": evals["tokens"],
         "api_tokens": pipeline.api_tokens(),
         "wall_seconds": wall,
         "seconds": evals["seconds"],
         "errors": evals["errors"],
+        "retries": evals["retries"],
         "train": trains,
+        "resume_command": resume_command(config),
         "config": config.to_dict(),
     }
 
@@ -187,8 +245,20 @@ def _summary_line(summary: dict) -> str:
         f"[bold]{summary['task']} / {summary['method']} ({summary['generation_mode']})[/]: "
         f"accuracy {acc if acc is None else f'{acc:.3f}'} on {summary['n']} questions, "
         f"tokens prompt {t['prompt']} / latent {t['latent']} / generated {t['generated']}, "
-        f"{summary['wall_seconds']:.1f} s, errors {summary['errors']}"
+        f"{summary['wall_seconds']:.1f} s, errors {summary['errors']}, retries {summary['retries']}"
     )
+
+
+def ending_line(summary: dict) -> str | None:
+    """One line for a run that did not answer everything: what happened, what is left, how to go on."""
+    if "status" not in summary:  # a summary.json written before runs had one
+        return None
+    left = f"{summary['remaining']} of {summary['total']} test questions"
+    if summary["status"] == "stopped":
+        return f"stopped early: {summary['stopped']}; {left} still to answer; continue with: {summary['resume_command']}"
+    if summary["status"] == "errors":
+        return f"{summary['errors']} of {summary['total']} test questions errored; retry them with: {summary['resume_command']}"
+    return None
 
 
 def load_summary(folder: Path) -> dict:
@@ -196,8 +266,6 @@ def load_summary(folder: Path) -> dict:
     folder = Path(folder)
     path = folder / SUMMARY
     if path.exists():
-        import json
-
         return json.loads(path.read_text())
     records = read_records(folder / "results.jsonl")
     if not records:
@@ -206,4 +274,4 @@ def load_summary(folder: Path) -> dict:
     return {"task": "?", "method": folder.name, "generation_mode": "?", "wall_seconds": None, **s}
 
 
-__all__ = ["check_before_loading", "run_experiment", "load_summary"]
+__all__ = ["check_before_loading", "run_experiment", "load_summary", "ending_line"]

@@ -147,6 +147,14 @@ def extract_number(reply: str) -> str | None:
 
     Order: the text after the last "####", after the last "The answer is"/"Answer:", the last
     ``\\boxed{...}``, and else the last number anywhere in the reply.
+
+    With several markers, the kind decides before the position: a "####" line (the format
+    the prompts ask for) wins over any "The answer is" and ``\\boxed{}``, wherever they stand
+    ("#### 3 ... The answer is 5" -> "3"), then "The answer is"/"Answer:" over ``\\boxed{}``.
+    Among markers of one kind the last counts, so a model that corrects itself is read at its
+    correction ("#### 3\\n#### 5" -> "5"). A last marker without a number on its line falls
+    through to the next kind. (The decoder's stop rule, ``answer_complete``, ends a reply at
+    its first complete marker line, so two markers come from replies decoded without it.)
     """
     if not isinstance(reply, str):
         raise TypeError(f"extract_number: reply must be a str, got {type(reply).__name__}")

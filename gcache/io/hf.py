@@ -138,7 +138,7 @@ def model_fns(model: PreTrainedModel) -> ModelFns:
     lm_head = model.get_output_embeddings()
     if lm_head is None:
         raise ValueError(f"model: expected a causal LM with an lm_head, got {type(model).__name__}")
-    num_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     device = embedding.weight.device
     layers = getattr(body, "layers", None)
@@ -178,7 +178,7 @@ def model_fns(model: PreTrainedModel) -> ModelFns:
         to_state=to_state,
         from_state=from_state,
         num_layers=config.num_hidden_layers,
-        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         hidden_size=config.hidden_size,
         dtype=embedding.weight.dtype,

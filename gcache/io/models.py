@@ -27,10 +27,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from jinja2.exceptions import TemplateError
 from torch import Tensor
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from gcache.core.latent import ModelFns
 from gcache.core.realign import Realign, realign_params
+from gcache.io.hf import model_fns
+from gcache.io.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +131,6 @@ def parse_device(device: str | torch.device) -> str:
 
 def cache_dir() -> Path:
     """Where converted models are kept (see the module docstring)."""
-    from gcache.io.paths import cache_root
-
     return cache_root() / "models"
 
 
@@ -165,8 +174,6 @@ def ensure_embedded_copy() -> Path:
     if _is_complete(target):
         return target
     gguf = embedded_gguf()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to safetensors under %s (once, about 15 s)", gguf.name, target)
     start = time.perf_counter()
@@ -238,18 +245,16 @@ def _freeze(model: Any) -> Any:
 
 def from_hf(name: str, model: Any, tokenizer: Any) -> LocalModel:
     """Wrap an already loaded transformers causal LM and tokenizer (frozen here) into a LocalModel."""
-    from gcache.io.hf import model_fns
-
     model = _freeze(model)
     tokenizer.padding_side = "left"
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = eos[0] if eos else 0
-    fns = model_fns(model)
     w_in = model.get_input_embeddings().weight
     w_out = model.get_output_embeddings().weight
     realign = realign_params(w_in, w_out.to(w_in.device))
+    fns = model_fns(model)
     return LocalModel(
         name=name,
         model=model,
@@ -287,8 +292,6 @@ def load_model(
             raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
         torch.set_num_threads(threads)
     source, extra = _resolve(name, allow_download)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device_map = "auto" if dev == "auto" else dev
     start = time.perf_counter()
     try:
@@ -306,8 +309,6 @@ def load_model(
 
 @functools.lru_cache(maxsize=1)
 def _embedded_tokenizer(folder: str) -> Any:
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -325,8 +326,6 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> LocalMod
     reads real prompts. ``overrides`` go into the transformers config
     (e.g. tie_word_embeddings=False, num_hidden_layers=3). Raises ValueError on an unknown arch.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
     if arch not in classes:
         raise ValueError(f"arch: expected one of {list(TINY_ARCHS)}, got {arch!r}")
@@ -374,8 +373,6 @@ def _merge_system(conversation: list[dict]) -> list[dict]:
 
 
 def _render(tokenizer: Any, conversation: list[dict], add_generation_prompt: bool) -> str:
-    from jinja2.exceptions import TemplateError
-
     try:
         return tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
     except TemplateError:

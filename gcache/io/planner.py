@@ -14,8 +14,8 @@ from torch import Tensor
 
 from gcache.core.graph import Schedule, schedule
 from gcache.core.policy import node_features, policy_logits
-from gcache.core.sampling import deterministic_topology, sample_topology
-from gcache.core.topology import Topology, TopologyConfig, decision_inputs, spatial_mask
+from gcache.core.sampling import deterministic_topology, fixed_topology, sample_topology
+from gcache.core.topology import Topology, TopologyConfig, spatial_mask
 from gcache.io.embed import embed_texts, role_embeddings
 from gcache.io.tasks import Item
 
@@ -34,14 +34,6 @@ class Plan(NamedTuple):
 def candidate_mask(config: TopologyConfig, seed: int) -> Tensor:
     """[N, N] bool candidate spatial edges of the run's topology (``random`` draws it from ``seed``)."""
     return spatial_mask(config.mode, config.num_agents, generator=torch.Generator().manual_seed(seed))
-
-
-def fixed_topology(mask: Tensor, config: TopologyConfig) -> Topology:
-    """Every candidate edge forward in the identity order; every temporal pair between rounds."""
-    n = config.num_agents
-    spatial = mask & torch.ones(n, n, dtype=torch.bool).triu(1)
-    temporal = torch.full((n, n), config.num_rounds > 1, dtype=torch.bool)
-    return Topology(spatial, temporal, torch.arange(n), decision_inputs(spatial, config.wiring), torch.zeros(()))
 
 
 class FixedGraph:
@@ -93,4 +85,4 @@ class LearnedGraph:
 
 Planner = FixedGraph | LearnedGraph
 
-__all__ = ["FixedGraph", "LearnedGraph", "Plan", "Planner", "candidate_mask", "fixed_topology"]
+__all__ = ["FixedGraph", "LearnedGraph", "Plan", "Planner", "candidate_mask"]

@@ -11,9 +11,13 @@ from gcache.io.runlog import summarize
 
 
 def records_table(summary: dict, records: list[dict]) -> Table:
-    """One row per phase: questions, accuracy, tokens, seconds per question, errors."""
+    """One row per phase: questions, accuracy, tokens, seconds per question, errors, retries.
+
+    Each question counts once, by its latest line in ``records`` (every line of results.jsonl);
+    ``retries`` counts the earlier, errored lines that a retry replaced.
+    """
     table = Table(title=f"{summary.get('task')} / {summary.get('method')} ({summary.get('generation_mode')})")
-    for col in ("phase", "n", "accuracy", "prompt tok", "latent tok", "generated tok", "s / question", "errors"):
+    for col in ("phase", "n", "accuracy", "prompt tok", "latent tok", "generated tok", "s / question", "errors", "retries"):
         table.add_column(col, justify="left" if col == "phase" else "right")
     for phase in ("train", "eval"):
         s = summarize(r for r in records if r["phase"] == phase)
@@ -22,7 +26,7 @@ def records_table(summary: dict, records: list[dict]) -> Table:
         t = s["tokens"]
         table.add_row(
             phase, str(s["n"]), f"{s['accuracy']:.3f}", str(t["prompt"]), str(t["latent"]), str(t["generated"]),
-            f"{s['seconds'] / s['n']:.2f}", str(s["errors"]),
+            f"{s['seconds'] / s['n']:.2f}", str(s["errors"]), str(s["retries"]),
         )
     return table
 
@@ -65,7 +69,7 @@ def edge_matrix(
 
 def plot_topology(names: list[str], probs: np.ndarray, counts: np.ndarray, path: Path, *, title: str = "") -> Path:
     """Draw the mean edge probabilities as a heat map and as a graph; write a PNG."""
-    import matplotlib
+    import matplotlib  # here, not at the top: matplotlib.pyplot costs ~4 s to import, measured on this machine
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,9 +1,15 @@
-"""A run's folder: results.jsonl (one line per finished question), summary.json, config.json.
+"""A run's folder: results.jsonl (one line per attempt at a question), summary.json, config.json.
 
 results.jsonl is append-only. Each line is written with one `write` of the whole
-line, flushed and fsync'ed before the next question starts, so a run stopped by
-Ctrl-C or kill -9 leaves at most one torn last line; `RunLog` drops such a line
-when it opens the file again, and `--resume` skips every (phase, id) already in it.
+line and fsync'ed before `append` returns, so a run stopped by Ctrl-C or kill -9
+leaves at most one torn last line; `RunLog` drops such a line when it opens the
+file again.
+
+A question may have several lines: one whose ``error`` is set (the API was down,
+say) and, after ``--resume`` retried it, a later one. The *latest* line of each
+(phase, id) is the question's result: summaries count those, and ``retries`` says
+how many earlier lines they replaced. A question whose latest line holds no error
+is answered and is never appended again.
 """
 
 from __future__ import annotations
@@ -61,13 +67,25 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+def _key(record: dict) -> tuple[str, str]:
+    return record["phase"], str(record["id"])
+
+
+def latest_records(records: Iterable[dict]) -> list[dict]:
+    """The latest line of each (phase, id), in the order the questions first appeared."""
+    latest: dict[tuple[str, str], dict] = {}
+    for r in records:
+        latest[_key(r)] = r  # a re-assigned key keeps its first position
+    return list(latest.values())
+
+
 @dataclass
 class RunLog:
-    """Appends question records to ``folder/results.jsonl``; knows which ones are done."""
+    """Appends question records to ``folder/results.jsonl``; knows each question's latest line."""
 
     folder: Path
-    done: set[tuple[str, str]] = field(default_factory=set)
-    records: list[dict] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)  # every line, in file order
+    latest: dict[tuple[str, str], dict] = field(default_factory=dict)  # (phase, id) -> its latest line
 
     @classmethod
     def open(cls, folder: Path | str, *, resume: bool) -> "RunLog":
@@ -82,35 +100,50 @@ class RunLog:
         folder.mkdir(parents=True, exist_ok=True)
         records = read_records(path)
         _truncate_to_complete_lines(path)
-        run = cls(folder, {(r["phase"], str(r["id"])) for r in records}, records)
-        return run
+        return cls(folder, records, {_key(r): r for r in records})
 
     @property
     def path(self) -> Path:
         return self.folder / RESULTS
 
+    def has(self, phase: str, qid: str) -> bool:
+        """Whether the question has a line (answered or errored)."""
+        return (phase, str(qid)) in self.latest
+
     def is_done(self, phase: str, qid: str) -> bool:
-        return (phase, str(qid)) in self.done
+        """Whether the question's latest line holds an answer without error."""
+        latest = self.latest.get((phase, str(qid)))
+        return latest is not None and latest["error"] is None
 
     def append(self, record: dict) -> None:
-        """Append one record as one line and make it durable before returning."""
+        """Append one record as one line and make it durable (one write, then fsync) before returning.
+
+        Raises ValueError when a field is missing, or when the question already has an
+        answer without error (a question is answered at most once after its last error);
+        OSError when the line could not be written whole.
+        """
         missing = [k for k in RECORD_FIELDS if k not in record]
         if missing:
             raise ValueError(f"record: missing fields {missing}")
-        key = (record["phase"], str(record["id"]))
-        if key in self.done:
-            raise ValueError(f"record: question {key[1]} of phase {key[0]} is already in {self.path}")
+        key = _key(record)
+        if self.is_done(*key):
+            raise ValueError(f"record: question {key[1]} of phase {key[0]} is already answered in {self.path}")
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
+            # One write: with O_APPEND the line lands whole at the end, never interleaved. A short
+            # write (a full disk) leaves a torn line, which the next open cuts: fail loudly here.
+            written = os.write(fd, line)
+            if written != len(line):
+                raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes); the disk may be full")
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.done.add(key)
         self.records.append(record)
+        self.latest[key] = record
 
     def phase_records(self, phase: str) -> list[dict]:
+        """Every line of a phase, retried questions' earlier lines included (``summarize`` keeps the latest)."""
         return [r for r in self.records if r["phase"] == phase]
 
 
@@ -126,8 +159,13 @@ def _truncate_to_complete_lines(path: Path) -> None:
 
 
 def summarize(records: Iterable[dict]) -> dict:
-    """Accuracy, token totals, seconds and errors over records of one phase."""
-    records = list(records)
+    """Accuracy, token totals, seconds and errors over the lines of one phase.
+
+    Each question counts once, by its latest line; ``retries`` is the number of earlier
+    lines (errored attempts that a later line replaced).
+    """
+    lines = list(records)
+    records = latest_records(lines)
     n = len(records)
     tokens = {"prompt": 0, "latent": 0, "generated": 0}
     for r in records:
@@ -141,4 +179,5 @@ def summarize(records: Iterable[dict]) -> dict:
         "tokens": tokens,
         "seconds": sum(float(r.get("seconds") or 0.0) for r in records),
         "errors": sum(r.get("error") is not None for r in records),
+        "retries": len(lines) - n,
     }
