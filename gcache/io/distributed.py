@@ -374,16 +374,30 @@ def rank_config(config: RunConfig, world: World) -> RunConfig:
 # ------------------------------------------------------------------ rank 0's pipeline, the others' loop
 
 
-def _answer_eval(pipeline, items: Sequence) -> list[dict]:
-    return pipeline.evaluate(items) if items else []
+def _outage(pipeline) -> str | None:
+    """Why this rank's API client holds its endpoint for down (its circuit breaker), or None."""
+    outage = getattr(pipeline.api, "outage", None)
+    return None if outage is None else str(outage)
 
 
-def _answer_train(pipeline, items: Sequence, step: int) -> list[dict]:
+def _answer_eval(pipeline, items: Sequence) -> tuple[list[dict], str | None]:
+    return (pipeline.evaluate(items) if items else []), _outage(pipeline)
+
+
+def _answer_train(pipeline, items: Sequence, step: int) -> tuple[list[dict], str | None]:
     if items:
-        return pipeline.train_step(items, step)
+        return pipeline.train_step(items, step), _outage(pipeline)
     if pipeline.learner is not None:  # no question of this batch here: still take the step with the others
         pipeline.learner.update([], [], torch.zeros(0))
-    return []
+    return [], _outage(pipeline)
+
+
+@dataclass(frozen=True)
+class TeamApi:
+    """What the experiment reads of the API client under a team: whether any rank's circuit
+    breaker holds the endpoint for down (then the run stops, as one process's would)."""
+
+    outage: str | None
 
 
 class TeamPipeline:
@@ -393,6 +407,7 @@ class TeamPipeline:
     def __init__(self, team: Team, local) -> None:
         self.team, self.local = team, local
         self.ranks = team.world.size
+        self._outage: str | None = None
         self._sync_state()
 
     def _command(self, *command: Any) -> None:
@@ -406,13 +421,18 @@ class TeamPipeline:
         items = list(items)
         self._command("eval", items)
         mine = shard(items, 0, self.ranks)
-        return interleave(self.team.agree(lambda: _answer_eval(self.local, mine)))
+        return self._records(self.team.agree(lambda: _answer_eval(self.local, mine)))
 
     def train_step(self, items: Sequence, step: int) -> list[dict]:
         items = list(items)
         self._command("train", items, step)
         mine = shard(items, 0, self.ranks)
-        return interleave(self.team.agree(lambda: _answer_train(self.local, mine, step)))
+        return self._records(self.team.agree(lambda: _answer_train(self.local, mine, step)))
+
+    def _records(self, parts: list[tuple[list[dict], str | None]]) -> list[dict]:
+        """The ranks' records in the batch's order; notes the first outage a rank's API client reports."""
+        self._outage = self._outage or next((o for _, o in parts if o is not None), None)
+        return interleave([records for records, _ in parts])
 
     def api_tokens(self) -> dict:
         self._command("api_tokens")
@@ -432,8 +452,9 @@ class TeamPipeline:
         self._sync_state()
 
     @property
-    def api(self):
-        return self.local.api
+    def api(self) -> TeamApi | None:
+        """None for local runs; else whether any rank's API endpoint is held for down."""
+        return None if self.local.api is None else TeamApi(self._outage)
 
     @property
     def learner(self):
@@ -613,6 +634,7 @@ __all__ = [
     "LostRank",
     "RankFailed",
     "Team",
+    "TeamApi",
     "TeamPipeline",
     "World",
     "collective_timeout",
