@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,11 +51,16 @@ def run_once(args: argparse.Namespace, nproc: int, folder: Path) -> dict:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
     events: list[tuple[float, int]] = []  # (seconds since start, lines) whenever the count changed
-    while proc.poll() is None:
-        n = _count(results)
-        if n and (not events or events[-1][1] != n):
-            events.append((time.perf_counter() - started, n))
-        time.sleep(0.02)
+    try:
+        while proc.poll() is None:
+            n = _count(results)
+            if n and (not events or events[-1][1] != n):
+                events.append((time.perf_counter() - started, n))
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:  # interrupted: its ranks die with it (gcache run --nproc sees to that)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     wall = time.perf_counter() - started
     stderr = proc.stderr.read()
     if proc.returncode != 0:

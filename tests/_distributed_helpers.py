@@ -69,6 +69,12 @@ class Ranks:
                     pass
             proc.wait()
 
+    def __enter__(self) -> "Ranks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
 
 def descendants(pid: int) -> list[int]:
     """Every living descendant of ``pid`` (read from /proc)."""
@@ -87,11 +93,19 @@ def descendants(pid: int) -> list[int]:
             todo.append(child)
     return out
 
-    def __enter__(self) -> "Ranks":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.kill()
+def rank_pids(launcher: int) -> dict[int, int]:
+    """rank -> pid of the ranks a launcher started (their RANK read from /proc)."""
+    found = {}
+    for pid in descendants(launcher):
+        try:
+            environ = (Path("/proc") / str(pid) / "environ").read_text().split("\0")
+        except OSError:
+            continue
+        env = dict(kv.split("=", 1) for kv in environ if "=" in kv)
+        if "RANK" in env:
+            found[int(env["RANK"])] = pid
+    return found
 
 
 def gcache_run(*args: str) -> list[str]:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from _distributed_helpers import HERE, Ranks, free_port, gcache_run, rank_env, train_steps
+from _distributed_helpers import HERE, Ranks, free_port, gcache_run, rank_env, rank_pids, train_steps
 from gcache.io.config import build_config
 from gcache.io.distributed import (
     World,
@@ -131,7 +131,7 @@ def test_launched_ranks_parse_the_same_settings(monkeypatch):
     seen = []
     monkeypatch.setattr("gcache_cli.cmd_run.distributed.detect", lambda: None)
     monkeypatch.setattr("gcache.io.experiment.check_before_loading", lambda config: None)
-    monkeypatch.setattr("gcache.io.experiment.run_experiment", lambda config: seen.append(config))
+    monkeypatch.setattr("gcache.io.experiment.run_experiment", lambda config: seen.append(config) or {"status": "complete"})
     result = CliRunner().invoke(app, ["run", *run_args("gsm8k", explicit)])
     assert result.exit_code == 0, result.output
     assert seen == [build_config(explicit)]
@@ -186,25 +186,6 @@ def test_training_on_two_ranks_takes_the_steps_of_one_process(tmp_path):
         assert float((one[k] - two[k]).abs().max()) <= 1e-5, k
 
 
-def _rank_pids(parent: int) -> dict[int, int]:
-    """rank -> pid of the workers a launcher started (read from /proc)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid != parent:
-                continue
-            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
-        except (OSError, ValueError):
-            continue
-        if "RANK" in env:
-            found[int(env["RANK"])] = int(entry.name)
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -229,7 +210,7 @@ def test_a_killed_rank_ends_the_job_and_resume_loses_and_duplicates_nothing(tmp_
     with Ranks() as ranks:
         job = ranks.start(gcache_run(*args, "--nproc", "2"), env={**os.environ, "GCACHE_DIST_TIMEOUT": "120"})
         _wait_for_lines(job, results, 2)
-        pids = _rank_pids(job.pid)
+        pids = rank_pids(job.pid)
         assert 1 in pids, f"rank 1 is running ({pids})"
         os.kill(pids[1], signal.SIGKILL)
         [(code, _, stderr)] = ranks.wait(60)
@@ -255,7 +236,7 @@ def test_a_killed_job_leaves_no_rank_and_resumes_in_one_process(tmp_path):
     with Ranks() as ranks:
         job = ranks.start(gcache_run(*args, "--nproc", "2"))
         _wait_for_lines(job, out / "results.jsonl", 2)
-        pids = _rank_pids(job.pid)
+        pids = rank_pids(job.pid)
         os.kill(job.pid, signal.SIGKILL)
         job.wait()
         deadline = time.monotonic() + 20
