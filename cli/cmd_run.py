@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import typer
 
-from gcache.io import experiment
+from gcache.io import distributed, experiment
 from gcache.io.apiconfig import SETTING_VARS, ApiConfig
-from gcache.io.config import RunConfig, build_config
+from gcache.io.config import RunConfig, build_config, flag_args
 from gcache_cli.main import app, fail
 
 _D = RunConfig()  # defaults shown in --help
@@ -107,6 +108,9 @@ def run(
         "a failed training step is skipped) (default: on).",
     ),
     params: Optional[str] = typer.Option(None, help="Load learned parameters (params.safetensors) and evaluate only."),
+    nproc: Optional[int] = typer.Option(
+        None, help="Run as N data-parallel processes on this machine (torchrun's launcher; see README 'Scaling out')."
+    ),
 ) -> None:
     """Train (methods with learned parts) and evaluate one method on one task.
 
@@ -114,14 +118,29 @@ def run(
     3 the run finished but some questions hold an error (retry them with --resume);
     4 the run stopped early (the API endpoint is down, or a training step failed; the last
     line gives the --resume command that continues it); 130 interrupted.
+
+    Under torchrun (`torchrun --nproc-per-node N -m gcache_cli run TASK ...`) each process
+    answers a share of every batch; rank 0 writes the run folder.
     """
-    explicit = {k: v for k, v in locals().items() if v is not None and k != "resume"}
+    explicit = {k: v for k, v in locals().items() if v is not None and k not in ("resume", "nproc")}
     explicit["resume"] = resume
     try:
+        world = distributed.detect()
         config = build_config(explicit)
-        experiment.check_before_loading(config)
+        if world is None:
+            experiment.check_before_loading(config)  # under torchrun, rank 0 checks once every rank has joined
+        if nproc is not None and (nproc < 1 or world is not None):
+            raise ValueError(
+                f"--nproc: expected a positive number, got {nproc}" if nproc < 1
+                else "--nproc launches torchrun itself: leave it out when torchrun starts gcache"
+            )
     except ValueError as e:
         raise fail(str(e)) from None
+    if nproc is not None and nproc > 1:
+        raise typer.Exit(distributed.launch(nproc, run_args(task, explicit), threads=config.threads))
+    if world is not None:
+        summary = _run_rank(config, world)
+        raise typer.Exit(EXIT_STATUS[summary["status"]] if summary is not None else 0)
     try:
         summary = experiment.run_experiment(config)
     except ValueError as e:
@@ -133,3 +152,32 @@ def run(
         )
         raise typer.Exit(130) from None
     raise typer.Exit(EXIT_STATUS[summary["status"]])
+
+
+def _run_rank(config: RunConfig, world: distributed.World) -> dict | None:
+    """One rank of a torchrun job (rank 0 returns the summary): rank 0 prints the job's errors, one
+    line each; the others stay quiet (a rank that lost contact says so, unless `gcache run --nproc`
+    launched it, which does)."""
+    distributed.die_with_launcher()
+    try:
+        return distributed.run(config, world)
+    except distributed.RankFailed as e:
+        raise (fail(str(e), e.code) if world.leader else typer.Exit(e.code)) from None
+    except ValueError as e:
+        raise (fail(f"{e}") if world.leader else typer.Exit(2)) from None
+    except distributed.LostRank as e:
+        if os.environ.get(distributed.LAUNCHED_VAR):
+            raise typer.Exit(distributed.LOST) from None
+        raise fail(str(e), distributed.LOST) from None
+    except KeyboardInterrupt:
+        if world.leader:
+            typer.secho(
+                f"interrupted: finished questions are in {config.out_dir}/results.jsonl; continue with --resume",
+                err=True,
+            )
+        raise typer.Exit(130) from None
+
+
+def run_args(task: str, explicit: dict) -> list[str]:
+    """The `gcache run` arguments that give the settings ``explicit`` (each launched rank parses them)."""
+    return [task] + [a for name, value in explicit.items() if name != "task" for a in flag_args(name, value)]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("e2e", "batching", "overhead")
+SCRIPTS = ("e2e", "batching", "overhead", "distributed")
 METHODS = ("single", "text-mas", "latent-mas", "gcache")
 
 
@@ -117,6 +117,23 @@ def test_overhead_schema_and_shares(smoke):
     assert math.isclose(report["fraction"], learned / report["total_ms"], rel_tol=2e-2)
     parts = learned + report["model_ms"] + report["other_ms"]
     assert math.isclose(parts, report["total_ms"], rel_tol=2e-2)
+
+
+def test_distributed_schema_and_same_answers(smoke):
+    report = smoke["distributed"]["report"]
+    assert report["smoke"] is True and report["model"] == "tiny-llama" and report["questions"] == 4
+    assert report["same_answers"] is True, "2 ranks answer as 1 process"
+    runs = report["runs"]
+    assert set(runs) == {"1 process x 2 threads", "2 ranks x 1 thread"}
+    for r in runs.values():
+        assert r["questions_per_second"] > 0 and len(r["wall_seconds"]) == report["settings"]["reps"]
+    one, two = runs["1 process x 2 threads"], runs["2 ranks x 1 thread"]
+    assert report["speedup_two_ranks"]["questions_per_second"] == pytest.approx(
+        two["questions_per_second"] / one["questions_per_second"], rel=1e-2
+    )
+    step = report["allreduce_per_training_step"]
+    assert step["bytes_per_step"] == 4 * sum(step["parameters"].values()) > 0
+    assert "on_gpus" in report
 
 
 def test_smoke_never_overwrites_measured_results(tmp_path):

@@ -14,13 +14,20 @@ inference pass::
 
 The baseline is the running mean of past batches' rewards, or, before any batch, each
 sample's leave-one-out mean of this batch; the batch's rewards are folded in after the step.
+
+Data parallelism: when several processes answer one batch, each passes the whole batch's
+``rewards`` (all-gathered), its own graphs and fuser examples, and a ``Shard`` saying where its
+graphs sit in the batch, how many fuser examples the batch holds in all, and how to sum a
+gradient tree over the processes (an all-reduce). Each process's loss is then its share of
+the one-process loss (sums over its rows divided by the whole batch's counts), so the summed
+gradients, and the step, equal one process's on the whole batch.
 Parameters live in one tree ``{"policy": PolicyParams, "fuser": FuserParams}`` holding only
 the parts a method learns.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -78,6 +85,14 @@ class FuserBatch(NamedTuple):
     examples: tuple[FuserExample, ...]
 
 
+class Shard(NamedTuple):
+    """This process's part of a batch answered by several processes (see the module's docstring)."""
+
+    rows: Tensor  # [b] long, where this process's graphs sit in the batch's rewards [B]
+    num_examples: int  # fuser examples of the whole batch, over every process
+    reduce: Callable[[Any], Any]  # a gradient tree -> its sum over the processes (same structure)
+
+
 def policy_log_probs(params: Any, batch: PolicyBatch) -> Tensor:
     """[B] log-probabilities of the batch's graphs under ``params`` (differentiable)."""
     out = []
@@ -103,15 +118,28 @@ def train_loss(
     *,
     policy: PolicyBatch | None = None,
     fuser: FuserBatch | None = None,
+    shard: Shard | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The step's scalar loss and its parts (floats, for logging)."""
+    """The step's scalar loss and its parts (floats, for logging).
+
+    With a ``shard``, this process's share of the batch's loss: its graphs' REINFORCE terms over
+    the batch size B, its fuser examples' NLLs over the batch's number of examples.
+    """
     total = torch.zeros(())
     stats: dict[str, float] = {}
-    if "policy" in params and policy is not None:
-        part = reinforce_loss(policy_log_probs(params["policy"], policy), rewards, baseline)
+    if "policy" in params and policy is not None and (shard is None or shard.rows.numel()):
+        if shard is None:
+            part = reinforce_loss(policy_log_probs(params["policy"], policy), rewards, baseline)
+        else:
+            rows = shard.rows
+            local = baseline if baseline.dim() == 0 else baseline[rows]
+            part = reinforce_loss(policy_log_probs(params["policy"], policy), rewards[rows], local)
+            part = part * (rows.numel() / rewards.shape[0])  # mean over b rows -> share of the mean over B
         total, stats["policy_loss"] = total + part, float(part.detach())
     if "fuser" in params and fuser is not None and fuser.examples:
         part = fuser_objective(params["fuser"], fuser)
+        if shard is not None:
+            part = part * (len(fuser.examples) / shard.num_examples)  # mean over local -> share of the mean over all
         total, stats["fuser_loss"] = total + part, float(part.detach())
     return total, stats
 
@@ -123,28 +151,47 @@ def train_step(
     *,
     policy: PolicyBatch | None = None,
     fuser: FuserBatch | None = None,
+    shard: Shard | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
-    """One optimizer step on ``train_loss``; returns the new state and the loss parts.
+    """One optimizer step on ``train_loss``; returns the new state and the loss parts (with a
+    ``shard``, this process's parts; the gradients are summed over the processes before the update).
 
-    Raises ValueError when the policy batch's size differs from the rewards', and the errors of
-    ``reinforce_loss``, ``fuse`` and ``answer_nll`` on bad inputs.
+    Raises ValueError when the policy batch's size differs from the rewards' (or the shard's
+    rows), when the shard's rows fall outside the batch or it counts fewer fuser examples than
+    this process holds, and the errors of ``reinforce_loss``, ``fuse`` and ``answer_nll`` on bad inputs.
     """
-    if policy is not None and len(policy.topologies) != rewards.shape[0]:
-        raise ValueError(f"policy: expected one graph per reward ({rewards.shape[0]}), got {len(policy.topologies)}")
+    expected = rewards.shape[0] if shard is None else shard.rows.numel()
+    if policy is not None and len(policy.topologies) != expected:
+        raise ValueError(f"policy: expected one graph per reward ({expected}), got {len(policy.topologies)}")
+    if shard is not None:
+        _check_shard(shard, rewards.shape[0], len(fuser.examples) if fuser is not None else 0)
     rewards = rewards.to(torch.float32)
     baseline = baseline_value(state.baseline) if int(state.baseline.count) else batch_baseline(rewards)
     loss, stats, grads = value_and_grad(
-        lambda p: train_loss(p, rewards, baseline, policy=policy, fuser=fuser), state.params
+        lambda p: train_loss(p, rewards, baseline, policy=policy, fuser=fuser, shard=shard), state.params
     )
+    if shard is not None:
+        grads = shard.reduce(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = tree_map(lambda t: t.detach(), apply_updates(state.params, updates))
     return TrainState(params, opt_state, update_baseline(state.baseline, rewards)), stats
+
+
+def _check_shard(shard: Shard, batch: int, examples: int) -> None:
+    rows = shard.rows
+    if not isinstance(rows, Tensor) or rows.dim() != 1 or rows.dtype != torch.long:
+        raise ValueError(f"shard.rows: expected a [b] long tensor, got {getattr(rows, 'shape', type(rows).__name__)}")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch):
+        raise ValueError(f"shard.rows: expected positions in [0, {batch}), got {rows.tolist()}")
+    if shard.num_examples < examples:
+        raise ValueError(f"shard.num_examples: expected at least this process's {examples} examples, got {shard.num_examples}")
 
 
 __all__ = [
     "FuserBatch",
     "FuserExample",
     "PolicyBatch",
+    "Shard",
     "TrainState",
     "fuser_objective",
     "policy_log_probs",

@@ -264,11 +264,7 @@ def resume_command(config: RunConfig) -> str:
         name, value = f.name, getattr(config, f.name)
         if name in ("task", "method", "out", "resume", "retry_errors") or value == getattr(base, name):
             continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else _OFF_SWITCHES.get(name, "--no-" + name.replace("_", "-")))
-        else:
-            args += [flag, str(value)]
+        args += flag_args(name, value)
     args += ["--out", str(config.out_dir), "--resume"]
     return shlex.join(args)
 
@@ -280,6 +276,15 @@ _FLAG_NAMES = {"num_agents": "agent-nums"}
 def flag(name: str) -> str:
     """The `gcache run` flag of a RunConfig field (``num_agents`` -> ``--agent-nums``)."""
     return "--" + _FLAG_NAMES.get(name, name.replace("_", "-"))
+
+
+def flag_args(name: str, value: Any) -> list[str]:
+    """The `gcache run` arguments that set a RunConfig field: ``--flag VALUE``, a switch, or none (None, no --resume)."""
+    if value is None or (name == "resume" and not value):
+        return []
+    if isinstance(value, bool):
+        return [flag(name) if value else _OFF_SWITCHES.get(name, "--no-" + flag(name)[2:])]
+    return [flag(name), str(value)]
 
 
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:

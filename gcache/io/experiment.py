@@ -95,13 +95,14 @@ def train_batches(train: Sequence, config: RunConfig) -> list[list]:
     return batches
 
 
-def run_experiment(config: RunConfig, *, console: Console | None = None) -> dict:
+def run_experiment(config: RunConfig, *, console: Console | None = None, build=None) -> dict:
     """Run the whole experiment of ``config`` and return its summary (also in summary.json).
 
     The summary's ``status`` says how the run ended: "complete" (every test question answered
     without error), "errors" (finished, some test questions hold an error) or "stopped" (a
     training step failed or the API endpoint is down; ``stopped`` says why); ``resume_command``
-    continues it.
+    continues it. ``build(config)`` makes the pipeline (default ``build_pipeline``; under
+    torchrun, rank 0's ``gcache.io.distributed.TeamPipeline``, whose ``ranks`` answer each batch together).
     """
     # Loads torch and transformers (~3 s): imported when a run starts, not when the CLI parses flags.
     from gcache.io.pipeline import build_pipeline
@@ -113,7 +114,7 @@ def run_experiment(config: RunConfig, *, console: Console | None = None) -> dict
     runlog = RunLog.open(out, resume=config.resume)
     write_json_atomic(out / CONFIG, config.to_dict())
     train, test = split_items(config)
-    pipeline = build_pipeline(config)
+    pipeline = (build or build_pipeline)(config)
     if config.params is not None:
         pipeline.load(Path(config.params))
 
@@ -201,8 +202,9 @@ def _evaluate(pipeline, test, runlog: RunLog, config: RunConfig, console: Consol
     answered = len(test) - len(todo)
     with _progress(console) as bar:
         task = bar.add_task("eval", total=len(test), completed=answered, status="")
-        for i in range(0, len(todo), config.batch_size):
-            records = pipeline.evaluate(todo[i : i + config.batch_size])
+        size = config.batch_size * pipeline.ranks  # each rank answers batch_size questions at once
+        for i in range(0, len(todo), size):
+            records = pipeline.evaluate(todo[i : i + size])
             _append_new(runlog, config, records)
             outage = _outage(pipeline)
             if outage is not None:

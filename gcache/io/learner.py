@@ -8,7 +8,7 @@ restores it (``params.safetensors``, ``train_state.safetensors``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -18,7 +18,7 @@ from gcache.core.objectives import answer_batch
 from gcache.core.optim import adam
 from gcache.core.reinforce import init_baseline
 from gcache.core.policy import init_policy
-from gcache.core.train import FuserBatch, FuserExample, PolicyBatch, TrainState, train_step
+from gcache.core.train import FuserBatch, FuserExample, PolicyBatch, Shard, TrainState, train_step
 from gcache.io.answers import answer_inputs
 from gcache.io.communication import Context
 from gcache.io.models import LocalModel, encode_chat
@@ -42,6 +42,14 @@ def reference_text(item: Item) -> str:
     return str(item.gold)
 
 
+class Team(Protocol):
+    """Processes that answer each batch together (gcache.io.distributed.Team)."""
+
+    def share(self, rewards: Tensor, num_examples: int, failed: bool) -> tuple[Tensor, Shard, bool]:
+        """The whole batch's rewards, this process's ``Shard`` of it, and whether any process failed."""
+        ...
+
+
 class Learner:
     """Holds a run's ``TrainState`` between steps: ``{"policy": ..., "fuser": ...}`` (the parts
     the method learns), the optimizer's state and the reward baseline."""
@@ -49,6 +57,7 @@ class Learner:
     def __init__(
         self, *, lr: float, seed: int, graph: LearnedGraph | None, fuser: FuserConfig | None, local: LocalModel | None,
         fuser_target: str = "reference",
+        team: Team | None = None,
     ) -> None:  # fmt: skip
         params: dict[str, Any] = {}
         if graph is not None:
@@ -58,6 +67,7 @@ class Learner:
         if fuser_target not in FUSER_TARGETS:
             raise ValueError(f"fuser_target: expected one of {', '.join(FUSER_TARGETS)}, got {fuser_target!r}")
         self.graph, self.local, self.fuser_config, self.fuser_target = graph, local, fuser, fuser_target
+        self.team = team
         self.optimizer = adam(lr)
         self.state = TrainState(params, self.optimizer.init(params), init_baseline())
 
@@ -91,9 +101,16 @@ class Learner:
             batch = answer_batch([prompt], [answer], pad_token_id=tok.pad_token_id or 0)
         return FuserExample(context.fusion.caches, context.fusion.weights, context.fusion.sources, batch)
 
-    def update(self, plans: Sequence[Plan], judged: Sequence[Context | None], rewards: Tensor) -> dict[str, float]:
+    def update(
+        self, plans: Sequence[Plan], judged: Sequence[Context | None], rewards: Tensor, *, failed: bool = False
+    ) -> dict[str, float]:
         """One training step on a scored batch: REINFORCE on the plans' graphs (policy) and the
-        reference answers' likelihood on the judged questions' fused caches (fuser)."""
+        reference answers' likelihood on the judged questions' fused caches (fuser).
+
+        A batch that ``failed`` makes no step. Under a team, ``plans`` and ``rewards`` are this
+        process's share; the processes agree on the batch's rewards and on skipping a step
+        that failed anywhere, and sum their gradients, so every one takes the same step.
+        """
         policy = None
         if self.graph is not None:
             policy = PolicyBatch(
@@ -106,7 +123,12 @@ class Learner:
                 self._fuser_example(p.item, c) for p, c in zip(plans, judged) if c is not None and c.fusion is not None
             )
             fuser = FuserBatch(self.local.fns, self.fuser_config.mode, examples)
-        self.state, stats = train_step(self.state, self.optimizer, rewards, policy=policy, fuser=fuser)
+        shard = None
+        if self.team is not None:
+            rewards, shard, failed = self.team.share(rewards, len(fuser.examples) if fuser else 0, failed)
+        if failed:
+            return {}
+        self.state, stats = train_step(self.state, self.optimizer, rewards, policy=policy, fuser=fuser, shard=shard)
         return stats
 
     # ------------------------------------------------------------ persistence

@@ -38,7 +38,7 @@ from gcache.io.communication import Communication, Context, LatentCaches, NodeOu
 from gcache.io.config import TINY_MODELS, RunConfig, api_config
 from gcache.io.decision import DECISIONS, Decision
 from gcache.io.embed import load_encoder
-from gcache.io.learner import Learner
+from gcache.io.learner import Learner, Team
 from gcache.io.models import LocalModel, load_model, tiny_model
 from gcache.io.planner import FixedGraph, LearnedGraph, Plan, Planner, candidate_mask
 from gcache.io.prompts import Role, agent_roles, latent_mas_roles
@@ -98,6 +98,8 @@ class Speaker:
 class Pipeline:
     """A run's components and how they answer, train on and record a batch."""
 
+    ranks = 1  # processes answering each batch together (gcache.io.distributed.TeamPipeline: several)
+
     def __init__(
         self, config: RunConfig, roles: Sequence[Role], planner: Planner, comm: Communication,
         decision: Decision, speaker: Speaker, learner: Learner | None,
@@ -125,13 +127,16 @@ class Pipeline:
             log.warning("train step %d failed: %s", step, e)
             outs, logprobs = [_failed(e) for _ in plans], [None] * len(plans)
         verdicts = self._verdicts(plans, outs, decode)
+        failed = any(o.error for o in outs)
         rewards: list[float | None] = [None] * len(plans)
-        if not any(o.error for o in outs):
+        if not failed:
             rewards = [
                 reward(self.config.reward, v.correct if decode else None, lp) for v, lp in zip(verdicts, logprobs)
             ]
-            if self.learner is not None:
-                self.learner.update(plans, [o.judged for o in outs], torch.tensor(rewards))
+        if self.learner is not None:
+            # Every process of a team calls the step, even on a failed batch: they agree to skip it together.
+            values = torch.tensor([0.0 if r is None else r for r in rewards])
+            self.learner.update(plans, [o.judged for o in outs], values, failed=failed)
         seconds = (time.perf_counter() - started) / len(items)
         return [
             self._record("train", f"{step}:{p.item.id}", p, o, v, seconds, step=step, answer_logprob=lp, reward=r)
@@ -349,10 +354,10 @@ def _roles(config: RunConfig) -> list[Role]:
     return agent_roles(config.task, config.agents, config.num_agents)
 
 
-def build_pipeline(config: RunConfig) -> Pipeline:
+def build_pipeline(config: RunConfig, *, team: Team | None = None) -> Pipeline:
     """The one place where a run's method becomes components: the local model (unless text-only
     API), the API client (API modes), the roles, the planner, the communication, the decision
-    rule, the speaker and the learned parts."""
+    rule, the speaker and the learned parts (which, under a ``team`` of processes, step together)."""
     latent = config.method in ("latent-mas", "gcache")
     local = load_local(config) if (config.generation_mode != "api" or latent) else None
     api = ApiClient(api_config(config)) if config.generation_mode != "local" else None
@@ -384,7 +389,7 @@ def build_pipeline(config: RunConfig) -> Pipeline:
         graph = planner if isinstance(planner, LearnedGraph) else None
         learner = Learner(
             lr=config.lr, seed=config.seed, graph=graph, fuser=fuser, local=local,
-            fuser_target="reference" if config.reward == "accuracy" else "answer",
+            fuser_target="reference" if config.reward == "accuracy" else "answer", team=team,
         )  # fmt: skip
     stop = answer_stop(local, task_family(config.task)) if (config.stop_at_answer and local is not None) else None
     decoding = Decoding(config.max_new_tokens, temperature=config.temperature, stop=stop)
