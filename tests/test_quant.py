@@ -158,7 +158,11 @@ def test_weights_is_a_run_setting_and_a_cli_flag(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--weights: expected one of fp32, bf16, int8"):
         build_config({"weights": "fp16"})
     seen = {}
-    monkeypatch.setattr("gcache.io.experiment.run_experiment", lambda config: seen.setdefault("config", config))
+    def fake_run(config, **kwargs):
+        seen["config"] = config
+        return {"status": "complete"}
+
+    monkeypatch.setattr("gcache.io.experiment.run_experiment", fake_run)
     out = CliRunner().invoke(app, ["run", "gsm8k", "--model", "tiny-llama", "--out", str(tmp_path / "r"), "--weights", "bf16"])
     assert out.exit_code == 0, out.output
     assert seen["config"].weights == "bf16"
