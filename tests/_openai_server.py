@@ -217,3 +217,20 @@ class OpenAIServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# Every API setting gcache reads from the environment (or .env in the working directory).
+API_VARS = (
+    "API_KEY", "OPENAI_API_KEY", "BASE_URL", "OPENAI_BASE_URL", "API_MODEL", "OPENAI_MODEL",
+    "GCACHE_API_TIMEOUT", "GCACHE_API_MAX_RETRIES", "GCACHE_API_CONCURRENCY", "GCACHE_API_OUTAGE_AFTER",
+)  # fmt: skip
+
+
+def isolated_api_env(monkeypatch, folder, key: str):
+    """No API setting from the developer's shell or .env (the working directory becomes ``folder``);
+    ``key`` as API_KEY, since an API run needs one. Returns the monkeypatch."""
+    for var in API_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("API_KEY", key)
+    return monkeypatch

@@ -21,28 +21,20 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from _openai_server import OpenAIServer, Reply
+from _openai_server import OpenAIServer, Reply, isolated_api_env
 from gcache.io.config import api_config, resume_command, with_api_settings
 from gcache.io.report import records_table
 from gcache.io.runlog import PARAMS, STATE, read_records
 from gcache_cli.main import app
 
 KEY = "sk-faults-5e4d3c2b1a09f8e7"
-API_VARS = (
-    "API_KEY", "OPENAI_API_KEY", "BASE_URL", "OPENAI_BASE_URL", "API_MODEL", "OPENAI_MODEL",
-    "GCACHE_API_TIMEOUT", "GCACHE_API_MAX_RETRIES", "GCACHE_API_CONCURRENCY", "GCACHE_API_OUTAGE_AFTER",
-)  # fmt: skip
 OK, DOWN = Reply("ok"), Reply("drop")
 
 
 @pytest.fixture
 def api_env(tmp_path, monkeypatch):
     """No API setting from the developer's shell or .env; a key, as an API run needs one."""
-    for var in API_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("API_KEY", KEY)
-    return monkeypatch
+    return isolated_api_env(monkeypatch, tmp_path, KEY)
 
 
 def _hybrid(server: OpenAIServer, out: Path, *flags: str) -> list[str]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from _openai_server import OpenAIServer, Reply
+from _openai_server import OpenAIServer, Reply, isolated_api_env
 from gcache.io.apiconfig import ApiConfig
 from gcache.io.config import METHODS, api_config, build_config
 from gcache.io.experiment import check_before_loading, run_experiment
@@ -250,21 +250,13 @@ def test_checkpoint_restores_the_learned_parts_and_the_step(tmp_path):
 
 # --------------------------------------------------------------------------- API flags
 
-API_VARS = (
-    "API_KEY", "OPENAI_API_KEY", "BASE_URL", "OPENAI_BASE_URL", "API_MODEL", "OPENAI_MODEL",
-    "GCACHE_API_TIMEOUT", "GCACHE_API_MAX_RETRIES", "GCACHE_API_CONCURRENCY",
-)  # fmt: skip
 KEY = "sk-live-9f8e7d6c5b4a39281706"
 
 
 @pytest.fixture
 def api_env(tmp_path, monkeypatch):
     """No API setting from the developer's shell or .env; a key, as an API run needs one."""
-    for var in API_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("API_KEY", KEY)
-    return monkeypatch
+    return isolated_api_env(monkeypatch, tmp_path, KEY)
 
 
 @pytest.fixture
