@@ -52,9 +52,13 @@ def _flags(args: list[str]) -> dict:
 
 
 def _comparable(record: dict) -> dict:
-    """A record without its timings (which differ between any two runs)."""
+    """A record without its timings (which differ between any two runs), its likelihoods rounded:
+    a rank's forward over its share and one process's over the whole batch agree to float rounding."""
     r = {k: v for k, v in record.items() if k != "seconds"}
     r["trace"] = [{k: v for k, v in t.items() if k != "seconds"} for t in record["trace"]]
+    for k in ("answer_logprob", "reward"):
+        if r.get(k) is not None:
+            r[k] = round(r[k], 3)
     return r
 
 
@@ -69,6 +73,8 @@ def _summary(folder: Path) -> dict:
     s["train"].pop("seconds", None)
     assert s["config"].pop("out") == str(folder)
     s["resume_command"] = s["resume_command"].replace(str(folder), "OUT")
+    if s.get("answer_logprob"):
+        s["answer_logprob"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in s["answer_logprob"].items()}
     return s
 
 
