@@ -70,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, flags in runs.items():
             golden = run(name, flags, Path(tmp))
-            (HERE / f"{name}.json").write_text(json.dumps(golden, indent=1) + "\n")
+            (HERE / f"{name}.json").write_text(json.dumps(golden) + "\n")
             print(name, len(golden["records"]), "records", file=sys.stderr)
 
 
