@@ -49,7 +49,8 @@ FIXED = ("chain", "star", "mesh", "layered", "random")
 
 def method_flags(args: argparse.Namespace) -> dict[str, dict]:
     """The `gcache run` flags of every compared method (all on one shared model)."""
-    base = {**base_flags(args), "latent_steps": args.latent_steps}
+    common = {**base_flags(args), "latent_steps": args.latent_steps}
+    base = {**common, "num_agents": args.agent_nums}
     text = {k: v for k, v in base.items() if k != "latent_steps"}
     learned = {**base, "method": "gcache", "topology": "full", "reward": "likelihood", "lr": args.lr,
                "batch_size": args.batch_size}
@@ -57,8 +58,8 @@ def method_flags(args: argparse.Namespace) -> dict[str, dict]:
     for topology in FIXED:
         flags[topology] = {**base, "method": "gcache", "topology": topology, "optimize_spatial": False}
     flags["full (untrained)"] = {**base, "method": "gcache", "topology": "full"}
-    flags["latent-mas"] = {**base, "method": "latent-mas"}
-    flags["single"] = {**text, "method": "single"}
+    flags["latent-mas"] = {**common, "method": "latent-mas"}  # its own three agents
+    flags["single"] = {k: v for k, v in text.items() if k != "num_agents"} | {"method": "single"}
     flags["text-mas"] = {**text, "method": "text-mas", "optimize_spatial": False}
     return flags
 
@@ -159,11 +160,14 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=100)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--eval-every", type=int, default=4)
-    parser.add_argument("--curve-size", type=int, default=24)
-    parser.add_argument("--text-mas-size", type=int, default=20)
+    parser.add_argument("--eval-every", type=int, default=8)
+    parser.add_argument("--curve-size", type=int, default=12)
+    parser.add_argument("--text-mas-size", type=int, default=10)
     parser.add_argument("--decode-size", type=int, default=0, help="questions decoded for accuracy by every method")
     parser.add_argument("--latent-steps", type=int, default=10)
+    # Three agents, as LatentMAS's chain: prefill is compute-bound (~190 prompt tokens/s on 2
+    # cores), and every method pays one prompt per agent per held-out question.
+    parser.add_argument("--agent-nums", type=int, default=3, help="agents of every gcache method (gcache run's --agent-nums)")
     parser.add_argument("--lr", type=float, default=0.1)
     args = parser.parse_args()
     setup(args)
@@ -202,7 +206,7 @@ def main() -> None:
     report = {
         **report_header(local, args, machine, load_before),
         "settings": {k: getattr(args, k) for k in ("train_size", "test_size", "steps", "batch_size", "eval_every",
-                                                     "curve_size", "text_mas_size", "decode_size", "latent_steps", "lr")},
+                                                     "curve_size", "text_mas_size", "decode_size", "latent_steps", "agent_nums", "lr")},
         "flags": flags,
         "methods": methods,
         "per_question": per_method,
