@@ -57,7 +57,7 @@ def run(
         None,
         help="The policy's reward: accuracy (1 if the decoded answer is right), likelihood (the reference answer's "
         "mean log-probability per token under the decision context; trains without decoding) or mixed "
-        f"(accuracy + exp(log-probability)) (default: {_D.reward}).",
+        f"(accuracy + exp(log-probability)) (default: {_D.reward}; accuracy with --generation-mode api).",
     ),
     limit: Optional[int] = typer.Option(None, help="Evaluate on the first N test questions (default: all)."),
     question_id: Optional[int] = typer.Option(None, help="Evaluate on this one test question only."),

@@ -160,6 +160,7 @@ def _training(server: OpenAIServer, out: Path) -> list[str]:
         "--latent-steps", "2", "--max-new-tokens", "6", "--batch-size", "2", "--agent-nums", "3",
         "--num-iterations", "2", "--train-size", "2", "--limit", "2", "--api-model", "loopback",
         "--base-url", server.base_url, "--api-max-retries", "0", "--out", str(out),
+        "--reward", "accuracy",  # the judger decodes through the API in every training step
     ]  # fmt: skip
 
 
@@ -241,6 +242,10 @@ def runs(monkeypatch):
         ["--method", "latent-mas", "--latent-only", "--no-stop-at-answer", "--temperature", "0.7", "--seed", "4",
          "--no-retry-errors", "--question-id", "3"],
         ["--method", "single", "--out", "a dir/with spaces"],
+        # api mode has its own default reward (accuracy): the command must not name one for single
+        ["--method", "single", "--generation-mode", "api", "--api-model", "m", "--base-url", "http://127.0.0.1:9/v1"],
+        ["--method", "text-mas", "--generation-mode", "api", "--api-model", "m", "--base-url", "http://127.0.0.1:9/v1"],
+        ["--method", "text-mas", "--reward", "mixed", "--train-size", "2"],
     ],
 )  # fmt: skip
 def test_the_resume_command_continues_the_same_run(tmp_path, api_env, runs, flags):

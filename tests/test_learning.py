@@ -36,8 +36,8 @@ def test_every_method_records_a_finite_answer_logprob_and_the_summary_its_mean(m
     records, summary = _run(tmp_path, method)
     for r in records:
         assert isinstance(r["answer_logprob"], float) and math.isfinite(r["answer_logprob"]) and r["answer_logprob"] <= 0
-        if r["phase"] == "train":  # the default reward is accuracy
-            assert r["reward"] == float(r["correct"])
+        if r["phase"] == "train":  # the default reward is the answer's likelihood
+            assert r["reward"] == reward("likelihood", None, r["answer_logprob"])
     evals = [r["answer_logprob"] for r in records if r["phase"] == "eval"]
     interval = summary["answer_logprob"]
     assert interval["n"] == len(evals) and math.isclose(interval["mean"], sum(evals) / len(evals))
@@ -64,6 +64,27 @@ def test_the_mixed_reward_adds_the_answer_probability_to_accuracy(tmp_path):
     for r in (r for r in records if r["phase"] == "train"):
         assert math.isclose(r["reward"], float(r["correct"]) + math.exp(r["answer_logprob"]), rel_tol=1e-12)
         assert r["tokens"]["generated"] > 0
+
+
+def test_the_default_reward_is_likelihood_and_accuracy_where_only_an_api_answers():
+    assert build_config({"task": "gsm8k"}).reward == "likelihood"
+    assert build_config({"task": "gsm8k", "method": "text-mas"}).reward == "likelihood"
+    assert build_config({"task": "gsm8k", "method": "text-mas", "generation_mode": "api"}).reward == "accuracy"
+    assert build_config({"task": "gsm8k", "method": "gcache", "generation_mode": "hybrid"}).reward == "likelihood"
+    assert build_config({"task": "gsm8k", "reward": "accuracy"}).reward == "accuracy"
+
+
+def test_custom_roles_replace_the_agents_and_bad_ones_are_named():
+    from gcache.io.pipeline import build_pipeline
+    from gcache.io.prompts import Role
+
+    config = build_config({"task": "gsm8k", "method": "gcache", "num_iterations": 0, **TINY})
+    roles = [Role("A", "A: first.", "You are A."), Role("B", "B: second.", "You are B.")]
+    pipeline = build_pipeline(config, roles=roles)
+    assert [r.name for r in pipeline.roles] == ["A", "B"] and pipeline.planner.config.num_agents == 2
+    for bad in ([], ["You are A."]):
+        with pytest.raises(ValueError, match="roles: expected a non-empty sequence of Role"):
+            build_pipeline(config, roles=bad)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from gcache.io.report import (
     edge_matrix,
     edge_table,
     learning_curve,
+    learning_line,
     plot_learning_curve,
 )
 from gcache.io.runlog import summarize
@@ -74,3 +75,19 @@ def test_edge_table_lists_learned_edges_most_likely_first():
     console.print(edge_table(names, probs, counts))
     text = console.export_text()
     assert text.index("0.900") < text.index("0.200")
+
+
+def test_the_learning_line_gives_first_and_last_rewards_and_the_learned_edges_only():
+    edge = lambda s, d, p: {"src": s, "dst": d, "kind": "spatial", "p": p, "taken": p > 0.5}  # noqa: E731
+    records = [
+        record("a", "train", reward=-2.0, step=0), record("b", "train", reward=-3.0, step=0),
+        record("c", "train", reward=-1.0, step=1),
+        {**record("d"), "edges": [edge("0:A", "1:B", 0.7), edge("1:B", "2:C", 0.2), edge("0:A", "2:C", 1.0)]},
+        {**record("e"), "edges": [edge("0:A", "1:B", 0.5), edge("1:B", "2:C", 0.4), edge("0:A", "2:C", 1.0)]},
+    ]
+    line = learning_line(records)
+    assert line.startswith("training: 2 steps, mean reward step 1 -2.500 -> step 2 -1.000")
+    # 0->2 has p = 1 (a fixed edge): not a learned one
+    assert "0.30-0.60 over 2 edges, most likely 0->1 0.60, 1->2 0.30" in line
+    assert learning_line([record("x")]) is None
+    assert "edge" not in learning_line(records[:3])

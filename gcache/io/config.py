@@ -75,7 +75,9 @@ class RunConfig:
     batch_size: int = 4
     num_iterations: int = 10
     lr: float = 0.1
-    reward: str = "accuracy"  # the policy's reward: accuracy, likelihood or mixed (gcache.core.rewards)
+    # The policy's reward: accuracy, likelihood or mixed (gcache.core.rewards). likelihood by
+    # default (the README says why); accuracy where no local model reads likelihoods (api mode).
+    reward: str = "likelihood"
     limit: int | None = None
     question_id: int | None = None
     model: str = "smollm2-135m"
@@ -151,6 +153,8 @@ def build_config(explicit: dict[str, Any]) -> RunConfig:
         base = replace(base, num_agents=1, num_iterations=0, optimize_spatial=False, fusion="concat", decision="direct")
     elif method == "text-mas":
         base = replace(base, fusion="concat")
+    if explicit.get("generation_mode") == "api":
+        base = replace(base, reward="accuracy")  # text only: no local model to read a likelihood
     config = replace(base, **explicit)
     validate(config, explicit)
     return config
@@ -258,11 +262,15 @@ def resume_command(config: RunConfig) -> str:
     It names every flag whose value differs from the method's default, so the resumed
     run passes the settings check; it retries errored questions (no --no-retry-errors).
     """
-    base = build_config({"method": config.method})
+    # The method's defaults in the run's generation mode (api mode has its own default reward).
+    base = build_config({"method": config.method, "generation_mode": config.generation_mode})
     args = ["gcache", "run", config.task, "--method", config.method]
+    if config.generation_mode != RunConfig.generation_mode:
+        args += flag_args("generation_mode", config.generation_mode)
     for f in fields(RunConfig):
         name, value = f.name, getattr(config, f.name)
-        if name in ("task", "method", "out", "resume", "retry_errors") or value == getattr(base, name):
+        skipped = ("task", "method", "generation_mode", "out", "resume", "retry_errors")
+        if name in skipped or value == getattr(base, name):
             continue
         args += flag_args(name, value)
     args += ["--out", str(config.out_dir), "--resume"]

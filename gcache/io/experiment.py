@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from gcache.io.apiconfig import require_api
 from gcache.io.config import API_HTTP_FLAGS, RunConfig, api_config, resume_command, with_api_settings
+from gcache.io.report import learning_line
 from gcache.io.runlog import CONFIG, SUMMARY, RunLog, read_records, summarize, write_json_atomic
 from gcache.io.stats import format_interval
 from gcache.io.tasks import TASKS, load_items
@@ -127,6 +128,9 @@ def run_experiment(config: RunConfig, *, console: Console | None = None, build=N
         stopped = _evaluate(pipeline, test, runlog, config, console)
     summary = _summary(config, runlog, test, time.perf_counter() - started, pipeline, stopped)
     write_json_atomic(out / SUMMARY, summary)
+    learned = learning_line(runlog.records)
+    if learned:
+        console.print(learned, markup=False, highlight=False, soft_wrap=True)
     console.print(_summary_line(summary))
     ending = ending_line(summary)
     if ending:

@@ -354,14 +354,20 @@ def _roles(config: RunConfig) -> list[Role]:
     return agent_roles(config.task, config.agents, config.num_agents)
 
 
-def build_pipeline(config: RunConfig, *, team: Team | None = None) -> Pipeline:
+def build_pipeline(config: RunConfig, *, team: Team | None = None, roles: Sequence[Role] | None = None) -> Pipeline:
     """The one place where a run's method becomes components: the local model (unless text-only
     API), the API client (API modes), the roles, the planner, the communication, the decision
-    rule, the speaker and the learned parts (which, under a ``team`` of processes, step together)."""
+    rule, the speaker and the learned parts (which, under a ``team`` of processes, step together).
+
+    ``roles`` replaces the method's agents (default: the task family's roles, ``config.agents``,
+    ``config.num_agents`` of them; LatentMAS's three thinkers for latent-mas).
+    """
     latent = config.method in ("latent-mas", "gcache")
+    if roles is not None and (not roles or not all(isinstance(r, Role) for r in roles)):
+        raise ValueError(f"roles: expected a non-empty sequence of Role, got {roles!r:.80}")
     local = load_local(config) if (config.generation_mode != "api" or latent) else None
     api = ApiClient(api_config(config)) if config.generation_mode != "local" else None
-    roles = _roles(config)
+    roles = list(roles) if roles is not None else _roles(config)
     comm: Communication
     if latent:
         comm = LatentCaches(

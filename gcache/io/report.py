@@ -78,6 +78,25 @@ def edge_table(names: list[str], probs: np.ndarray, counts: np.ndarray) -> Table
     return table
 
 
+def learning_line(records: list[dict]) -> str | None:
+    """One line on what training did (None without training steps): the mean reward of the
+    first and last steps, and the learned edge probabilities at evaluation (untrained: 0.5)."""
+    curve = [c for c in learning_curve(records) if c["reward"] is not None]
+    if not curve:
+        return None
+    first, last = curve[0], curve[-1]
+    line = (f"training: {len(curve)} steps, mean reward step {first['step'] + 1} {first['reward']:.3f} -> "
+            f"step {last['step'] + 1} {last['reward']:.3f}")
+    names, probs, _ = edge_matrix(records)
+    learned = sorted(((probs[i, j], i, j) for i in range(len(names)) for j in range(len(names))
+                      if 0 < probs[i, j] < 1), reverse=True)  # fixed edges have p = 1
+    if learned:
+        top = ", ".join(f"{names[i].split(':')[0]}->{names[j].split(':')[0]} {p:.2f}" for p, i, j in learned[:3])
+        line += (f"; learned edge probabilities (eval mean, untrained 0.5) {learned[-1][0]:.2f}-{learned[0][0]:.2f}"
+                 f" over {len(learned)} edges, most likely {top}")
+    return line
+
+
 def plot_learning_curve(
     curve: list[dict], path: Path, *, title: str = "", held_out: list[dict] | None = None
 ) -> Path:

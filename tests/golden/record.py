@@ -48,6 +48,8 @@ EMBEDDED: dict[str, dict] = {
     "smollm2-latent-mas": dict(method="latent-mas", limit=3, max_new_tokens=64),
     "smollm2-gcache": dict(method="gcache", limit=3, train_size=4, num_iterations=2, batch_size=2, max_new_tokens=64),
 }
+# test_golden.py names --reward accuracy for the learning methods: it was the only reward (and so
+# the default) when these files were recorded.
 KEEP = ("id", "phase", "answer", "prediction", "correct", "tokens", "edges", "log_prob")
 
 
