@@ -267,9 +267,9 @@ def resume_command(config: RunConfig) -> str:
     args = ["gcache", "run", config.task, "--method", config.method]
     if config.generation_mode != RunConfig.generation_mode:
         args += flag_args("generation_mode", config.generation_mode)
+    skipped = ("task", "method", "generation_mode", "out", "resume", "retry_errors")
     for f in fields(RunConfig):
         name, value = f.name, getattr(config, f.name)
-        skipped = ("task", "method", "generation_mode", "out", "resume", "retry_errors")
         if name in skipped or value == getattr(base, name):
             continue
         args += flag_args(name, value)
