@@ -14,6 +14,14 @@ on held-out GSM8K questions, measured by the reference answer's log-probability.
    bootstrap 95% CI (gcache.io.stats). ``--decode-size`` questions are also decoded for
    accuracy by every method.
 
+The held-out questions are answered batch by batch, every method on a batch before the next
+(batches of questions of similar length, to pad little). The latent methods share a
+``Rollouts`` memo, cleared after each batch: an agent whose question, role, inputs, edge
+weights and fuser are those of a rollout another method already ran reuses it (every fixed
+graph starts with the same first agent, chain, star and mesh share its successor, ...), which
+changes no result and saves about half of the agents' prefills. A method's seconds are those of
+its own calls, so a method that reuses rollouts looks cheaper than it would alone.
+
 Writes learning.json, learning.md and learning.png (the learning curve) to ``--out``.
 
     python benchmarks/learning.py            # the full benchmark (see the README for its time)
@@ -40,6 +48,7 @@ from _common import (
     write_json,
 )
 
+from gcache.io.communication import LatentCaches, Rollouts
 from gcache.io.report import plot_learning_curve
 from gcache.io.stats import excludes_zero, mean_ci, paired_diff_ci
 from gcache.io.tasks import load_items
@@ -81,26 +90,54 @@ def decoded(pipeline, items, batch_size: int) -> dict[str, dict]:
     return {r["id"]: r for i in range(0, len(items), batch_size) for r in pipeline.evaluate(items[i : i + batch_size])}
 
 
-def held_out_point(pipeline, items, batch_size: int, step: int) -> dict:
-    ci = mean_ci(list(logprobs(pipeline, items, batch_size).values()))
-    return {"step": step, **ci.as_dict()}
+def held_out_point(values: dict[str, float], step: int) -> dict:
+    return {"step": step, **mean_ci(list(values.values())).as_dict()}
 
 
-def train(pipeline, train_items, curve_items, args, bar=None) -> tuple[list[dict], list[dict], float]:
-    """Training steps with the curve; returns (train reward per step, held-out points, seconds)."""
+def train(pipeline, train_items, curve_items, args) -> tuple[list[dict], list[dict], float]:
+    """Training steps with the curve; returns (train reward per step, held-out points, seconds).
+    The curve's last point (the trained parameters) is left to the held-out pass, which
+    measures those very questions with those parameters."""
     started = time.perf_counter()
-    rewards, held = [], [held_out_point(pipeline, curve_items, args.batch_size, 0)]
+    rewards, held = [], [held_out_point(logprobs(pipeline, curve_items, args.batch_size), 0)]
     for step in range(args.steps):
         start = (step * args.batch_size) % len(train_items)
         batch = (train_items + train_items)[start : start + args.batch_size]
         records = pipeline.train_step(batch, step)
         values = [r["reward"] for r in records if r["reward"] is not None]
         rewards.append({"step": step, "n": len(values), "reward": sum(values) / len(values) if values else None})
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            held.append(held_out_point(pipeline, curve_items, args.batch_size, step + 1))
+        if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            held.append(held_out_point(logprobs(pipeline, curve_items, args.batch_size), step + 1))
         print(f"step {step + 1}/{args.steps}: reward {rewards[-1]['reward']:.3f}"
               + (f", held-out {held[-1]['mean']:.3f}" if held[-1]["step"] == step + 1 else ""), flush=True)
     return rewards, held, time.perf_counter() - started
+
+
+def held_out(pipelines: dict, items, batch_size: int) -> tuple[dict[str, dict[str, float]], dict[str, float], dict]:
+    """Every method's answer log-probability on ``items``, batch by batch (every method on a
+    batch before the next), the latent methods sharing their rollouts within a batch.
+    Returns (per method, per question id, the value), seconds per method, and the memo's counts."""
+    memo = Rollouts()
+    for pipeline in pipelines.values():
+        if isinstance(pipeline.comm, LatentCaches):
+            pipeline.comm.rollouts = memo
+    ordered = sorted(items, key=lambda item: len(item.question))  # similar lengths pad little
+    per_method: dict[str, dict[str, float]] = {name: {} for name in pipelines}
+    seconds = dict.fromkeys(pipelines, 0.0)
+    try:
+        for i in range(0, len(ordered), batch_size):
+            for name, pipeline in pipelines.items():
+                t = time.perf_counter()
+                per_method[name].update(logprobs(pipeline, ordered[i : i + batch_size], batch_size))
+                seconds[name] += time.perf_counter() - t
+            memo.clear()
+            print(f"held-out {min(i + batch_size, len(ordered))}/{len(ordered)} "
+                  f"(rollouts reused {memo.hits}, run {memo.misses})", flush=True)
+    finally:
+        for pipeline in pipelines.values():
+            if isinstance(pipeline.comm, LatentCaches):
+                pipeline.comm.rollouts = None
+    return per_method, seconds, {"reused": memo.hits, "run": memo.misses}
 
 
 def compare(per_method: dict[str, dict[str, float]]) -> dict[str, dict]:
@@ -183,19 +220,25 @@ def main() -> None:
     pipelines, local = build_pipelines(flags)
     learned = pipelines["learned"]
     train_rewards, held, train_seconds = train(learned, train_items, test_items[: args.curve_size], args)
-    per_method: dict[str, dict[str, float]] = {}
-    seconds = {"train": train_seconds}
-    for name, pipeline in pipelines.items():
+    measured = {name: p for name, p in pipelines.items() if name != "text-mas"}
+    per_method, seconds, reuse = held_out(measured, test_items, args.batch_size)
+    seconds["train"] = train_seconds
+    curve_ids = [item.id for item in test_items[: args.curve_size]]
+    held.append(held_out_point({q: per_method["learned"][q] for q in curve_ids if q in per_method["learned"]}, args.steps))
+    if "text-mas" in pipelines:
+        # Its agents' messages are text: they write in full (the judger only reads).
         t = time.perf_counter()
-        items = test_items[: args.text_mas_size] if name == "text-mas" else test_items
-        if name == "text-mas":
-            # Its agents' messages are text: they must be decoded in full.
-            per_method[name] = {q: r["answer_logprob"] for q, r in decoded(pipeline, items, args.batch_size).items()
-                                if r["answer_logprob"] is not None}
-        else:
-            per_method[name] = logprobs(pipeline, items, args.batch_size)
-        seconds[name] = time.perf_counter() - t
-        print(f"{name}: {mean_ci(list(per_method[name].values()))} ({seconds[name]:.0f} s)", flush=True)
+        items = test_items[: args.text_mas_size]
+        pipeline = pipelines["text-mas"]
+        per_method["text-mas"] = {
+            r["id"]: r["answer_logprob"]
+            for i in range(0, len(items), args.batch_size)
+            for r in pipeline.evaluate(items[i : i + args.batch_size], decode=False)
+            if r["answer_logprob"] is not None
+        }
+        seconds["text-mas"] = time.perf_counter() - t
+    for name, values in per_method.items():
+        print(f"{name}: {mean_ci(list(values.values()))} ({seconds[name]:.0f} s)", flush=True)
     methods = compare(per_method)
     if args.decode_size:
         for name, pipeline in pipelines.items():
@@ -212,6 +255,7 @@ def main() -> None:
         "per_question": per_method,
         "curve": {"train": train_rewards, "held_out": held},
         "learned_edges": edges,
+        "rollouts": reuse,
         "seconds": seconds,
     }
     out = Path(args.out)

@@ -12,12 +12,17 @@ a wave, across the questions of a batch.
   no cache. The decision node reads the fusion of its inputs' caches.
 - ``TextMessages`` (``single``, ``text-mas``): every agent writes text, and a node reads
   its inputs' texts in its prompt.
+
+Runs that answer the same questions on one model (a benchmark comparing graphs) may share a
+``Rollouts`` memo: an agent whose question, role, settings, inputs and fuser are those of a
+rollout already done reuses it instead of thinking again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from typing import NamedTuple, Sequence
+from typing import Hashable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -41,6 +46,7 @@ class NodeOut(NamedTuple):
     text: str | None  # what it wrote, else None
     tokens: dict[str, int]  # {"prompt", "latent", "generated"} on the local model
     seconds: float
+    key: Hashable = None  # what determined its rollout, when a ``Rollouts`` memo is shared (else None)
 
 
 class FusionInputs(NamedTuple):
@@ -61,6 +67,29 @@ class Context(NamedTuple):
 
 
 Outputs = dict[Node, NodeOut]
+
+
+class Rollouts:
+    """Latent rollouts kept by what determines them, shared by runs on one model and one set
+    of questions (the caller clears it between batches: every entry holds a cache)."""
+
+    def __init__(self) -> None:
+        self.done: dict[Hashable, NodeOut] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def clear(self) -> None:
+        self.done.clear()
+
+
+def _digest(fuser: FuserParams | None) -> str | None:
+    """The fuser's values (equal parameters fuse equally, whichever run holds them)."""
+    if fuser is None:
+        return None
+    h = hashlib.sha256()
+    for t in fuser:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def stack_contexts(local: LocalModel | None, caches: Sequence[kv.KVCache | None]) -> kv.KVCache | None:
@@ -86,6 +115,7 @@ class LatentCaches:
         self.latent_steps, self.latent_only, self.sink_positions = latent_steps, latent_only, sink_positions
         self.fusion = fusion
         self.accumulates = not latent_only  # a full cache holds its inputs' caches
+        self.rollouts: Rollouts | None = None  # a memo shared with other runs (see ``Rollouts``)
 
     def _fused(
         self, schedule: Schedule, outputs: Outputs, node: Node, fuser: FuserParams | None
@@ -117,7 +147,35 @@ class LatentCaches:
     def think(
         self, rows: Sequence[tuple[Item, Schedule, Outputs, Node]], fuser: FuserParams | None = None
     ) -> list[NodeOut]:
-        """One batched latent rollout for every (question, agent node) row of a wave."""
+        """One batched latent rollout for every (question, agent node) row of a wave (rows whose
+        rollout the shared ``rollouts`` memo holds reuse it)."""
+        if self.rollouts is None:
+            return self._think(rows, fuser, [None] * len(rows))
+        digest = _digest(fuser)
+        keys = [self._key(item, schedule, outputs, node, digest) for item, schedule, outputs, node in rows]
+        memo = self.rollouts
+        first: dict[Hashable, int] = {}  # a key new to the memo -> its first row
+        for i, k in enumerate(keys):
+            if k not in memo.done:
+                first.setdefault(k, i)
+        todo = list(first.values())
+        memo.hits += len(rows) - len(todo)
+        memo.misses += len(todo)
+        if todo:
+            done = self._think([rows[i] for i in todo], fuser, [keys[i] for i in todo])
+            memo.done.update((keys[i], out) for i, out in zip(todo, done))
+        return [memo.done[k] for k in keys]
+
+    def _key(self, item: Item, schedule: Schedule, outputs: Outputs, node: Node, digest: str | None) -> Hashable:
+        """What a rollout depends on: the model, the question, the role, the settings, and the
+        inputs' rollouts with their edge weights and the fuser that mixes them."""
+        edges = [e for e in schedule.inputs[node] if e.src in outputs and outputs[e.src].cache is not None]
+        inputs = tuple((outputs[e.src].key, e.src[1], float(e.weight)) for e in edges)
+        settings = (self.latent_steps, self.latent_only, self.sink_positions)
+        mixing = (self.fusion, digest) if inputs else None  # how the inputs were fused (no inputs: nothing)
+        return (id(self.local), self.task, item.id, item.question, self.roles[node[1]], settings, inputs, mixing)
+
+    def _think(self, rows, fuser: FuserParams | None, keys: Sequence[Hashable]) -> list[NodeOut]:
         started = time.perf_counter()
         conversations, caches = [], []
         for item, schedule, outputs, node in rows:
@@ -130,14 +188,14 @@ class LatentCaches:
             cache=stack_contexts(self.local, caches), latent_steps=self.latent_steps,
         )  # fmt: skip
         seconds = (time.perf_counter() - started) / len(rows)
-        return [self._passed_on(out, i, node, seconds) for i, (*_, node) in enumerate(rows)]
+        return [self._passed_on(out, i, node, seconds, key) for i, ((*_, node), key) in enumerate(zip(rows, keys))]
 
-    def _passed_on(self, out, row: int, node: Node, seconds: float) -> NodeOut:
+    def _passed_on(self, out, row: int, node: Node, seconds: float, key: Hashable) -> NodeOut:
         cache = kv.trim_padding(kv.select_rows(out.cache, [row]))
         if self.latent_only:
             cache = kv.latent_part(cache, self.latent_steps, self.sink_positions)
         tokens = {"prompt": int(out.prompt_tokens[row]), "latent": out.latent_tokens, "generated": 0}
-        return NodeOut(self.roles[node[1]].name, cache, None, tokens, seconds)
+        return NodeOut(self.roles[node[1]].name, cache, None, tokens, seconds, key)
 
 
 class TextMessages:
@@ -166,4 +224,4 @@ class TextMessages:
 
 Communication = LatentCaches | TextMessages
 
-__all__ = ["Communication", "Context", "FusionInputs", "LatentCaches", "NodeOut", "TextMessages", "stack_contexts"]
+__all__ = ["Communication", "Context", "FusionInputs", "LatentCaches", "NodeOut", "Rollouts", "TextMessages", "stack_contexts"]

@@ -1,0 +1,109 @@
+"""A ``Rollouts`` memo shared by runs on one model: a rollout is reused exactly when its
+question, role, settings, inputs and fuser are those of one already done, and reusing it
+changes no result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gcache.io import pipeline as pipeline_module
+from gcache.io.communication import Rollouts
+from gcache.io.config import build_config
+from gcache.io.pipeline import build_pipeline, load_local
+from gcache.io.tasks import load_items
+
+FLAGS = dict(task="gsm8k", model="tiny-llama", method="gcache", num_agents=3, latent_steps=2, max_new_tokens=2,
+             optimize_spatial=False, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def items():
+    return load_items("gsm8k", "test", limit=2)
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    """chain, star and mesh of the same three agents, plus mesh with weighted fusion, on one model."""
+    configs = {t: build_config({**FLAGS, "topology": t}) for t in ("chain", "star", "mesh")}
+    configs["mesh weighted"] = build_config({**FLAGS, "topology": "mesh", "fusion": "weighted"})
+    local = load_local(configs["chain"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline_module, "load_local", lambda config: local)
+        return {name: build_pipeline(c) for name, c in configs.items()}
+
+
+def _logprobs(pipeline, items) -> list[float]:
+    return [r["answer_logprob"] for r in pipeline.evaluate(items, decode=False)]
+
+
+def _share(pipelines, memo: Rollouts | None) -> None:
+    for p in pipelines:
+        p.comm.rollouts = memo
+
+
+def test_shared_rollouts_change_no_result_and_are_reused_where_inputs_agree(pipelines, items):
+    names = ("chain", "star", "mesh")
+    alone = {n: _logprobs(pipelines[n], items) for n in names}
+    memo = Rollouts()
+    _share(pipelines.values(), memo)
+    try:
+        shared = {n: _logprobs(pipelines[n], items) for n in names}
+    finally:
+        _share(pipelines.values(), None)
+    for n in names:
+        assert shared[n] == pytest.approx(alone[n], abs=1e-5), n
+    # Per question, agents (0, 1, 2) in chain 0->1->2, star 0->{1,2}, mesh 0->1->2 + 0->2: the distinct
+    # rollouts are a0, a1(a0), a2(a1), a2(a0), a2(a0, a1): 5 of 9 rows, the other 4 reused.
+    assert (memo.misses, memo.hits) == (5 * len(items), 4 * len(items))
+    assert len(memo.done) == 5 * len(items)
+    memo.clear()
+    assert not memo.done
+
+
+def test_other_settings_or_another_fuser_miss(pipelines, items):
+    memo = Rollouts()
+    _share(pipelines.values(), memo)
+    try:
+        _logprobs(pipelines["mesh"], items[:1])
+        _logprobs(pipelines["mesh weighted"], items[:1])  # another fusion: only the first agent (no inputs) is shared
+        assert (memo.misses, memo.hits) == (5, 1)
+        mesh = pipelines["mesh"]
+        learner = mesh.learner
+        before = learner.state
+        fuser = learner.fuser
+        learner.state = before._replace(params={**before.params, "fuser": fuser._replace(source_logits=fuser.source_logits + 1.0)})
+        try:
+            _logprobs(mesh, items[:1])  # another fuser: agents with inputs think again
+        finally:
+            learner.state = before
+        assert (memo.misses, memo.hits) == (7, 2)
+        _logprobs(mesh, items[:1])  # the original fuser's rollouts are still there
+        assert (memo.misses, memo.hits) == (7, 5)
+    finally:
+        _share(pipelines.values(), None)
+
+
+def test_other_edge_weights_miss(pipelines, items):
+    """The policy's edge probabilities weigh the fusion: the same graph with other weights thinks again."""
+    mesh = pipelines["mesh"]
+    topology, sched = mesh.planner._plan
+    halved = sched._replace(inputs={n: tuple(e._replace(weight=0.5) for e in edges) for n, edges in sched.inputs.items()})
+    memo = Rollouts()
+    _share(pipelines.values(), memo)
+    try:
+        _logprobs(mesh, items[:1])
+        mesh.planner._plan = (topology, halved)
+        try:
+            _logprobs(mesh, items[:1])
+        finally:
+            mesh.planner._plan = (topology, sched)
+        assert (memo.misses, memo.hits) == (5, 1)
+    finally:
+        _share(pipelines.values(), None)
+
+
+def test_without_a_memo_nothing_is_kept(pipelines, items):
+    out = pipelines["chain"].evaluate(items[:1], decode=False)[0]
+    assert out["answer_logprob"] is not None and torch.isfinite(torch.tensor(out["answer_logprob"]))
+    assert pipelines["chain"].comm.rollouts is None
