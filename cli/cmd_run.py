@@ -68,6 +68,11 @@ def run(
         None, help="Weight-only precision of the local model's linears: fp32, bf16 or int8 (default: fp32; see README)."
     ),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
+    compile: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile",
+        help="Decode with a static-cache step under torch.compile (compiled on first use; pays on a GPU, "
+        "not on a 2-core CPU: see README) (default: off).",
+    ),
     api_model: Optional[str] = typer.Option(None, help="Model name at the OpenAI-compatible endpoint."),
     base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL (else BASE_URL / OPENAI_BASE_URL / .env)."),
     api_timeout: Optional[float] = typer.Option(

@@ -28,6 +28,24 @@ from gcache.core.realign import Realign, apply_realign
 State = Any  # a model-native cache (transformers' DynamicCache in the shell), grown in place
 
 
+class StaticFns(NamedTuple):
+    """A decode step over a cache preallocated to the decoding's bound; built by the shell
+    (gcache.io.hf.static_fns). Its shapes do not change from step to step, so a compiler
+    (torch.compile, CUDA graphs) can own ``forward``.
+
+    init(cache: KVCache [L, B, H, T, D], capacity) -> state holding the cache in its first T
+        columns, with room for ``capacity`` in all (never writes into ``cache``)
+    forward(inputs_embeds [B, 1, d], attention_mask [B, capacity] bool, position_ids [B, 1], state)
+        -> (last_hidden [B, 1, d], state): the new position's keys and values go in place to
+        the state's next column, the same column for every row
+    to_cache(state, mask [B, W] bool, next_pos [B]) -> KVCache of the state's first W columns
+    """
+
+    init: Callable[[KVCache, int], State]
+    forward: Callable[[Tensor, Tensor, Tensor, State], tuple[Tensor, State]]
+    to_cache: Callable[[State, Tensor, Tensor], KVCache]
+
+
 class ModelFns(NamedTuple):
     """What the core needs of a causal LM; built by the shell (gcache.io.hf.model_fns).
 
@@ -53,6 +71,7 @@ class ModelFns(NamedTuple):
     hidden_size: int
     dtype: torch.dtype
     device: torch.device
+    static: StaticFns | None = None  # when given, ``generate`` decodes with it (no row leaves the batch early)
 
 
 class Prefill(NamedTuple):
@@ -308,10 +327,13 @@ def decode_one_token(
     generator: torch.Generator | None,
     *,
     sample: bool = True,
+    forward: Callable[[Tensor, Tensor, Tensor, State], tuple[Tensor, State]] | None = None,
 ) -> tuple[Tensor | None, State]:
     """Read ``token`` back (one forward of one position, the state grows by it in place) and,
-    when ``sample``, choose each row's next token from the new logits; returns (next [B'] or None, state)."""
-    hidden, state = fns.forward(fns.embed(token[:, None]), attention_mask, position_ids[:, None], state)
+    when ``sample``, choose each row's next token from the new logits; returns (next [B'] or None, state).
+    ``forward`` replaces ``fns.forward`` (a ``StaticFns.forward``, whose mask spans its capacity)."""
+    forward = fns.forward if forward is None else forward
+    hidden, state = forward(fns.embed(token[:, None]), attention_mask, position_ids[:, None], state)
     if not sample:
         return None, state
     return _sample(fns.logits(hidden[:, -1]), decoding.temperature, decoding.top_p, generator), state
@@ -364,17 +386,21 @@ def decode_tokens(
     eos: Tensor,  # [E] long
     pad_token_id: int,
 ) -> Generation:
-    """The decoding loop after a prefill: up to ``decoding.max_new_tokens`` tokens per row (see ``generate``)."""
+    """The decoding loop after a prefill: up to ``decoding.max_new_tokens`` tokens per row (see ``generate``).
+    With ``fns.static`` the loop runs on a cache preallocated to ``past + max_new_tokens``
+    columns: every row stays in the batch to the end, so that every step has the same shapes."""
     batch, past = pre.mask.shape
     steps, stop = decoding.max_new_tokens, decoding.stop
     device = pre.next_pos.device
+    static = fns.static if steps else None
+    state = pre.state if static is None else static.init(fns.from_state(pre.state, pre.mask, pre.next_pos), past + steps)
     tokens = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)  # [B, N]
     mask = torch.cat([pre.mask, pre.mask.new_zeros(batch, steps)], dim=1)  # [B, T + S + N]
     running = torch.ones(batch, dtype=torch.bool, device=device)  # [B]
     lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
     ended_by_rule = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
     next_pos = pre.next_pos  # [B]
-    held = _Held(torch.arange(batch, device=device), pre.state, ())
+    held = _Held(torch.arange(batch, device=device), state, ())
     logits = fns.logits(pre.hidden[:, -1])  # [B, V]
     generator = _generator(decoding, logits.device)
     chosen = _sample(logits, decoding.temperature, decoding.top_p, generator)  # [B'], B' = B
@@ -391,14 +417,16 @@ def decode_tokens(
             break
         # Rows the stop rule ends keep this token: it is read back with the others below.
         done = _check_stop(stop(tokens[:, : step + 1], running), batch) & running if stop is not None else None
-        held = _park_ended(fns, held, running, mask[:, : past + fed], next_pos)
+        if static is None:
+            held = _park_ended(fns, held, running, mask[:, : past + fed], next_pos)
         going = running if done is None else running & ~done
         # Read the token back even on the last step, so the cache holds every answer token.
         mask[:, past + step] = running
         rows = held.rows
         chosen, state = decode_one_token(
-            fns, token[rows], held.state, mask[rows, : past + step + 1], next_pos[rows], decoding, generator,
-            sample=step + 1 < steps and (done is None or bool(going.any())),
+            fns, token[rows], held.state, mask[rows, : past + step + 1] if static is None else mask, next_pos[rows],
+            decoding, generator, sample=step + 1 < steps and (done is None or bool(going.any())),
+            forward=None if static is None else static.forward,
         )  # fmt: skip
         held = held._replace(state=state)
         fed = step + 1
@@ -410,6 +438,8 @@ def decode_tokens(
                 break
     at_eos_end = ~running & ~ended_by_rule  # these rows hold their EOS token after the answer
     width = int((lengths + at_eos_end.long()).max()) if steps else 0
+    if static is not None:
+        return Generation(tokens[:, :width].clone(), lengths, ~running, static.to_cache(held.state, mask[:, : past + fed], next_pos))
     out = fns.from_state(held.state, mask[held.rows, : past + fed], next_pos[held.rows])
     if held.parked:
         out = _unpark(out, held.rows, held.parked, mask[:, : past + fed], next_pos)
@@ -492,6 +522,7 @@ __all__ = [
     "Prefill",
     "Rollout",
     "State",
+    "StaticFns",
     "decode_one_token",
     "decode_tokens",
     "generate",

@@ -40,7 +40,7 @@ _METHOD_FLAGS: dict[str, set[str]] = {
 }
 _COMMON_FLAGS = {
     "task", "method", "generation_mode", "batch_size", "limit", "question_id", "model", "device",
-    "dtype", "weights", "threads", "api_model", "base_url", "api_timeout", "api_max_retries", "api_concurrency",
+    "dtype", "weights", "threads", "compile", "api_model", "base_url", "api_timeout", "api_max_retries", "api_concurrency",
     "api_outage_after", "max_new_tokens", "temperature", "seed", "out", "resume", "retry_errors", "stop_at_answer",
 }
 # How the run talks to the API, not what it computes: a resumed run may change them.
@@ -85,6 +85,7 @@ class RunConfig:
     dtype: str | None = None
     weights: str = "fp32"
     threads: int | None = None
+    compile: bool = False  # decode with the static-cache step under torch.compile (the README says where it pays)
     api_model: str | None = None
     base_url: str | None = None
     # None: GCACHE_API_TIMEOUT / _MAX_RETRIES / _CONCURRENCY / _OUTAGE_AFTER (environment or .env),

@@ -60,7 +60,7 @@ def check_before_loading(config: RunConfig) -> None:
         raise ValueError(f"--out: {out} already holds results; pass --resume to continue it or choose another --out")
     if config.resume and (out / CONFIG).exists():
         saved = json.loads((out / CONFIG).read_text())
-        how = ("resume", "retry_errors", "out", "device", "threads", "dtype", *API_HTTP_FLAGS)
+        how = ("resume", "retry_errors", "out", "device", "threads", "dtype", "compile", *API_HTTP_FLAGS)
         changed = {
             k: (saved.get(k), v) for k, v in config.to_dict().items() if k not in how and saved.get(k) != v
         }

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache, PreTrainedModel, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from gcache.core.cache import KVCache
-from gcache.core.latent import ModelFns
+from gcache.core.latent import ModelFns, StaticFns
 
 
 def to_dynamic_cache(cache: KVCache) -> DynamicCache:
@@ -122,7 +122,50 @@ def backbone(model: PreTrainedModel) -> torch.nn.Module:
     return model.get_decoder()
 
 
-def model_fns(model: PreTrainedModel) -> ModelFns:
+def _layer_devices(model: PreTrainedModel) -> list[torch.device]:
+    """The device of each decoder layer (one device unless a device map spreads them)."""
+    config = model.config.get_text_config(decoder=True)
+    layers = getattr(backbone(model), "layers", None)
+    if layers is not None and len(layers) == config.num_hidden_layers:
+        return [next(layer.parameters()).device for layer in layers]
+    return [model.get_input_embeddings().weight.device] * config.num_hidden_layers
+
+
+def static_fns(model: PreTrainedModel, *, compile: bool = False) -> StaticFns:
+    """The core's static decode step over a transformers StaticCache (see gcache.core.latent.StaticFns).
+
+    ``compile``: the step runs under ``torch.compile`` (compiled on its first call for each batch
+    size and capacity; the README says where that pays). Raises ValueError for a model whose
+    cache has layers other than full attention (sliding windows keep the dynamic path).
+    """
+    body = backbone(model)
+    devices = _layer_devices(model)
+    home = model.get_input_embeddings().weight.device
+
+    def init(cache: KVCache, capacity: int) -> StaticCache:
+        if capacity < cache.seq_len:
+            raise ValueError(f"capacity: expected at least the cache's {cache.seq_len} positions, got {capacity}")
+        state = StaticCache(config=model.config, max_cache_len=capacity)
+        if any(type(layer) is not StaticLayer for layer in state.layers):
+            raise ValueError(f"model: static decoding needs full-attention layers only, {type(model).__name__} has others")
+        for layer, dev, keys, values in zip(state.layers, devices, cache.keys, cache.values):
+            layer.update(keys.to(dev), values.to(dev))  # copied into columns [0, T)
+        return state
+
+    def step(embeds: Tensor, mask: Tensor, position_ids: Tensor, state: StaticCache) -> tuple[Tensor, StaticCache]:
+        out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, cache=state, use_cache=True)
+        return out.last_hidden_state, out.cache
+
+    def to_cache(state: StaticCache, mask: Tensor, next_pos: Tensor) -> KVCache:
+        width = mask.shape[1]
+        keys = torch.stack([layer.keys[:, :, :width].to(home) for layer in state.layers])
+        values = torch.stack([layer.values[:, :, :width].to(home) for layer in state.layers])
+        return KVCache(keys, values, mask.to(torch.bool), next_pos.to(torch.long))
+
+    return StaticFns(init, torch.compile(step) if compile else step, to_cache)
+
+
+def model_fns(model: PreTrainedModel, *, static: bool = False, compile: bool = False) -> ModelFns:
     """Wrap a transformers causal LM into the core's ModelFns.
 
     The forward calls the backbone (no lm_head, no intermediate hidden states)
@@ -130,7 +173,8 @@ def model_fns(model: PreTrainedModel) -> ModelFns:
     transformers build the 4D mask. States are DynamicCaches of GrowingLayers
     (appends in place, no per-token copy of the whole cache); with a device map
     spread over several devices, each layer's keys and values go to that layer's
-    device and a KVCache is gathered on the embedding's device.
+    device and a KVCache is gathered on the embedding's device. ``static`` (implied by
+    ``compile``) decodes with ``static_fns``.
     """
     config = model.config.get_text_config(decoder=True)
     body = backbone(model)
@@ -141,11 +185,7 @@ def model_fns(model: PreTrainedModel) -> ModelFns:
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     device = embedding.weight.device
-    layers = getattr(body, "layers", None)
-    if layers is not None and len(layers) == config.num_hidden_layers:
-        layer_devices = [next(layer.parameters()).device for layer in layers]
-    else:
-        layer_devices = [device] * config.num_hidden_layers
+    layer_devices = _layer_devices(model)
 
     def embed(input_ids: Tensor) -> Tensor:  # [B, S] -> [B, S, d]
         return embedding(input_ids)
@@ -183,4 +223,5 @@ def model_fns(model: PreTrainedModel) -> ModelFns:
         hidden_size=config.hidden_size,
         dtype=embedding.weight.dtype,
         device=device,
+        static=static_fns(model, compile=compile) if static or compile else None,
     )

@@ -245,15 +245,28 @@ def _freeze(model: Any) -> Any:
     return model
 
 
-def from_hf(name: str, model: Any, tokenizer: Any, *, weights: str = "fp32") -> LocalModel:
+DECODE_STEPS = ("dynamic", "static", "compiled")  # how decoding steps run (gcache run's --compile: compiled)
+
+
+def check_decode_step(decode_step: Any) -> None:
+    if decode_step not in DECODE_STEPS:
+        raise ValueError(f"decode_step: expected one of {', '.join(DECODE_STEPS)}, got {decode_step!r}")
+
+
+def from_hf(name: str, model: Any, tokenizer: Any, *, weights: str = "fp32", decode_step: str = "dynamic") -> LocalModel:
     """Wrap an already loaded transformers causal LM and tokenizer (frozen here) into a LocalModel.
 
     weights: 'fp32' keeps the model's linears; 'bf16' or 'int8' swaps them, in place, for
     weight-only reduced ones (gcache.io.quant; the activations stay float32), after the
-    realignment is computed from the full-precision embeddings. Raises ValueError on
-    unknown weights, or reduced weights on a model whose dtype is not float32.
+    realignment is computed from the full-precision embeddings.
+    decode_step: 'dynamic' (the default: a cache that grows, finished rows leave the batch),
+    'static' (a cache preallocated to the decoding's bound, the same shapes every step) or
+    'compiled' (the static step under torch.compile; see gcache.io.hf.static_fns).
+    Raises ValueError on unknown weights or decode_step, or reduced weights on a model whose
+    dtype is not float32.
     """
     check_weights(weights)
+    check_decode_step(decode_step)
     model = _freeze(model)
     tokenizer.padding_side = "left"
     eos = _eos_ids(model, tokenizer)
@@ -267,7 +280,7 @@ def from_hf(name: str, model: Any, tokenizer: Any, *, weights: str = "fp32") -> 
         if w_in.dtype != torch.float32:
             raise ValueError(f"weights: {weights!r} keeps float32 activations and needs a float32 model, got {w_in.dtype}")
         quantize_linears(model, weights)
-    fns = model_fns(model)
+    fns = model_fns(model, static=decode_step != "dynamic", compile=decode_step == "compiled")
     return LocalModel(
         name=name,
         model=model,
@@ -289,6 +302,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     weights: str = "fp32",
     threads: int | None = None,
+    decode_step: str = "dynamic",
     allow_download: bool = False,
 ) -> LocalModel:
     """Load a frozen causal LM: the embedded ``smollm2-135m``, a local folder, a .gguf file, or a Hugging Face id.
@@ -299,12 +313,14 @@ def load_model(
     weights: 'fp32' (exact, the default), 'bf16' or 'int8': weight-only reduced precision of
     the linear layers with float32 activations (see gcache.io.quant and the README for what
     each costs and changes); the model is then loaded in float32 unless dtype says otherwise.
-    threads: torch.set_num_threads(threads) when given. A Hugging Face id is read from
-    the local Hugging Face cache only, unless allow_download is True.
-    Raises ValueError naming ``model``, ``device``, ``dtype``, ``weights`` or ``threads`` on bad values.
+    threads: torch.set_num_threads(threads) when given. decode_step: as in ``from_hf``.
+    A Hugging Face id is read from the local Hugging Face cache only, unless allow_download is True.
+    Raises ValueError naming ``model``, ``device``, ``dtype``, ``weights``, ``threads`` or
+    ``decode_step`` on bad values.
     """
     dev = parse_device(device)
     check_weights(weights)
+    check_decode_step(decode_step)
     torch_dtype = torch.float32 if dtype is None and weights != "fp32" else parse_dtype(dtype, "cpu" if dev == "cpu" else "cuda")
     if weights != "fp32" and torch_dtype != torch.float32:
         raise ValueError(f"weights: {weights!r} keeps float32 activations; it needs dtype float32, got {torch_dtype}")
@@ -322,7 +338,7 @@ def load_model(
         hint = "" if allow_download else " (not in the local Hugging Face cache; allow_download=True fetches it)"
         raise ValueError(f"model: could not load {name!r}{hint}: {err}") from err
     log.info("loaded %s (%s, %s) in %.2f s", name, dev, torch_dtype, time.perf_counter() - start)
-    return from_hf(name, model, tokenizer, weights=weights)
+    return from_hf(name, model, tokenizer, weights=weights, decode_step=decode_step)
 
 
 # --------------------------------------------------------------------------- tiny random models
@@ -339,13 +355,15 @@ def embedded_tokenizer() -> Any:
     return _embedded_tokenizer(str(ensure_embedded_copy()))
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, *, weights: str = "fp32", **overrides: Any) -> LocalModel:
+def tiny_model(
+    arch: str = "llama", seed: int = 0, *, weights: str = "fp32", decode_step: str = "dynamic", **overrides: Any
+) -> LocalModel:
     """A 2-layer random model (hidden 64, 4 heads / 2 KV heads, head_dim 16) in float32 on CPU.
 
     Built in-process from ``seed`` without touching the global RNG, tied embeddings
     unless overridden, vocabulary 49152 with the embedded model's tokenizer, so it
     reads real prompts. ``overrides`` go into the transformers config
-    (e.g. tie_word_embeddings=False, num_hidden_layers=3); weights as in ``load_model``.
+    (e.g. tie_word_embeddings=False, num_hidden_layers=3); weights and decode_step as in ``load_model``.
     Raises ValueError on an unknown arch or weights.
     """
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
@@ -375,7 +393,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, *, weights: str = "fp32", **o
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).to(torch.float32)
-    return from_hf(f"tiny-{arch}", model, tokenizer, weights=weights)
+    return from_hf(f"tiny-{arch}", model, tokenizer, weights=weights, decode_step=decode_step)
 
 
 # --------------------------------------------------------------------------- chat encoding

@@ -341,11 +341,13 @@ class Pipeline:
 
 def load_local(config: RunConfig) -> LocalModel:
     """The local model of a run; ``tiny-llama`` / ``tiny-qwen3`` are seeded random models for smoke tests."""
+    decode_step = "compiled" if config.compile else "dynamic"
     if config.model in TINY_MODELS:
-        return tiny_model(TINY_MODELS[config.model], seed=config.seed, weights=config.weights)
+        return tiny_model(TINY_MODELS[config.model], seed=config.seed, weights=config.weights, decode_step=decode_step)
     return load_model(
-        config.model, device=config.device, dtype=config.dtype, weights=config.weights, threads=config.threads
-    )
+        config.model, device=config.device, dtype=config.dtype, weights=config.weights, threads=config.threads,
+        decode_step=decode_step,
+    )  # fmt: skip
 
 
 def _roles(config: RunConfig) -> list[Role]:

@@ -1,0 +1,125 @@
+"""The static-cache decode step (gcache.core.latent.StaticFns, gcache.io.hf.static_fns): a
+cache preallocated to the decoding's bound, every step the same shapes. It must decode what
+the dynamic path decodes (tokens, lengths, the cache it returns) under padding, an incoming
+cache, EOS, the stop rule and sampling, and never write into its inputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from gcache.core.latent import Decoding, generate, rollout
+from gcache.io.config import build_config
+from gcache.io.hf import static_fns
+from gcache.io.models import tiny_model
+from gcache.io.pipeline import load_local
+from tests._latent_helpers import QUESTIONS, conversations, real_positions
+
+TOL = 2e-4  # the static step attends over masked spare columns: the same sums in another blocking
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def tiny(request):
+    return tiny_model(request.param, seed=0)
+
+
+def _static(lm):
+    return lm.fns._replace(static=static_fns(lm.model))
+
+
+def _same(a, b) -> None:
+    """Two Generations agree: tokens, lengths, stop flags, and the cache's real positions."""
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.lengths, b.lengths) and torch.equal(a.stopped, b.stopped)
+    assert torch.equal(a.cache.next_pos, b.cache.next_pos)
+    for row in range(a.tokens.shape[0]):
+        for got, want in zip(real_positions(a.cache, row), real_positions(b.cache, row)):
+            assert got.shape == want.shape
+            assert torch.allclose(got, want, atol=TOL, rtol=TOL), float((got - want).abs().max())
+
+
+def test_static_decoding_equals_dynamic_on_a_padded_batch_with_eos(tiny):
+    ids, mask = tiny.encode_chat(conversations())  # three prompts of different lengths
+    free = generate(tiny.fns, ids, mask, Decoding(10), eos_token_ids=[])
+    eos = [int(free.tokens[0, 1]), int(free.tokens[1, 3])]  # rows 0 and 1 end early, row 2 runs on
+    for decoding in (Decoding(10), Decoding(0), Decoding(1)):
+        _same(generate(_static(tiny), ids, mask, decoding, eos_token_ids=eos),
+              generate(tiny.fns, ids, mask, decoding, eos_token_ids=eos))
+
+
+def test_static_decoding_equals_dynamic_on_an_incoming_cache_and_leaves_it_intact(tiny):
+    ids, mask = tiny.encode_chat(conversations())
+    head = rollout(tiny.fns, tiny.realign, ids, mask, latent_steps=3).cache
+    before = [t.clone() for t in head]
+    q_ids, q_mask = tiny.encode_chat(conversations(list(reversed(QUESTIONS))))
+    a = generate(_static(tiny), q_ids, q_mask, Decoding(7), cache=head, eos_token_ids=tiny.eos_token_ids)
+    b = generate(tiny.fns, q_ids, q_mask, Decoding(7), cache=head, eos_token_ids=tiny.eos_token_ids)
+    _same(a, b)
+    for got, want in zip(head, before):
+        assert torch.equal(got, want)
+
+
+def test_static_decoding_keeps_the_stop_rule_and_seeded_sampling(tiny):
+    ids, mask = tiny.encode_chat(conversations())
+
+    def stop(tokens, running):
+        n = tokens.shape[1]
+        return torch.tensor([n == 3, False, n == 6])
+
+    greedy = Decoding(8, stop=stop)
+    _same(generate(_static(tiny), ids, mask, greedy, eos_token_ids=[]), generate(tiny.fns, ids, mask, greedy, eos_token_ids=[]))
+    sampled = Decoding(8, temperature=1.0, top_p=0.9, seed=5)
+    _same(generate(_static(tiny), ids, mask, sampled, eos_token_ids=[]), generate(tiny.fns, ids, mask, sampled, eos_token_ids=[]))
+
+
+def test_every_static_step_has_the_same_shapes(tiny):
+    ids, mask = tiny.encode_chat(conversations())
+    fns = _static(tiny)
+    shapes = []
+
+    def forward(embeds, attention_mask, position_ids, state):
+        shapes.append((tuple(embeds.shape), tuple(attention_mask.shape), tuple(position_ids.shape)))
+        return fns.static.forward(embeds, attention_mask, position_ids, state)
+
+    free = generate(tiny.fns, ids, mask, Decoding(9), eos_token_ids=[])
+    eos = [int(free.tokens[0, 1])]  # row 0 ends early: it stays in the batch
+    g = generate(fns._replace(static=fns.static._replace(forward=forward)), ids, mask, Decoding(9), eos_token_ids=eos)
+    assert len(shapes) == int(g.tokens.shape[1]) and len(set(shapes)) == 1
+    assert shapes[0] == ((3, 1, tiny.fns.hidden_size), (3, ids.shape[1] + 9), (3, 1))
+
+
+def test_a_capacity_below_the_cache_is_refused(tiny):
+    ids, mask = tiny.encode_chat(conversations())
+    cache = rollout(tiny.fns, tiny.realign, ids, mask, latent_steps=0).cache
+    with pytest.raises(ValueError, match="capacity"):
+        static_fns(tiny.model).init(cache, cache.seq_len - 1)
+
+
+def test_decode_step_option_builds_the_step_and_refuses_unknown_values():
+    assert tiny_model("llama").fns.static is None  # dynamic by default
+    assert tiny_model("llama", decode_step="static").fns.static is not None
+    with pytest.raises(ValueError, match="decode_step"):
+        tiny_model("llama", decode_step="fast")
+
+
+def test_compile_flag_reaches_the_runs_model(tmp_path):
+    config = build_config({"task": "gsm8k", "method": "single", "model": "tiny-llama", "compile": True,
+                           "out": str(tmp_path / "run")})
+    assert config.compile is True
+    local = load_local(config)
+    assert local.fns.static is not None and local.fns.static.forward is not static_fns(local.model).forward
+    assert load_local(build_config({"task": "gsm8k", "method": "single", "model": "tiny-llama"})).fns.static is None
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(os.environ.get("GCACHE_TEST_COMPILE") != "1", reason="compiles for ~1 min: set GCACHE_TEST_COMPILE=1")
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile on CPU needs a C compiler")
+def test_compiled_step_decodes_what_the_dynamic_path_decodes():
+    lm = tiny_model("llama", seed=0)
+    compiled = tiny_model("llama", seed=0, decode_step="compiled")
+    ids, mask = lm.encode_chat(conversations())
+    for n in (6, 6, 9):  # the second call reuses the compiled step, the third has another capacity
+        _same(generate(compiled.fns, ids, mask, Decoding(n), eos_token_ids=[]), generate(lm.fns, ids, mask, Decoding(n), eos_token_ids=[]))
