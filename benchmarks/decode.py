@@ -1,12 +1,14 @@
-"""Decode steps per weight variant (fp32 / bf16 / int8 weight-only) beside this machine's memory roofline.
+"""Decode steps per variant (fp32 / bf16 / int8 weight-only; the static-cache step, eager and compiled) beside this machine's memory roofline.
 
     python benchmarks/decode.py            # embedded model: rows 1, 8 x cache 256, 1024, 2048
     python benchmarks/decode.py --smoke    # tiny random model, few repetitions (CI)
 
-For each variant (``load_model(weights=...)``) and each (rows, cache_len), one decode step
-is what ``generate`` runs per token: embed one token per row, the backbone forward on a
-KV-cache of ``cache_len`` positions (random keys/values: the cost does not depend on
-them), the lm_head and the argmax. Variants are interleaved, the cache cropped back after
+For each variant (``load_model(weights=..., decode_step=...)``: ``static`` and ``compiled``
+keep fp32 weights and decode with the static-cache step, eager or under torch.compile) and
+each (rows, cache_len), one decode step is what ``generate`` runs per token: embed one token
+per row, the backbone forward on a KV-cache of ``cache_len`` positions (random keys/values:
+the cost does not depend on them), the lm_head and the argmax. The first call of each shape
+is timed apart (``first_call_ms``: for ``compiled``, the compilation). Variants are interleaved, the cache cropped back after
 every step, medians written. ``ms_per_token`` is the step's time (every row gets one
 token; ``tokens_per_s`` = rows * 1000 / ms). The roofline of a step is the bytes it must
 read (the linears' weights as stored, plus the KV-cache: rows * layers * 2 * kv_heads *
@@ -16,7 +18,8 @@ of a 512 MB float32 tensor, median).
 Also measured, in the same run: prefill per variant (256 tokens, 1 and 8 rows); answers
 (teacher-forced on 50 GSM8K questions: the share of answer positions where a variant's
 greedy token equals float32's on float32's own greedy answer, and the change in the
-log-probability of the gold reply ``#### <number>``); and equal-work latent-MAS on 10
+log-probability of the gold reply ``#### <number>``; for the static steps, whose prefill is
+float32's own, the share of float32's greedy answer tokens they decode alike); and equal-work latent-MAS on 10
 GSM8K questions (three agents of 10 latent steps in a chain, then a judger decoding
 exactly 32 tokens), float32 against each variant. Written to benchmarks/results/decode.json.
 """
@@ -43,7 +46,10 @@ from gcache.io.tasks import load_items
 
 log = logging.getLogger("benchmarks.decode")
 ROOT = Path(__file__).resolve().parent
-VARIANTS = ("fp32", "bf16", "int8")
+VARIANTS = ("fp32", "bf16", "int8", "static", "compiled")
+# variant -> (weights, decode_step) of load_model
+SETTINGS = {"fp32": ("fp32", "dynamic"), "bf16": ("bf16", "dynamic"), "int8": ("int8", "dynamic"),
+            "static": ("fp32", "static"), "compiled": ("fp32", "compiled")}
 
 
 def read_bandwidth(megabytes: int, reps: int) -> float:
@@ -76,30 +82,39 @@ def kv_bytes(lm, rows: int, cache_len: int) -> int:
 
 
 def random_state(lm, rows: int, cache_len: int, generator: torch.Generator):
+    """A state of ``cache_len`` random positions: a growing one, or a static one with room for one more."""
     fns = lm.fns
     shape = (fns.num_layers, rows, fns.num_kv_heads, cache_len, fns.head_dim)
     cache = KVCache(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator),
                     torch.ones(rows, cache_len, dtype=torch.bool), torch.full((rows,), cache_len))
-    return fns.to_state(cache)
+    return fns.to_state(cache) if fns.static is None else fns.static.init(cache, cache_len + 1)
+
+
+def one_step(lm, token, state, cache_len: int) -> None:
+    """One greedy decode step (the state grows by one position; the caller crops it back)."""
+    fns = lm.fns
+    if fns.static is None:
+        hidden, _ = fns.forward(fns.embed(token), None, None, state)
+    else:
+        rows = token.shape[0]
+        mask = torch.ones(rows, cache_len + 1, dtype=torch.bool)
+        hidden, _ = fns.static.forward(fns.embed(token), mask, torch.full((rows, 1), cache_len), state)
+    fns.logits(hidden[:, -1]).argmax(-1)
 
 
 def decode_steps(lms: dict, rows: int, cache_len: int, reps: int, warmup: int, generator: torch.Generator) -> dict:
-    """Median ms of one greedy decode step per variant, variants interleaved (rotating order)."""
+    """Per variant, (median ms of one greedy decode step, ms of its first call); variants interleaved (rotating order)."""
     names = list(lms)
     states = {v: random_state(lms[v], rows, cache_len, generator) for v in names}
     token = torch.randint(0, 1000, (rows, 1), generator=generator)
     times: dict[str, list[float]] = {v: [] for v in names}
     for i in range(warmup + reps):
         for v in names[i % len(names):] + names[: i % len(names)]:
-            fns = lms[v].fns
             start = time.perf_counter()
-            hidden, _ = fns.forward(fns.embed(token), None, None, states[v])
-            fns.logits(hidden[:, -1]).argmax(-1)
-            elapsed = (time.perf_counter() - start) * 1000
+            one_step(lms[v], token, states[v], cache_len)
+            times[v].append((time.perf_counter() - start) * 1000)
             states[v].crop(-1)
-            if i >= warmup:
-                times[v].append(elapsed)
-    return {v: statistics.median(t) for v, t in times.items()}
+    return {v: (statistics.median(t[warmup:]), t[0]) for v, t in times.items()}
 
 
 def prefill_ms(lms: dict, rows: int, length: int, reps: int, generator: torch.Generator) -> dict:
@@ -128,6 +143,8 @@ def answer_agreement(lms: dict, items: list, max_new_tokens: int, batch: int) ->
         answers += [g.tokens[b, : int(g.lengths[b])].tolist() for b in range(ids.shape[0])]
     agreement, logprobs = {}, {}
     for v, lm in lms.items():
+        if lm.fns.static is not None:
+            continue  # its prefill is float32's own: only its decoding can differ (below)
         same = total = 0
         logprobs[v] = []
         for p, a, it in zip(prompts, answers, items):
@@ -145,7 +162,10 @@ def answer_agreement(lms: dict, items: list, max_new_tokens: int, batch: int) ->
             logprobs[v].append(float(sequence_logprob(lm.fns, None, seq, torch.ones_like(target), target)[0]))
         agreement[v] = (same, total)
     out = {}
-    for v in lms:
+    for v, lm in lms.items():
+        if lm.fns.static is not None:
+            out[v] = {"decoded_token_agreement": decoded_agreement(lm, prompts, answers, max_new_tokens, batch)}
+            continue
         deltas = [x - y for x, y in zip(logprobs[v], logprobs["fp32"])]
         out[v] = {
             "greedy_token_agreement": agreement[v][0] / max(agreement[v][1], 1),
@@ -155,6 +175,19 @@ def answer_agreement(lms: dict, items: list, max_new_tokens: int, batch: int) ->
             "gold_logprob_delta_abs_mean": statistics.fmean(abs(d) for d in deltas),
         }
     return out
+
+
+def decoded_agreement(lm, prompts: list, answers: list[list[int]], max_new_tokens: int, batch: int) -> float:
+    """The share of float32's greedy answer tokens that ``lm`` decodes alike, position by position."""
+    same = total = 0
+    for i in range(0, len(prompts), batch):
+        ids, mask = lm.encode_chat(prompts[i : i + batch])
+        g = generate(lm.fns, ids, mask, Decoding(max_new_tokens), eos_token_ids=lm.eos_token_ids)
+        for b, want in enumerate(answers[i : i + batch]):
+            got = g.tokens[b, : int(g.lengths[b])].tolist()
+            same += sum(int(x == y) for x, y in zip(got, want))
+            total += max(len(got), len(want))
+    return same / max(total, 1)
 
 
 def latent_mas_question(lm, question: str, latent_steps: int, answer_tokens: int) -> list[int]:
@@ -189,7 +222,8 @@ def equal_work(lms: dict, items: list, latent_steps: int, answer_tokens: int) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_micro_args(parser, reps=10)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS,
+                        help="default: all (with --smoke: all but compiled, which compiles for a minute)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--prefill-rows", type=int, nargs="+", default=[1, 8])
@@ -200,16 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    variants = ["fp32"] + [v for v in args.variants if v != "fp32"]
+    chosen = args.variants or [v for v in VARIANTS if not (args.smoke and v == "compiled")]
+    variants = ["fp32"] + [v for v in chosen if v != "fp32"]
     if args.smoke:
         torch.set_num_threads(1)  # a tiny model gains nothing from threads; on a busy machine they slow it
-        lms = {v: tiny_model("llama", seed=args.seed, weights=v) for v in variants}
+        lms = {v: tiny_model("llama", seed=args.seed, weights=SETTINGS[v][0], decode_step=SETTINGS[v][1]) for v in variants}
         reps, warmup, megabytes = 3, 1, 16
         args.rows, args.lengths, args.prefill_rows = [1, 2], [16, 32], [1, 2]
         args.agreement_questions, args.equal_work_questions = 2, 1
         latent_steps, answer_tokens, agree_tokens = 2, 4, 6
     else:
-        lms = {v: load_model(args.model, device="cpu", weights=v) for v in variants}
+        lms = {v: load_model(args.model, device="cpu", weights=SETTINGS[v][0], decode_step=SETTINGS[v][1]) for v in variants}
         reps, warmup, megabytes = args.reps, args.warmup, 512
         latent_steps, answer_tokens, agree_tokens = 10, 32, 48
     generator = torch.Generator().manual_seed(args.seed)
@@ -223,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**machine_info(), "cpu": cpu_features()},
         "load_average_before": load_average(),
         "reps": reps,
-        "compiled": "not measured: no static-cache step in this version",
     }
 
     def write(**parts) -> None:
@@ -240,17 +274,18 @@ def main(argv: list[str] | None = None) -> int:
         for rows in args.rows:
             for n in args.lengths:
                 ms = decode_steps(lms, rows, n, reps, warmup, generator)
-                for v, m in ms.items():
+                for v, (m, first) in ms.items():
                     roof = (weight_bytes(lms[v].model) + kv_bytes(lms[v], rows, n)) / bandwidth * 1000
                     results.append({"variant": v, "rows": rows, "cache_len": n, "ms_per_token": m,
                                     "tokens_per_s": rows * 1000 / m, "roofline_ms": roof,
-                                    "fraction_of_roofline": roof / m})
+                                    "fraction_of_roofline": roof / m, "first_call_ms": first})
                     log.info("%-5s rows %d cache %5d  %7.2f ms/step  roofline %6.2f ms  (%.0f%%)", v, rows, n, m,
                              roof, 100 * roof / m)
         write(results=results)
         prefills = []
+        prefilling = {v: lm for v, lm in lms.items() if lm.fns.static is None}  # the static steps prefill as fp32
         for rows in args.prefill_rows:
-            for v, m in prefill_ms(lms, rows, args.lengths[0], max(2, reps // 5), generator).items():
+            for v, m in prefill_ms(prefilling, rows, args.lengths[0], max(2, reps // 5), generator).items():
                 prefills.append({"variant": v, "rows": rows, "tokens": args.lengths[0], "ms_per_row": m})
                 log.info("prefill %-5s rows %d: %.1f ms/row", v, rows, m)
         write(prefill=prefills)
