@@ -117,6 +117,22 @@ def decode_steps(lms: dict, rows: int, cache_len: int, reps: int, warmup: int, g
     return {v: (statistics.median(t[warmup:]), t[0]) for v, t in times.items()}
 
 
+def step_profile(lm, rows: int, cache_len: int, reps: int, generator: torch.Generator, top: int = 10) -> list[dict]:
+    """Where one decode step's time goes: torch.profiler's operators by self CPU time over ``reps`` steps."""
+    state = random_state(lm, rows, cache_len, generator)
+    token = torch.randint(0, 1000, (rows, 1), generator=generator)
+    one_step(lm, token, state, cache_len)
+    state.crop(-1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            one_step(lm, token, state, cache_len)
+            state.crop(-1)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1000 / reps, "calls_per_step": e.count / reps,
+             "share": e.self_cpu_time_total / total} for e in events[:top]]
+
+
 def prefill_ms(lms: dict, rows: int, length: int, reps: int, generator: torch.Generator) -> dict:
     """Median ms per row of a prefill of ``length`` tokens per variant, interleaved."""
     ids = torch.randint(0, 1000, (rows, length), generator=generator)
@@ -282,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("%-5s rows %d cache %5d  %7.2f ms/step  roofline %6.2f ms  (%.0f%%)", v, rows, n, m,
                              roof, 100 * roof / m)
         write(results=results)
+        profile = step_profile(lms["fp32"], 1, args.lengths[0], reps, generator)
+        log.info("fp32 step, 1 row: %s", ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in profile[:5]))
+        write(profile={"variant": "fp32", "rows": 1, "cache_len": args.lengths[0], "ops": profile})
         prefills = []
         prefilling = {v: lm for v, lm in lms.items() if lm.fns.static is None}  # the static steps prefill as fp32
         for rows in args.prefill_rows:

@@ -200,4 +200,7 @@ def test_decode_smoke_writes_its_schema(tmp_path):
     # the static step decodes float32's greedy answers (a tiny model's logits leave no near ties)
     assert report["answers"]["static"]["decoded_token_agreement"] == 1.0
     assert all(r["first_call_ms"] > 0 for r in rows)
+    ops = report["profile"]["ops"]
+    assert ops and all(0 < o["share"] <= 1 and o["ms_per_step"] >= 0 for o in ops)
+    assert sum(o["share"] for o in ops) <= 1 + 1e-9
     assert report["read_bandwidth_gb_s"] > 0 and "machine" in report and "load_average_before" in report
