@@ -4,7 +4,8 @@
     python benchmarks/decode.py --smoke    # tiny random model, few repetitions (CI)
 
 For each variant (``load_model(weights=..., decode_step=...)``: ``static`` and ``compiled``
-keep fp32 weights and decode with the static-cache step, eager or under torch.compile) and
+keep fp32 weights and decode with the static-cache step, eager or under torch.compile;
+``int8-decode`` prefills with fp32 weights and decodes with an int8 copy) and
 each (rows, cache_len), one decode step is what ``generate`` runs per token: embed one token
 per row, the backbone forward on a KV-cache of ``cache_len`` positions (random keys/values:
 the cost does not depend on them), the lm_head and the argmax. The first call of each shape
@@ -18,9 +19,9 @@ of a 512 MB float32 tensor, median).
 Also measured, in the same run: prefill per variant (256 tokens, 1 and 8 rows); answers
 (teacher-forced on 50 GSM8K questions: the share of answer positions where a variant's
 greedy token equals float32's on float32's own greedy answer, and the change in the
-log-probability of the gold reply ``#### <number>``; for the static steps, whose prefill is
-float32's own, the share of float32's greedy answer tokens they decode alike); and equal-work latent-MAS on 10
-GSM8K questions (three agents of 10 latent steps in a chain, then a judger decoding
+log-probability of the gold reply ``#### <number>``; for the static steps and int8-decode,
+whose prefill is float32's own, the share of float32's greedy answer tokens they decode
+alike); and equal-work latent-MAS on 10 GSM8K questions (three agents of 10 latent steps in a chain, then a judger decoding
 exactly 32 tokens), float32 against each variant. Written to benchmarks/results/decode.json.
 """
 
@@ -46,9 +47,10 @@ from gcache.io.tasks import load_items
 
 log = logging.getLogger("benchmarks.decode")
 ROOT = Path(__file__).resolve().parent
-VARIANTS = ("fp32", "bf16", "int8", "static", "compiled")
+VARIANTS = ("fp32", "bf16", "int8", "int8-decode", "static", "compiled")
 # variant -> (weights, decode_step) of load_model
 SETTINGS = {"fp32": ("fp32", "dynamic"), "bf16": ("bf16", "dynamic"), "int8": ("int8", "dynamic"),
+            "int8-decode": ("int8-decode", "dynamic"),
             "static": ("fp32", "static"), "compiled": ("fp32", "compiled")}
 
 
@@ -81,9 +83,14 @@ def kv_bytes(lm, rows: int, cache_len: int) -> int:
     return rows * fns.num_layers * 2 * fns.num_kv_heads * cache_len * fns.head_dim * lm.dtype.itemsize
 
 
+def decoding(lm):
+    """(the ModelFns that decode, the module whose weights they read): the int8 copy under int8-decode."""
+    return (lm.fns, lm.model) if lm.fns.decoder is None else (lm.fns.decoder, lm.decoder)
+
+
 def random_state(lm, rows: int, cache_len: int, generator: torch.Generator):
     """A state of ``cache_len`` random positions: a growing one, or a static one with room for one more."""
-    fns = lm.fns
+    fns = decoding(lm)[0]
     shape = (fns.num_layers, rows, fns.num_kv_heads, cache_len, fns.head_dim)
     cache = KVCache(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator),
                     torch.ones(rows, cache_len, dtype=torch.bool), torch.full((rows,), cache_len))
@@ -92,7 +99,7 @@ def random_state(lm, rows: int, cache_len: int, generator: torch.Generator):
 
 def one_step(lm, token, state, cache_len: int) -> None:
     """One greedy decode step (the state grows by one position; the caller crops it back)."""
-    fns = lm.fns
+    fns = decoding(lm)[0]
     if fns.static is None:
         hidden, _ = fns.forward(fns.embed(token), None, None, state)
     else:
@@ -159,7 +166,7 @@ def answer_agreement(lms: dict, items: list, max_new_tokens: int, batch: int) ->
         answers += [g.tokens[b, : int(g.lengths[b])].tolist() for b in range(ids.shape[0])]
     agreement, logprobs = {}, {}
     for v, lm in lms.items():
-        if lm.fns.static is not None:
+        if decoding(lm)[0] is not lm.fns or lm.fns.static is not None:
             continue  # its prefill is float32's own: only its decoding can differ (below)
         same = total = 0
         logprobs[v] = []
@@ -179,7 +186,7 @@ def answer_agreement(lms: dict, items: list, max_new_tokens: int, batch: int) ->
         agreement[v] = (same, total)
     out = {}
     for v, lm in lms.items():
-        if lm.fns.static is not None:
+        if v not in logprobs:
             out[v] = {"decoded_token_agreement": decoded_agreement(lm, prompts, answers, max_new_tokens, batch)}
             continue
         deltas = [x - y for x, y in zip(logprobs[v], logprobs["fp32"])]
@@ -284,14 +291,14 @@ def main(argv: list[str] | None = None) -> int:
 
     bandwidth = read_bandwidth(megabytes, 7)
     log.info("streaming read: %.1f GB/s", bandwidth / 1e9)
-    write(read_bandwidth_gb_s=bandwidth / 1e9, weight_bytes={v: weight_bytes(lm.model) for v, lm in lms.items()})
+    write(read_bandwidth_gb_s=bandwidth / 1e9, weight_bytes={v: weight_bytes(decoding(lm)[1]) for v, lm in lms.items()})
     results = []
     with torch.inference_mode():
         for rows in args.rows:
             for n in args.lengths:
                 ms = decode_steps(lms, rows, n, reps, warmup, generator)
                 for v, (m, first) in ms.items():
-                    roof = (weight_bytes(lms[v].model) + kv_bytes(lms[v], rows, n)) / bandwidth * 1000
+                    roof = (weight_bytes(decoding(lms[v])[1]) + kv_bytes(lms[v], rows, n)) / bandwidth * 1000
                     results.append({"variant": v, "rows": rows, "cache_len": n, "ms_per_token": m,
                                     "tokens_per_s": rows * 1000 / m, "roofline_ms": roof,
                                     "fraction_of_roofline": roof / m, "first_call_ms": first})
@@ -302,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("fp32 step, 1 row: %s", ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in profile[:5]))
         write(profile={"variant": "fp32", "rows": 1, "cache_len": args.lengths[0], "ops": profile})
         prefills = []
-        prefilling = {v: lm for v, lm in lms.items() if lm.fns.static is None}  # the static steps prefill as fp32
+        # the static steps and int8-decode prefill as fp32 does
+        prefilling = {v: lm for v, lm in lms.items() if lm.fns.static is None and lm.fns.decoder is None}
         for rows in args.prefill_rows:
             for v, m in prefill_ms(prefilling, rows, args.lengths[0], max(2, reps // 5), generator).items():
                 prefills.append({"variant": v, "rows": rows, "tokens": args.lengths[0], "ms_per_row": m})

@@ -65,7 +65,8 @@ def run(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto (default: cpu)."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: chosen per device)."),
     weights: Optional[str] = typer.Option(
-        None, help="Weight-only precision of the local model's linears: fp32, bf16 or int8 (default: fp32; see README)."
+        None, help="Weight-only precision of the local model's linears: fp32, bf16, int8, or int8-decode (fp32 for "
+        "prompts and latent steps, an int8 copy for decoding steps) (default: fp32; see README)."
     ),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
     compile: Optional[bool] = typer.Option(

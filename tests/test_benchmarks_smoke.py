@@ -185,7 +185,7 @@ def test_sandbox_smoke_writes_its_schema(tmp_path):
 def test_decode_smoke_writes_its_schema(tmp_path):
     report = _run_smoke("decode", tmp_path / "decode.json")
     rows = report["results"]
-    assert {r["variant"] for r in rows} == {"fp32", "bf16", "int8", "static"}  # compiled: only when asked
+    assert {r["variant"] for r in rows} == {"fp32", "bf16", "int8", "int8-decode", "static"}  # compiled: only when asked
     for r in rows:
         assert {"variant", "rows", "cache_len", "ms_per_token", "roofline_ms", "fraction_of_roofline"} <= set(r)
         assert r["ms_per_token"] > 0 and r["roofline_ms"] > 0
@@ -194,11 +194,12 @@ def test_decode_smoke_writes_its_schema(tmp_path):
     weights = report["weight_bytes"]
     assert weights["int8"] < weights["bf16"] < weights["fp32"]
     work = report["equal_work"]
-    assert {"eager_s", "best_s", "ratio", "variant"} <= set(work) and work["variant"] in ("bf16", "int8", "static")
+    assert {"eager_s", "best_s", "ratio", "variant"} <= set(work) and work["variant"] in ("bf16", "int8", "int8-decode", "static")
     assert math.isclose(work["ratio"], work["best_s"] / work["eager_s"], rel_tol=1e-9)
     assert report["answers"]["fp32"]["greedy_token_agreement"] == 1.0  # fp32 agrees with itself
     # the static step decodes float32's greedy answers (a tiny model's logits leave no near ties)
     assert report["answers"]["static"]["decoded_token_agreement"] == 1.0
+    assert 0 <= report["answers"]["int8-decode"]["decoded_token_agreement"] <= 1
     assert all(r["first_call_ms"] > 0 for r in rows)
     ops = report["profile"]["ops"]
     assert ops and all(0 < o["share"] <= 1 and o["ms_per_step"] >= 0 for o in ops)

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from gcache.core.latent import Decoding, generate, rollout
+from gcache.core.latent import Decoding, decode_tokens, generate, prefill, rollout
 from gcache.io.config import build_config
 from gcache.io.hf import static_fns
 from gcache.io.models import tiny_model
@@ -123,3 +123,32 @@ def test_compiled_step_decodes_what_the_dynamic_path_decodes():
     ids, mask = lm.encode_chat(conversations())
     for n in (6, 6, 9):  # the second call reuses the compiled step, the third has another capacity
         _same(generate(compiled.fns, ids, mask, Decoding(n), eos_token_ids=[]), generate(lm.fns, ids, mask, Decoding(n), eos_token_ids=[]))
+
+
+def test_int8_decode_reads_prompts_in_float32_and_decodes_with_int8_linears():
+    fp32 = tiny_model("llama", seed=0)
+    lm = tiny_model("llama", seed=0, weights="int8-decode")
+    int8 = tiny_model("llama", seed=0, weights="int8")
+    assert lm.fns.decoder is not None and lm.weights == "int8-decode"
+    assert any(type(m).__name__ == "WeightOnlyLinear" for m in lm.decoder.modules())
+    # the prompt model is the float32 one (unchanged), the decoder has int8 linears
+    assert not any(type(m).__name__ == "WeightOnlyLinear" for m in lm.model.modules())
+    ids, mask = lm.encode_chat(conversations())
+    latent = rollout(lm.fns, lm.realign, ids, mask, latent_steps=2).cache
+    want = rollout(fp32.fns, fp32.realign, ids, mask, latent_steps=2).cache
+    assert torch.equal(latent.keys, want.keys)  # prompts and latent steps: float32's own
+    seen = []
+
+    def forward(embeds, *args):
+        seen.append(embeds.shape)
+        return lm.fns.decoder.forward(embeds, *args)
+
+    spied = lm.fns._replace(decoder=lm.fns.decoder._replace(forward=forward))
+    g = generate(spied, ids, mask, Decoding(5), eos_token_ids=[])
+    assert len(seen) == 5  # every decoding step ran on the int8 copy
+    # = float32's prefill followed by int8 decoding steps, done by hand
+    pre = prefill(fp32.fns, ids, mask)
+    by_hand = decode_tokens(int8.fns, pre, Decoding(5), torch.tensor([], dtype=torch.long), lm.pad_token_id)
+    assert torch.equal(g.tokens, by_hand.tokens)
+    with pytest.raises(ValueError, match="weights"):
+        tiny_model("llama", weights="int4-decode")

@@ -72,6 +72,8 @@ class ModelFns(NamedTuple):
     dtype: torch.dtype
     device: torch.device
     static: StaticFns | None = None  # when given, ``generate`` decodes with it (no row leaves the batch early)
+    decoder: ModelFns | None = None  # when given, ``generate`` decodes with it after this model's prefill
+    # (the same architecture with other weights, e.g. int8 linears: its states are this model's)
 
 
 class Prefill(NamedTuple):
@@ -467,7 +469,9 @@ def generate(
     still running ([B] bool); a running row where ``done`` ([B] bool) is True ends after
     that step's token, which it keeps (for example once an answer line is complete).
     Rows that have ended leave the model's batch once half of them have, so that a long
-    answer does not make every finished row pay for each of its steps.
+    answer does not make every finished row pay for each of its steps (not with
+    ``fns.static``, whose steps keep their shapes). With ``fns.decoder`` the prompt is read by
+    ``fns`` and the answer decoded by ``fns.decoder``.
     See ``Generation`` for what the result holds. pad_token_id (default: the first EOS
     id, else 0) fills slots after a row's end. Raises TypeError when ``decoding`` is not
     a ``Decoding``, ValueError on a ``stop`` result that is not a [B] tensor, and the
@@ -480,7 +484,7 @@ def generate(
         pad_token_id = eos_ids[0] if eos_ids else 0
     pre = prefill(fns, input_ids, attention_mask, cache=cache)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
-    return decode_tokens(fns, pre, decoding, eos, pad_token_id)
+    return decode_tokens(fns if fns.decoder is None else fns.decoder, pre, decoding, eos, pad_token_id)
 
 
 def sequence_logprob(

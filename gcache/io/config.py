@@ -18,7 +18,7 @@ from gcache.core.topology import MODES as TOPOLOGIES
 from gcache.io.apiconfig import GENERATION_MODES, ApiConfig, resolve_api_config
 from gcache.io.decision import NAMES as DECISIONS
 from gcache.io.prompts import AGENT_SETS
-from gcache.io.quant import WEIGHTS
+from gcache.io.quant import MODEL_WEIGHTS
 
 METHODS = ("single", "text-mas", "latent-mas", "gcache")
 # Seeded random models with the embedded tokenizer, for smoke tests (``--model tiny-llama``).
@@ -185,7 +185,7 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
             "it does not apply to --generation-mode api (text only)"
         )
     _choice("agents", config.agents, AGENT_SETS)
-    _choice("weights", config.weights, WEIGHTS)
+    _choice("weights", config.weights, MODEL_WEIGHTS)
     _at_least("latent_steps", config.latent_steps, 0)
     _at_least("sink_positions", config.sink_positions, 0)
     _at_least("num_agents", config.num_agents, 1)

@@ -14,6 +14,7 @@ Hugging Face id.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.metadata
 import importlib.util
@@ -42,7 +43,7 @@ from gcache.core.latent import ModelFns
 from gcache.core.realign import Realign, realign_params
 from gcache.io.hf import model_fns
 from gcache.io.paths import cache_root
-from gcache.io.quant import check_weights, quantize_linears
+from gcache.io.quant import MODEL_WEIGHTS, check_weights, quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class LocalModel:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     weights: str = "fp32"  # precision of the linears' weights (gcache.io.quant); activations stay ``dtype``
+    decoder: Any = None  # with weights "int8-decode": the int8 copy of ``model`` that decodes (fns.decoder)
 
     def encode_chat(self, conversations: list[list[dict]], add_generation_prompt: bool = True) -> tuple[Tensor, Tensor]:
         """See ``encode_chat``."""
@@ -258,14 +260,16 @@ def from_hf(name: str, model: Any, tokenizer: Any, *, weights: str = "fp32", dec
 
     weights: 'fp32' keeps the model's linears; 'bf16' or 'int8' swaps them, in place, for
     weight-only reduced ones (gcache.io.quant; the activations stay float32), after the
-    realignment is computed from the full-precision embeddings.
+    realignment is computed from the full-precision embeddings; 'int8-decode' keeps them and
+    decodes with a copy of the model whose linears are int8 (``ModelFns.decoder``: prompts
+    and latent steps stay float32, decoding steps read a quarter of the bytes).
     decode_step: 'dynamic' (the default: a cache that grows, finished rows leave the batch),
     'static' (a cache preallocated to the decoding's bound, the same shapes every step) or
     'compiled' (the static step under torch.compile; see gcache.io.hf.static_fns).
     Raises ValueError on unknown weights or decode_step, or reduced weights on a model whose
     dtype is not float32.
     """
-    check_weights(weights)
+    check_weights(weights, MODEL_WEIGHTS)
     check_decode_step(decode_step)
     model = _freeze(model)
     tokenizer.padding_side = "left"
@@ -276,11 +280,17 @@ def from_hf(name: str, model: Any, tokenizer: Any, *, weights: str = "fp32", dec
     w_in = model.get_input_embeddings().weight
     w_out = model.get_output_embeddings().weight
     realign = realign_params(w_in, w_out.to(w_in.device))
-    if weights != "fp32":
-        if w_in.dtype != torch.float32:
-            raise ValueError(f"weights: {weights!r} keeps float32 activations and needs a float32 model, got {w_in.dtype}")
+    if weights != "fp32" and w_in.dtype != torch.float32:
+        raise ValueError(f"weights: {weights!r} keeps float32 activations and needs a float32 model, got {w_in.dtype}")
+    steps = dict(static=decode_step != "dynamic", compile=decode_step == "compiled")
+    if weights == "int8-decode":
+        decoder = copy.deepcopy(model)
+        quantize_linears(decoder, "int8")
+        fns = model_fns(model)._replace(decoder=model_fns(decoder, **steps))
+    else:
+        decoder = None
         quantize_linears(model, weights)
-    fns = model_fns(model, static=decode_step != "dynamic", compile=decode_step == "compiled")
+        fns = model_fns(model, **steps)
     return LocalModel(
         name=name,
         model=model,
@@ -292,6 +302,7 @@ def from_hf(name: str, model: Any, tokenizer: Any, *, weights: str = "fp32", dec
         eos_token_ids=eos,
         pad_token_id=int(pad),
         weights=weights,
+        decoder=decoder,
     )
 
 
@@ -319,7 +330,7 @@ def load_model(
     ``decode_step`` on bad values.
     """
     dev = parse_device(device)
-    check_weights(weights)
+    check_weights(weights, MODEL_WEIGHTS)
     check_decode_step(decode_step)
     torch_dtype = torch.float32 if dtype is None and weights != "fp32" else parse_dtype(dtype, "cpu" if dev == "cpu" else "cuda")
     if weights != "fp32" and torch_dtype != torch.float32:

@@ -22,13 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-WEIGHTS = ("fp32", "bf16", "int8")  # the weight-only precisions, as `gcache run --weights` names them
+WEIGHTS = ("fp32", "bf16", "int8")  # the weight-only precisions of a linear layer
+# What `gcache run --weights` / load_model(weights=) accept: a precision for the whole model, or
+# ``int8-decode``: float32 for prompts and latent steps, a second copy with int8 linears for the
+# decoding steps (gcache.io.models.from_hf).
+MODEL_WEIGHTS = (*WEIGHTS, "int8-decode")
 
 
-def check_weights(weights: str) -> str:
-    """``weights`` itself when it is one of WEIGHTS; raises ValueError naming it otherwise."""
-    if not isinstance(weights, str) or weights not in WEIGHTS:
-        raise ValueError(f"weights: expected one of {list(WEIGHTS)}, got {weights!r}")
+def check_weights(weights: str, allowed: tuple[str, ...] = WEIGHTS) -> str:
+    """``weights`` itself when it is one of ``allowed``; raises ValueError naming it otherwise."""
+    if not isinstance(weights, str) or weights not in allowed:
+        raise ValueError(f"weights: expected one of {list(allowed)}, got {weights!r}")
     return weights
 
 
@@ -134,6 +138,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 __all__ = [
     "DEFAULT_SCOPE",
+    "MODEL_WEIGHTS",
     "WEIGHTS",
     "WeightOnlyLinear",
     "check_weights",
