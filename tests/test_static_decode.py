@@ -98,6 +98,11 @@ def test_a_capacity_below_the_cache_is_refused(tiny):
         static_fns(tiny.model).init(cache, cache.seq_len - 1)
 
 
+def test_a_model_with_sliding_window_layers_is_refused_when_loaded():
+    with pytest.raises(ValueError, match="full-attention"):
+        tiny_model("qwen3", decode_step="static", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+
+
 def test_decode_step_option_builds_the_step_and_refuses_unknown_values():
     assert tiny_model("llama").fns.static is None  # dynamic by default
     assert tiny_model("llama", decode_step="static").fns.static is not None

@@ -141,13 +141,13 @@ def static_fns(model: PreTrainedModel, *, compile: bool = False) -> StaticFns:
     body = backbone(model)
     devices = _layer_devices(model)
     home = model.get_input_embeddings().weight.device
+    if any(type(layer) is not StaticLayer for layer in StaticCache(config=model.config, max_cache_len=1).layers):
+        raise ValueError(f"model: static decoding needs full-attention layers only, {type(model).__name__} has others")
 
     def init(cache: KVCache, capacity: int) -> StaticCache:
         if capacity < cache.seq_len:
             raise ValueError(f"capacity: expected at least the cache's {cache.seq_len} positions, got {capacity}")
         state = StaticCache(config=model.config, max_cache_len=capacity)
-        if any(type(layer) is not StaticLayer for layer in state.layers):
-            raise ValueError(f"model: static decoding needs full-attention layers only, {type(model).__name__} has others")
         for layer, dev, keys, values in zip(state.layers, devices, cache.keys, cache.values):
             layer.update(keys.to(dev), values.to(dev))  # copied into columns [0, T)
         return state
