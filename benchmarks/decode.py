@@ -48,6 +48,7 @@ from gcache.io.tasks import load_items
 log = logging.getLogger("benchmarks.decode")
 ROOT = Path(__file__).resolve().parent
 VARIANTS = ("fp32", "bf16", "int8", "int8-decode", "static", "compiled")
+SECTIONS = ("steps", "profile", "prefill", "answers", "equal-work")
 # variant -> (weights, decode_step) of load_model
 SETTINGS = {"fp32": ("fp32", "dynamic"), "bf16": ("bf16", "dynamic"), "int8": ("int8", "dynamic"),
             "int8-decode": ("int8-decode", "dynamic"),
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-rows", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--agreement-questions", type=int, default=50)
     parser.add_argument("--equal-work-questions", type=int, default=10)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="what to measure (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "decode.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     write(read_bandwidth_gb_s=bandwidth / 1e9, weight_bytes={v: weight_bytes(decoding(lm)[1]) for v, lm in lms.items()})
     results = []
     with torch.inference_mode():
-        for rows in args.rows:
+        for rows in args.rows if "steps" in args.sections else []:
             for n in args.lengths:
                 ms = decode_steps(lms, rows, n, reps, warmup, generator)
                 for v, (m, first) in ms.items():
@@ -304,25 +307,30 @@ def main(argv: list[str] | None = None) -> int:
                                     "fraction_of_roofline": roof / m, "first_call_ms": first})
                     log.info("%-5s rows %d cache %5d  %7.2f ms/step  roofline %6.2f ms  (%.0f%%)", v, rows, n, m,
                              roof, 100 * roof / m)
-        write(results=results)
-        profile = step_profile(lms["fp32"], 1, args.lengths[0], reps, generator)
-        log.info("fp32 step, 1 row: %s", ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in profile[:5]))
-        write(profile={"variant": "fp32", "rows": 1, "cache_len": args.lengths[0], "ops": profile})
+        if "steps" in args.sections:
+            write(results=results)
+        if "profile" in args.sections:
+            profile = step_profile(lms["fp32"], 1, args.lengths[0], reps, generator)
+            log.info("fp32 step, 1 row: %s", ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in profile[:5]))
+            write(profile={"variant": "fp32", "rows": 1, "cache_len": args.lengths[0], "ops": profile})
         prefills = []
         # the static steps and int8-decode prefill as fp32 does
         prefilling = {v: lm for v, lm in lms.items() if lm.fns.static is None and lm.fns.decoder is None}
-        for rows in args.prefill_rows:
+        for rows in args.prefill_rows if "prefill" in args.sections else []:
             for v, m in prefill_ms(prefilling, rows, args.lengths[0], max(2, reps // 5), generator).items():
                 prefills.append({"variant": v, "rows": rows, "tokens": args.lengths[0], "ms_per_row": m})
                 log.info("prefill %-5s rows %d: %.1f ms/row", v, rows, m)
-        write(prefill=prefills)
+        if "prefill" in args.sections:
+            write(prefill=prefills)
         items = load_items("gsm8k", "test", limit=max(args.agreement_questions, args.equal_work_questions))
-        answers = answer_agreement(lms, items[: args.agreement_questions], agree_tokens, batch=10)
-        log.info("answers: %s", answers)
-        write(answers={"questions": args.agreement_questions, "answer_tokens_max": agree_tokens, **answers})
-        work = equal_work(lms, items[: args.equal_work_questions], latent_steps, answer_tokens)
-        log.info("equal work: %s", work)
-        write(equal_work=work)
+        if "answers" in args.sections:
+            answers = answer_agreement(lms, items[: args.agreement_questions], agree_tokens, batch=10)
+            log.info("answers: %s", answers)
+            write(answers={"questions": args.agreement_questions, "answer_tokens_max": agree_tokens, **answers})
+        if "equal-work" in args.sections:
+            work = equal_work(lms, items[: args.equal_work_questions], latent_steps, answer_tokens)
+            log.info("equal work: %s", work)
+            write(equal_work=work)
     log.info("wrote %s", args.out)
     return 0
 
