@@ -117,10 +117,15 @@ class LatentCaches:
         self.accumulates = not latent_only  # a full cache holds its inputs' caches
         self.rollouts: Rollouts | None = None  # a memo shared with other runs (see ``Rollouts``)
 
+    @staticmethod
+    def _cache_inputs(schedule: Schedule, outputs: Outputs, node: Node) -> list:
+        """The node's input edges whose source passed a cache on."""
+        return [e for e in schedule.inputs[node] if e.src in outputs and outputs[e.src].cache is not None]
+
     def _fused(
         self, schedule: Schedule, outputs: Outputs, node: Node, fuser: FuserParams | None
     ) -> tuple[kv.KVCache | None, FusionInputs | None]:
-        edges = [e for e in schedule.inputs[node] if e.src in outputs and outputs[e.src].cache is not None]
+        edges = self._cache_inputs(schedule, outputs, node)
         if not edges:
             return None, None
         inputs = FusionInputs(
@@ -169,7 +174,7 @@ class LatentCaches:
     def _key(self, item: Item, schedule: Schedule, outputs: Outputs, node: Node, digest: str | None) -> Hashable:
         """What a rollout depends on: the model, the question, the role, the settings, and the
         inputs' rollouts with their edge weights and the fuser that mixes them."""
-        edges = [e for e in schedule.inputs[node] if e.src in outputs and outputs[e.src].cache is not None]
+        edges = self._cache_inputs(schedule, outputs, node)
         inputs = tuple((outputs[e.src].key, e.src[1], float(e.weight)) for e in edges)
         settings = (self.latent_steps, self.latent_only, self.sink_positions)
         mixing = (self.fusion, digest) if inputs else None  # how the inputs were fused (no inputs: nothing)
