@@ -22,7 +22,7 @@ greedy token equals float32's on float32's own greedy answer, and the change in 
 log-probability of the gold reply ``#### <number>``; for the static steps and int8-decode,
 whose prefill is float32's own, the share of float32's greedy answer tokens they decode
 alike); and equal-work latent-MAS on 10 GSM8K questions (three agents of 10 latent steps in a chain, then a judger decoding
-exactly 32 tokens), float32 against each variant. Written to benchmarks/results/decode.json.
+exactly ``--equal-work-tokens`` tokens, 256 by default), float32 against each variant. Written to benchmarks/results/decode.json.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ log = logging.getLogger("benchmarks.decode")
 ROOT = Path(__file__).resolve().parent
 VARIANTS = ("fp32", "bf16", "int8", "int8-decode", "static", "compiled")
 SECTIONS = ("steps", "profile", "prefill", "answers", "equal-work")
+MEASURED = ("read_bandwidth_gb_s", "weight_bytes", "results", "profile", "prefill", "answers", "equal_work")
 # variant -> (weights, decode_step) of load_model
 SETTINGS = {"fp32": ("fp32", "dynamic"), "bf16": ("bf16", "dynamic"), "int8": ("int8", "dynamic"),
             "int8-decode": ("int8-decode", "dynamic"),
@@ -188,7 +189,10 @@ def answer_agreement(lms: dict, items: list, max_new_tokens: int, batch: int) ->
     out = {}
     for v, lm in lms.items():
         if v not in logprobs:
-            out[v] = {"decoded_token_agreement": decoded_agreement(lm, prompts, answers, max_new_tokens, batch)}
+            # a compiled step recompiles for every new shape: one batch of every prompt compiles once
+            rows = len(prompts) if v == "compiled" else batch
+            out[v] = {"decoded_token_agreement": decoded_agreement(lm, prompts, answers, max_new_tokens, rows),
+                      "batch": rows}
             continue
         deltas = [x - y for x, y in zip(logprobs[v], logprobs["fp32"])]
         out[v] = {
@@ -253,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-rows", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--agreement-questions", type=int, default=50)
     parser.add_argument("--equal-work-questions", type=int, default=10)
+    parser.add_argument("--equal-work-tokens", type=int, default=256,
+                        help="tokens the judger decodes per question in equal-work latent-MAS (no stop)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="what to measure (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "decode.json")
@@ -272,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         lms = {v: load_model(args.model, device="cpu", weights=SETTINGS[v][0], decode_step=SETTINGS[v][1]) for v in variants}
         reps, warmup, megabytes = args.reps, args.warmup, 512
-        latent_steps, answer_tokens, agree_tokens = 10, 32, 48
+        latent_steps, answer_tokens, agree_tokens = 10, args.equal_work_tokens, 48
     generator = torch.Generator().manual_seed(args.seed)
     any_lm = lms["fp32"]
     report = {
@@ -286,15 +292,30 @@ def main(argv: list[str] | None = None) -> int:
         "reps": reps,
     }
 
-    def write(**parts) -> None:
-        """Add finished parts and write the JSON, so that a run cut short keeps what it measured."""
-        report.update(parts, load_average_after=load_average())
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    partial = set(args.sections) != set(SECTIONS) and args.out.exists()
+    earlier = json.loads(args.out.read_text()) if partial else {}
 
-    bandwidth = read_bandwidth(megabytes, 7)
-    log.info("streaming read: %.1f GB/s", bandwidth / 1e9)
-    write(read_bandwidth_gb_s=bandwidth / 1e9, weight_bytes={v: weight_bytes(decoding(lm)[1]) for v, lm in lms.items()})
+    def write(**parts) -> None:
+        """Add finished parts and write the JSON, so that a run cut short keeps what it measured.
+
+        A run of some sections into an existing file keeps its other sections; the run's own
+        record (machine, commit, load) goes under ``sections_run[<section>]``.
+        """
+        report.update(parts, load_average_after=load_average())
+        if partial:
+            record = {k: v for k, v in report.items() if k not in MEASURED}
+            runs = {**earlier.get("sections_run", {}), **{k: record for k in parts}}
+            out = {**earlier, **parts, "sections_run": runs}
+        else:
+            out = report
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+
+    if "steps" in args.sections:  # the roofline's denominator
+        bandwidth = read_bandwidth(megabytes, 7)
+        log.info("streaming read: %.1f GB/s", bandwidth / 1e9)
+        write(read_bandwidth_gb_s=bandwidth / 1e9,
+              weight_bytes={v: weight_bytes(decoding(lm)[1]) for v, lm in lms.items()})
     results = []
     with torch.inference_mode():
         for rows in args.rows if "steps" in args.sections else []:
