@@ -134,3 +134,48 @@ def test_the_learning_benchmark_smoke_run_writes_its_json_markdown_and_curve(tmp
     assert report["machine"]["source"]["commit"]
     assert "| learned |" in (tmp_path / "learning.md").read_text()
     assert (tmp_path / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("kind", ["likelihood", "mixed"])
+def test_the_reward_is_read_from_the_fusers_own_forward_and_equals_a_separate_one(kind, monkeypatch):
+    """A learned fuser on the answer line measures the likelihood reward's answers in its own
+    forward: the runner's batched no-grad forward then reads no judged row, and the rewards,
+    log-probabilities and the step's new parameters equal those of a step that measures apart."""
+    import torch
+
+    import gcache.io.pipeline as pipeline_module
+    from gcache.io.learner import Learner
+    from gcache.io.pipeline import build_pipeline
+    from gcache.io.tasks import load_items
+
+    config = build_config({"task": "gsm8k", "method": "gcache", "num_agents": 3, "latent_steps": 2, "reward": kind,
+                           **TINY})  # fmt: skip
+    items = load_items("gsm8k", "train", limit=3)
+    measured_rows = []
+    real = pipeline_module.answer_logprobs
+
+    def spy(local, conversations, caches, batch_items):
+        measured_rows.append(len(conversations))
+        return real(local, conversations, caches, batch_items)
+
+    monkeypatch.setattr(pipeline_module, "answer_logprobs", spy)
+    shared = build_pipeline(config)
+    assert shared.learner.measures_answers
+    together = shared.train_step(items, 0)
+    assert measured_rows == []  # every judged row has a fused cache: none measured apart
+    monkeypatch.setattr(Learner, "measures_answers", property(lambda self: False))
+    apart_pipeline = build_pipeline(config)
+    apart = apart_pipeline.train_step(items, 0)
+    assert measured_rows == [len(items)]
+    for a, b in zip(together, apart):
+        assert math.isclose(a["answer_logprob"], b["answer_logprob"], abs_tol=1e-5)
+        assert math.isclose(a["reward"], b["reward"], abs_tol=1e-5)
+        assert a["reward"] == reward(kind, a["correct"] if kind == "mixed" else None, a["answer_logprob"])
+    # Adam's first moment after one step is 0.1 x the gradient (its update, sign-like where a
+    # gradient is ~0, would magnify float noise): the gradients agree.
+    for part in ("policy", "fuser"):
+        mine, theirs = shared.learner.state.opt_state.mu[part], apart_pipeline.learner.state.opt_state.mu[part]
+        for x, y in zip(mine, theirs):
+            assert torch.allclose(x, y, rtol=1e-3, atol=1e-7), part
+    moved = any(not torch.equal(x, y) for x, y in zip(shared.learner.params["fuser"], build_pipeline(config).learner.params["fuser"]))
+    assert moved  # the step did update the fuser

@@ -14,7 +14,16 @@ from gcache.core.reinforce import init_baseline
 from gcache.core.policy import init_policy, policy_logits
 from gcache.core.sampling import log_prob, sample_topology
 from gcache.core.topology import TopologyConfig, spatial_mask
-from gcache.core.train import FuserBatch, FuserExample, PolicyBatch, TrainState, train_step
+from gcache.core.train import (
+    FuserBatch,
+    FuserExample,
+    PolicyBatch,
+    Shard,
+    SharedRewards,
+    TrainState,
+    fuser_losses,
+    train_step,
+)
 from gcache.io.models import tiny_model
 
 N, F, LR = 3, 12, 0.05
@@ -125,3 +134,42 @@ def test_only_the_parts_given_are_trained(lm):
     assert all(torch.equal(a, b) for a, b in zip(new.params["policy"], params["policy"]))
     with pytest.raises(ValueError, match="policy: expected one graph per reward"):
         train_step(state, optimizer, torch.tensor([1.0, 0.0]), policy=policy)
+
+
+def test_rewards_read_from_the_fusers_forward_equal_rewards_given_from_a_separate_one(lm):
+    """Rows 2 and 0 take their reward from the fuser objective's forward (clipped log-probability);
+    the step equals one given those rewards, measured apart, and reports them."""
+    params, policy, fuser = _batch(lm, seed=11)
+    two = fuser._replace(examples=fuser.examples[:2])  # examples for rows 2 and 0, in that order
+    optimizer = adam(LR)
+    state = TrainState(params, optimizer.init(params), init_baseline())
+    measured = -fuser_losses(params["fuser"], two).detach()  # [2] answer log-probabilities
+    given = torch.tensor([float(measured[1]) - 1.0, 0.25, float(measured[0]) - 1.0])
+    apart, _ = train_step(state, optimizer, given, policy=policy, fuser=two)
+    shared = SharedRewards(torch.tensor([2, 0]), lambda lps: lps - 1.0)
+    ignored = torch.tensor([123.0, 0.25, -77.0])  # the shared rows' values are not read
+    together, stats = train_step(state, optimizer, ignored, policy=policy, fuser=two, shared=shared)
+    for key in ("policy", "fuser"):
+        for a, b in zip(together.params[key], apart.params[key]):
+            assert torch.allclose(a, b, atol=1e-6), key
+    assert torch.allclose(stats["rewards"], given, atol=1e-6)
+    assert torch.allclose(stats["answer_logprobs"], measured, atol=1e-6)
+    assert torch.allclose(together.baseline.average, apart.baseline.average, atol=1e-7)
+
+
+def test_shared_rewards_are_refused_where_the_forward_cannot_give_them(lm):
+    params, policy, fuser = _batch(lm, seed=13)
+    optimizer = adam(LR)
+    state = TrainState(params, optimizer.init(params), init_baseline())
+    rewards = torch.zeros(3)
+    ok = SharedRewards(torch.tensor([0, 1, 2]), lambda lps: lps)
+    cases = [
+        (dict(shared=ok), "shared: expected a learned fuser"),
+        (dict(fuser=fuser, shared=ok._replace(rows=torch.tensor([0, 1]))), "one row per fuser example"),
+        (dict(fuser=fuser, shared=ok._replace(rows=torch.tensor([0, 0, 1]))), "distinct positions"),
+        (dict(fuser=fuser, shared=ok._replace(rows=torch.tensor([0, 1, 3]))), "distinct positions"),
+        (dict(fuser=fuser, shared=ok, shard=Shard(torch.tensor([0, 1, 2]), 3, lambda g: g)), "expected no shard"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train_step(state, optimizer, rewards, policy=policy, **kwargs)

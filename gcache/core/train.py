@@ -15,6 +15,13 @@ inference pass::
 The baseline is the running mean of past batches' rewards, or, before any batch, each
 sample's leave-one-out mean of this batch; the batch's rewards are folded in after the step.
 
+One forward for the fuser and the likelihood reward: when the fuser learns the answer line
+the likelihood reward measures, its objective's forward computes each judged question's
+answer log-probability under the current parameters, the very value the reward is made
+of. With ``shared=SharedRewards(rows, reward)`` the step reads those rows' rewards from that
+forward (``reward(log-probabilities)``, detached) instead of the caller measuring them in a
+forward of its own; the step's rewards then come back in its stats.
+
 Data parallelism: when several processes answer one batch, each passes the whole batch's
 ``rewards`` (all-gathered), its own graphs and fuser examples, and a ``Shard`` saying where its
 graphs sit in the batch, how many fuser examples the batch holds in all, and how to sum a
@@ -85,6 +92,13 @@ class FuserBatch(NamedTuple):
     examples: tuple[FuserExample, ...]
 
 
+class SharedRewards(NamedTuple):
+    """Rewards the fuser objective's forward gives (see the module's docstring)."""
+
+    rows: Tensor  # [E] long, the batch row of each fuser example, in the examples' order
+    reward: Callable[[Tensor], Tensor]  # [E] answer log-probabilities (detached) -> [E] rewards
+
+
 class Shard(NamedTuple):
     """This process's part of a batch answered by several processes (see the module's docstring)."""
 
@@ -102,13 +116,18 @@ def policy_log_probs(params: Any, batch: PolicyBatch) -> Tensor:
     return torch.stack(out)
 
 
-def fuser_objective(params: Any, batch: FuserBatch) -> Tensor:
-    """Mean over the batch's examples of the reference answer's per-token NLL on the fused cache."""
+def fuser_losses(params: Any, batch: FuserBatch) -> Tensor:  # [E]
+    """Per example, the reference answer's per-token NLL on the fused cache (minus its answer log-probability)."""
     losses = [
         fuser_loss(params, batch.fns, list(e.caches), e.edge_weights, e.answer, mode=batch.mode, sources=e.sources)
         for e in batch.examples
     ]
-    return torch.stack(losses).mean()
+    return torch.stack(losses)
+
+
+def fuser_objective(params: Any, batch: FuserBatch) -> Tensor:
+    """Mean over the batch's examples of the reference answer's per-token NLL on the fused cache."""
+    return fuser_losses(params, batch).mean()
 
 
 def train_loss(
@@ -119,6 +138,7 @@ def train_loss(
     policy: PolicyBatch | None = None,
     fuser: FuserBatch | None = None,
     shard: Shard | None = None,
+    fuser_nll: Tensor | None = None,  # [E] ``fuser_losses(params["fuser"], fuser)``, when already computed
 ) -> tuple[Tensor, dict[str, float]]:
     """The step's scalar loss and its parts (floats, for logging).
 
@@ -137,7 +157,7 @@ def train_loss(
             part = part * (rows.numel() / rewards.shape[0])  # mean over b rows -> share of the mean over B
         total, stats["policy_loss"] = total + part, float(part.detach())
     if "fuser" in params and fuser is not None and fuser.examples:
-        part = fuser_objective(params["fuser"], fuser)
+        part = (fuser_losses(params["fuser"], fuser) if fuser_nll is None else fuser_nll).mean()
         if shard is not None:
             part = part * (len(fuser.examples) / shard.num_examples)  # mean over local -> share of the mean over all
         total, stats["fuser_loss"] = total + part, float(part.detach())
@@ -152,29 +172,62 @@ def train_step(
     policy: PolicyBatch | None = None,
     fuser: FuserBatch | None = None,
     shard: Shard | None = None,
-) -> tuple[TrainState, dict[str, float]]:
+    shared: SharedRewards | None = None,
+) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step on ``train_loss``; returns the new state and the loss parts (with a
     ``shard``, this process's parts; the gradients are summed over the processes before the update).
 
+    With ``shared``, the rows it names take their rewards from the fuser objective's forward
+    (their values in ``rewards`` are ignored), and the stats add ``rewards`` ([B], the rewards
+    the step used) and ``answer_logprobs`` ([E], per fuser example).
+
     Raises ValueError when the policy batch's size differs from the rewards' (or the shard's
     rows), when the shard's rows fall outside the batch or it counts fewer fuser examples than
-    this process holds, and the errors of ``reinforce_loss``, ``fuse`` and ``answer_nll`` on bad inputs.
+    this process holds, when ``shared`` comes without a learned fuser, with a shard, or names
+    rows that do not match the fuser's examples, and the errors of ``reinforce_loss``, ``fuse``
+    and ``answer_nll`` on bad inputs.
     """
     expected = rewards.shape[0] if shard is None else shard.rows.numel()
     if policy is not None and len(policy.topologies) != expected:
         raise ValueError(f"policy: expected one graph per reward ({expected}), got {len(policy.topologies)}")
     if shard is not None:
         _check_shard(shard, rewards.shape[0], len(fuser.examples) if fuser is not None else 0)
+    if shared is not None:
+        _check_shared(shared, state.params, fuser, shard, rewards.shape[0])
     rewards = rewards.to(torch.float32)
-    baseline = baseline_value(state.baseline) if int(state.baseline.count) else batch_baseline(rewards)
-    loss, stats, grads = value_and_grad(
-        lambda p: train_loss(p, rewards, baseline, policy=policy, fuser=fuser, shard=shard), state.params
-    )
+
+    def loss_fn(params: Params) -> tuple[Tensor, tuple[dict[str, Any], Tensor]]:
+        nll, used = None, rewards
+        if shared is not None and shared.rows.numel():
+            nll = fuser_losses(params["fuser"], fuser)  # [E], the forward both parts read
+            found = shared.reward(-nll.detach()).to(torch.float32)
+            used = rewards.index_copy(0, shared.rows, found)
+        baseline = baseline_value(state.baseline) if int(state.baseline.count) else batch_baseline(used)
+        loss, stats = train_loss(params, used, baseline, policy=policy, fuser=fuser, shard=shard, fuser_nll=nll)
+        if nll is not None:
+            stats = {**stats, "rewards": used, "answer_logprobs": -nll.detach()}
+        return loss, (stats, used)
+
+    loss, (stats, used), grads = value_and_grad(loss_fn, state.params)
     if shard is not None:
         grads = shard.reduce(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = tree_map(lambda t: t.detach(), apply_updates(state.params, updates))
-    return TrainState(params, opt_state, update_baseline(state.baseline, rewards)), stats
+    return TrainState(params, opt_state, update_baseline(state.baseline, used)), stats
+
+
+def _check_shared(shared: SharedRewards, params: Params, fuser: FuserBatch | None, shard: Shard | None, batch: int) -> None:
+    if "fuser" not in params or fuser is None:
+        raise ValueError("shared: expected a learned fuser and its batch (the forward the rewards are read from), got none")
+    if shard is not None:
+        raise ValueError("shared: expected no shard (the rewards of other processes' rows are not in this forward)")
+    rows = shared.rows
+    if not isinstance(rows, Tensor) or rows.dim() != 1 or rows.dtype != torch.long:
+        raise ValueError(f"shared.rows: expected a [E] long tensor, got {getattr(rows, 'shape', type(rows).__name__)}")
+    if rows.numel() != len(fuser.examples):
+        raise ValueError(f"shared.rows: expected one row per fuser example ({len(fuser.examples)}), got {rows.numel()}")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch or rows.unique().numel() != rows.numel()):
+        raise ValueError(f"shared.rows: expected distinct positions in [0, {batch}), got {rows.tolist()}")
 
 
 def _check_shard(shard: Shard, batch: int, examples: int) -> None:
@@ -192,7 +245,9 @@ __all__ = [
     "FuserExample",
     "PolicyBatch",
     "Shard",
+    "SharedRewards",
     "TrainState",
+    "fuser_losses",
     "fuser_objective",
     "policy_log_probs",
     "train_loss",

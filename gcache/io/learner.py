@@ -8,7 +8,7 @@ restores it (``params.safetensors``, ``train_state.safetensors``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -18,7 +18,7 @@ from gcache.core.objectives import answer_batch
 from gcache.core.optim import adam
 from gcache.core.reinforce import init_baseline
 from gcache.core.policy import init_policy
-from gcache.core.train import FuserBatch, FuserExample, PolicyBatch, Shard, TrainState, train_step
+from gcache.core.train import FuserBatch, FuserExample, PolicyBatch, Shard, SharedRewards, TrainState, train_step
 from gcache.io.answers import answer_inputs
 from gcache.io.communication import Context
 from gcache.io.models import LocalModel, encode_chat
@@ -48,6 +48,13 @@ class Team(Protocol):
     def share(self, rewards: Tensor, num_examples: int, failed: bool) -> tuple[Tensor, Shard, bool]:
         """The whole batch's rewards, this process's ``Shard`` of it, and whether any process failed."""
         ...
+
+
+class Step(NamedTuple):
+    """What one update reports."""
+
+    stats: dict[str, float]  # the loss parts
+    answer_logprobs: dict[int, float]  # batch row -> the answer log-probability the step's own forward read
 
 
 class Learner:
@@ -86,6 +93,12 @@ class Learner:
 
     # ------------------------------------------------------------ the step
 
+    @property
+    def measures_answers(self) -> bool:
+        """Whether a step's fuser forward measures the likelihood reward's answer log-probabilities
+        itself (a learned fuser on the answer line, in one process), so the runner need not."""
+        return self.fuser is not None and self.fuser_target == "answer" and self.team is None
+
     def _fuser_example(self, item: Item, context: Context) -> FuserExample:
         assert self.local is not None and context.fusion is not None
         if self.fuser_target == "answer":
@@ -102,34 +115,49 @@ class Learner:
         return FuserExample(context.fusion.caches, context.fusion.weights, context.fusion.sources, batch)
 
     def update(
-        self, plans: Sequence[Plan], judged: Sequence[Context | None], rewards: Tensor, *, failed: bool = False
-    ) -> dict[str, float]:
+        self, plans: Sequence[Plan], judged: Sequence[Context | None], rewards: Tensor, *, failed: bool = False,
+        reward_of: Callable[[int, float], float] | None = None,
+    ) -> Step:  # fmt: skip
         """One training step on a scored batch: REINFORCE on the plans' graphs (policy) and the
         reference answers' likelihood on the judged questions' fused caches (fuser).
 
-        A batch that ``failed`` makes no step. Under a team, ``plans`` and ``rewards`` are this
-        process's share; the processes agree on the batch's rewards and on skipping a step
-        that failed anywhere, and sum their gradients, so every one takes the same step.
+        With ``reward_of`` (when ``measures_answers``), the rows with a fused decision context
+        take their reward from the fuser's forward, ``reward_of(row, answer log-probability)``,
+        and their entries in ``rewards`` are ignored; the returned ``Step`` holds those rows'
+        log-probabilities. A batch that ``failed`` makes no step. Under a team, ``plans`` and
+        ``rewards`` are this process's share; the processes agree on the batch's rewards and on
+        skipping a step that failed anywhere, and sum their gradients, so every one takes the same step.
         """
+        if reward_of is not None and not self.measures_answers:
+            raise ValueError("reward_of: this learner's fuser forward does not measure the likelihood reward's answers")
         policy = None
         if self.graph is not None:
             policy = PolicyBatch(
                 tuple(p.features for p in plans), tuple(p.topology for p in plans),
                 self.graph.role_adjacency, self.graph.mask, self.graph.config,
             )  # fmt: skip
-        fuser = None
+        fuser, rows = None, []
         if self.fuser is not None:
-            examples = tuple(
-                self._fuser_example(p.item, c) for p, c in zip(plans, judged) if c is not None and c.fusion is not None
-            )
+            rows = [q for q, c in enumerate(judged) if c is not None and c.fusion is not None]
+            examples = tuple(self._fuser_example(plans[q].item, judged[q]) for q in rows)
             fuser = FuserBatch(self.local.fns, self.fuser_config.mode, examples)
-        shard = None
+        shard = shared = None
         if self.team is not None:
             rewards, shard, failed = self.team.share(rewards, len(fuser.examples) if fuser else 0, failed)
         if failed:
-            return {}
-        self.state, stats = train_step(self.state, self.optimizer, rewards, policy=policy, fuser=fuser, shard=shard)
-        return stats
+            return Step({}, {})
+        if reward_of is not None and rows:
+            shared = SharedRewards(
+                torch.tensor(rows, dtype=torch.long),
+                lambda lps: torch.tensor([reward_of(q, float(lp)) for q, lp in zip(rows, lps)]),
+            )  # fmt: skip
+        self.state, stats = train_step(
+            self.state, self.optimizer, rewards, policy=policy, fuser=fuser, shard=shard, shared=shared
+        )  # fmt: skip
+        measured = stats.pop("answer_logprobs", None)
+        stats.pop("rewards", None)
+        found = {} if measured is None else {q: float(v) for q, v in zip(rows, measured.tolist())}
+        return Step(stats, found)
 
     # ------------------------------------------------------------ persistence
 
@@ -155,4 +183,4 @@ class Learner:
         self.state = self.state._replace(params=load_params(Path(path), self.state.params))
 
 
-__all__ = ["Learner", "REFERENCE_TOKENS", "reference_text"]
+__all__ = ["Learner", "REFERENCE_TOKENS", "Step", "reference_text"]

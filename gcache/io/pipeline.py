@@ -120,9 +120,12 @@ class Pipeline:
         started = time.perf_counter()
         plans = [self._plan(item, train=True, seed=_seed(self.config.seed, "train", step, item.id)) for item in items]
         decode = self.config.reward != "likelihood"
+        shared: set[int] = set()  # rows whose answer log-probability the learner's own forward measures
         try:
             outs = self._answer(plans, step=step, decode=decode)
-            logprobs = self._answer_logprobs(plans, outs)
+            if self.learner is not None and self.learner.measures_answers:
+                shared = {q for q, o in enumerate(outs) if o.judged is not None and o.judged.fusion is not None}
+            logprobs = self._answer_logprobs(plans, outs, skip=shared)
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
             log.warning("train step %d failed: %s", step, e)
             outs, logprobs = [_failed(e) for _ in plans], [None] * len(plans)
@@ -131,12 +134,21 @@ class Pipeline:
         rewards: list[float | None] = [None] * len(plans)
         if not failed:
             rewards = [
-                reward(self.config.reward, v.correct if decode else None, lp) for v, lp in zip(verdicts, logprobs)
-            ]
+                None if q in shared else reward(self.config.reward, v.correct if decode else None, lp)
+                for q, (v, lp) in enumerate(zip(verdicts, logprobs))
+            ]  # fmt: skip
+
+        def reward_of(q: int, lp: float) -> float:
+            return reward(self.config.reward, verdicts[q].correct if decode else None, lp)
+
         if self.learner is not None:
             # Every process of a team calls the step, even on a failed batch: they agree to skip it together.
             values = torch.tensor([0.0 if r is None else r for r in rewards])
-            self.learner.update(plans, [o.judged for o in outs], values, failed=failed)
+            done = self.learner.update(
+                plans, [o.judged for o in outs], values, failed=failed, reward_of=reward_of if shared else None
+            )  # fmt: skip
+            for q, lp in done.answer_logprobs.items():
+                logprobs[q], rewards[q] = lp, reward_of(q, lp)
         seconds = (time.perf_counter() - started) / len(items)
         return [
             self._record("train", f"{step}:{p.item.id}", p, o, v, seconds, step=step, answer_logprob=lp, reward=r)
@@ -267,12 +279,15 @@ class Pipeline:
             for q, a, c in zip(qs, answers, contexts)
         }
 
-    def _answer_logprobs(self, plans: Sequence[Plan], outs: Sequence[QuestionOut]) -> list[float | None]:
+    def _answer_logprobs(
+        self, plans: Sequence[Plan], outs: Sequence[QuestionOut], *, skip: set[int] = frozenset()
+    ) -> list[float | None]:  # fmt: skip
         """Per question, the reference answer's mean log-probability per token under the context the
         answer was (or would be) decoded from (gcache.io.answers), in one batched forward with no
-        gradient; None where there is no context (a failed question) or no local model (API text)."""
+        gradient; None where there is no context (a failed question), no local model (API text),
+        or the row is in ``skip`` (measured elsewhere)."""
         local = self.speaker.local
-        rows = [q for q, o in enumerate(outs) if o.context is not None and o.error is None]
+        rows = [q for q, o in enumerate(outs) if o.context is not None and o.error is None and q not in skip]
         found: list[float | None] = [None] * len(outs)
         if local is None or not rows:
             return found
