@@ -76,6 +76,15 @@ TRAIN = [question(i, "train") for i in range(16)]  # batches cycle through them
 HELD_OUT = [question(i, "test") for i in range(16, 20)]
 
 
+def controlled_pipeline(topology: str, seed: int):
+    """The setup above on ``topology``: three agents, full caches, likelihood reward, 2 latent steps."""
+    config = build_config({
+        "task": "gsm8k", "method": "gcache", "topology": topology, "num_agents": 3, "latent_only": False,
+        "reward": "likelihood", "latent_steps": 2, "batch_size": BATCH, "max_new_tokens": 1, "seed": seed,
+    })  # fmt: skip
+    return build_pipeline(config, roles=ROLES)
+
+
 def held_out_logprob(pipeline) -> float:
     return statistics.mean(r["answer_logprob"] for r in pipeline.evaluate(HELD_OUT, decode=False))
 
@@ -90,11 +99,7 @@ def edge_probs(pipeline) -> dict[str, float]:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_informed_agent_is_learned_on_the_embedded_model(seed):
-    config = build_config({
-        "task": "gsm8k", "method": "gcache", "topology": "mesh", "num_agents": 3, "latent_only": False,
-        "reward": "likelihood", "latent_steps": 2, "batch_size": BATCH, "max_new_tokens": 1, "seed": seed,
-    })  # fmt: skip
-    pipeline = build_pipeline(config, roles=ROLES)
+    pipeline = controlled_pipeline("mesh", seed)
     before_logprob, before_edges = held_out_logprob(pipeline), edge_probs(pipeline)
     assert torch.equal(pipeline.learner.fuser.source_logits, torch.zeros(3))  # untrained: no agent preferred
     for step in range(STEPS):
@@ -111,11 +116,7 @@ def test_the_informed_agent_is_learned_on_the_embedded_model(seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_edges_out_of_the_informed_agent_move_toward_one_on_the_embedded_model(seed):
-    config = build_config({
-        "task": "gsm8k", "method": "gcache", "topology": "star", "num_agents": 3, "latent_only": False,
-        "reward": "likelihood", "latent_steps": 2, "batch_size": BATCH, "max_new_tokens": 1, "seed": seed,
-    })  # fmt: skip
-    pipeline = build_pipeline(config, roles=ROLES)
+    pipeline = controlled_pipeline("star", seed)
     mask = pipeline.planner.plan(HELD_OUT[0], pipeline.learner.policy, train=False, seed=0).spatial_probs > 0
     assert mask.nonzero().tolist() == [[0, 1], [0, 2]]  # the only edges the policy can move
     before_logprob = held_out_logprob(pipeline)
