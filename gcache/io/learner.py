@@ -99,6 +99,11 @@ class Learner:
         itself (a learned fuser on the answer line, in one process), so the runner need not."""
         return self.fuser is not None and self.fuser_target == "answer" and self.team is None
 
+    @staticmethod
+    def fused_rows(judged: Sequence[Context | None]) -> list[int]:
+        """The rows whose decision context fuses caches: the fuser's examples, in order."""
+        return [q for q, c in enumerate(judged) if c is not None and c.fusion is not None]
+
     def _fuser_example(self, item: Item, context: Context) -> FuserExample:
         assert self.local is not None and context.fusion is not None
         if self.fuser_target == "answer":
@@ -138,7 +143,7 @@ class Learner:
             )  # fmt: skip
         fuser, rows = None, []
         if self.fuser is not None:
-            rows = [q for q, c in enumerate(judged) if c is not None and c.fusion is not None]
+            rows = self.fused_rows(judged)
             examples = tuple(self._fuser_example(plans[q].item, judged[q]) for q in rows)
             fuser = FuserBatch(self.local.fns, self.fuser_config.mode, examples)
         shard = shared = None

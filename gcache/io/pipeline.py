@@ -124,7 +124,7 @@ class Pipeline:
         try:
             outs = self._answer(plans, step=step, decode=decode)
             if self.learner is not None and self.learner.measures_answers:
-                shared = {q for q, o in enumerate(outs) if o.judged is not None and o.judged.fusion is not None}
+                shared = set(self.learner.fused_rows([o.judged for o in outs]))
             logprobs = self._answer_logprobs(plans, outs, skip=shared)
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
             log.warning("train step %d failed: %s", step, e)
