@@ -10,7 +10,7 @@ from gcache.core.fusion import FuserConfig, fuse, init_fuser
 from gcache.core.latent import rollout, sequence_logprob
 from gcache.core.objectives import answer_batch
 from gcache.core.optim import adam, tree_leaves
-from gcache.core.reinforce import init_baseline
+from gcache.core.reinforce import baseline_value, init_baseline, update_baseline
 from gcache.core.policy import init_policy, policy_logits
 from gcache.core.sampling import log_prob, sample_topology
 from gcache.core.topology import TopologyConfig, spatial_mask
@@ -71,11 +71,11 @@ def _reference_step(lm, params, policy, fuser, rewards, baseline):
     ])  # fmt: skip
     policy_loss = -((rewards - baseline) * log_probs).mean()
     nlls = []
-    for e in fuser.examples:
+    for e in fuser.examples if fuser is not None else ():
         fused = fuse(fus, list(e.caches), e.edge_weights, mode="learned", sources=e.sources.tolist())
         lp = sequence_logprob(lm.fns, fused, e.answer.input_ids, e.answer.attention_mask, e.answer.target_mask)
         nlls.append(-(lp / e.answer.target_mask.sum(1)).mean())
-    loss = policy_loss + torch.stack(nlls).mean()
+    loss = policy_loss + (torch.stack(nlls).mean() if nlls else 0.0)
     opt = torch.optim.Adam([t for v in leaves.values() for t in v], lr=LR, eps=1e-8)
     opt.zero_grad()
     loss.backward()
@@ -102,16 +102,24 @@ def test_one_step_equals_the_objective_written_out_and_adam(lm):
 
 
 def test_second_step_uses_the_running_baseline(lm):
+    """After a batch, the step's baseline is the running mean of past rewards, not the batch's own.
+
+    The second batch's rewards [1, 0, 0] are chosen so the two baselines differ for every row
+    (running: 2/3 from the first batch [1, 1, 0]; leave-one-out: [0, 0.5, 0.5]), and the step is
+    compared with the objective written out by hand under each: it must equal the running one's
+    and not the leave-one-out one's (a step that ignored the running baseline fails here)."""
     params, policy, fuser = _batch(lm, seed=3)
     optimizer = adam(LR)
-    state = TrainState(params, optimizer.init(params), init_baseline())
-    state, _ = train_step(state, optimizer, torch.tensor([1.0, 1.0, 0.0]), policy=policy)
-    second, _ = train_step(state, optimizer, torch.tensor([0.0, 1.0, 1.0]), policy=policy)
-    # Rewards all equal to the baseline give no policy gradient: Adam's moments only decay.
-    flat, _ = train_step(state, optimizer, torch.full((3,), 2 / 3), policy=policy)
-    assert int(second.baseline.count) == 2
-    for a, b in zip(tree_leaves(flat.opt_state.mu["policy"]), tree_leaves(state.opt_state.mu["policy"])):
-        assert torch.allclose(a, 0.9 * b, atol=1e-7)
+    seen = update_baseline(init_baseline(), torch.tensor([1.0, 1.0, 0.0]))
+    rewards = torch.tensor([1.0, 0.0, 0.0])
+    new, _ = train_step(TrainState(params, optimizer.init(params), seen), optimizer, rewards, policy=policy)
+    running = _reference_step(lm, params, policy, None, rewards, baseline_value(seen))
+    leave_one_out = _reference_step(lm, params, policy, None, rewards, torch.tensor([0.0, 0.5, 0.5]))
+    assert float(baseline_value(seen)) == pytest.approx(2 / 3)
+    for got, ref, other in zip(new.params["policy"], running["policy"], leave_one_out["policy"]):
+        assert torch.allclose(got, ref, atol=1e-6)
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(running["policy"], leave_one_out["policy"]))
+    assert int(new.baseline.count) == 2
 
 
 def test_inputs_are_untouched_and_the_model_gets_no_gradient(lm):
