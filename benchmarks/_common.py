@@ -150,7 +150,7 @@ def micro_setup(args: argparse.Namespace) -> tuple[Any, int, int]:
     and warm-up calls to run."""
     import logging
 
-    from gcache.io.models import load_model, tiny_model
+    from gcache.io.models.local import load_model, tiny_model
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads is not None:
@@ -174,7 +174,7 @@ def base_flags(args: argparse.Namespace) -> dict:
 
 def load_shared_model(config) -> Any:
     """The LocalModel every pipeline of the benchmark shares (loaded once)."""
-    from gcache.io.pipeline import load_local
+    from gcache.io.runner.pipeline import load_local
 
     return load_local(config)
 
@@ -186,7 +186,7 @@ def sharing(local) -> Iterator[None]:
     build_pipeline stays the one place that decides what a method needs; only its model
     loading is short-circuited, and only for configs that name this very model.
     """
-    from gcache.io import pipeline as pipeline_module
+    from gcache.io.runner import pipeline as pipeline_module
 
     original = pipeline_module.load_local
 
@@ -204,8 +204,8 @@ def sharing(local) -> Iterator[None]:
 
 def build_pipelines(flag_sets: dict[str, dict], local=None) -> tuple[dict, Any]:
     """One Pipeline per named flag set (build_config rules apply), all sharing one local model."""
-    from gcache.io.config import build_config
-    from gcache.io.pipeline import build_pipeline
+    from gcache.io.runner.config import build_config
+    from gcache.io.runner.pipeline import build_pipeline
 
     configs = {name: build_config(flags) for name, flags in flag_sets.items()}
     if local is None:

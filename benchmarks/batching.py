@@ -36,9 +36,9 @@ def core_timers(timers: common.Timers, steps: dict):
     decoding loop's iterations (batched rows advance together, so a batch costs its longest row).
     """
     from gcache.core import latent
-    from gcache.io import backends
+    from gcache.io.models import generation
 
-    generate = backends.generate  # the shell's decoding calls the core's generate through this name
+    generate = generation.generate  # the shell's decoding calls the core's generate through this name
 
     def counted_generate(*a, **k):
         with timers.timed("decode"):
@@ -49,7 +49,7 @@ def core_timers(timers: common.Timers, steps: dict):
     with contextlib.ExitStack() as stack:
         stack.enter_context(common.patched(latent, "prefill", timers.wrap(latent.prefill, "prefill")))
         stack.enter_context(common.patched(latent, "latent_step", timers.wrap(latent.latent_step, "latent_steps")))
-        stack.enter_context(common.patched(backends, "generate", counted_generate))
+        stack.enter_context(common.patched(generation, "generate", counted_generate))
         yield
 
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = common.machine_info()  # before the library is imported: the code measured is the code recorded
     started = time.perf_counter()
 
-    from gcache.io.tasks import load_items
+    from gcache.io.tasks.datasets import load_items
 
     n = max(batches)
     items = load_items("gsm8k", "test", limit=n + 1, seed=args.seed)

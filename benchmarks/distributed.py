@@ -121,8 +121,8 @@ def allreduce_bytes(model: str) -> dict:
     """What one training step of ``--method gcache`` all-reduces with this model: every learned
     parameter's gradient, float32, in one flat buffer."""
     from gcache.core.optim import tree_leaves
-    from gcache.io.config import build_config
-    from gcache.io.pipeline import build_pipeline
+    from gcache.io.runner.config import build_config
+    from gcache.io.runner.pipeline import build_pipeline
 
     pipeline = build_pipeline(build_config({"task": "gsm8k", "method": "gcache", "model": model}))
     parts = {k: sum(t.numel() for t in tree_leaves(v)) for k, v in pipeline.learner.params.items()}

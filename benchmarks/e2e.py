@@ -41,12 +41,12 @@ PROFILE_KEYS = {
     "latent rollout": ("gcache/core/latent.py", "rollout"),
     "decoding (generate)": ("gcache/core/latent.py", "generate"),
     "prefill": ("gcache/core/latent.py", "prefill"),
-    "model forward": ("gcache/io/hf.py", "forward"),
-    "lm_head (logits)": ("gcache/io/hf.py", "logits"),
-    "chat encoding": ("gcache/io/models.py", "encode_chat"),
+    "model forward": ("gcache/io/models/hf.py", "forward"),
+    "lm_head (logits)": ("gcache/io/models/hf.py", "logits"),
+    "chat encoding": ("gcache/io/models/local.py", "encode_chat"),
     "fusion": ("gcache/core/fusion.py", "fuse"),
-    "topology (plan)": ("gcache/io/planner.py", "plan"),
-    "scoring": ("gcache/io/tasks.py", "score_many"),
+    "topology (plan)": ("gcache/io/runner/planner.py", "plan"),
+    "scoring": ("gcache/io/tasks/", "score_many"),
 }
 
 
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = common.machine_info()  # before the library is imported: the code measured is the code recorded
     started = time.perf_counter()
 
-    from gcache.io.tasks import load_items
+    from gcache.io.tasks.datasets import load_items
 
     items = load_items("gsm8k", "test", limit=args.n + 1, seed=args.seed)
     warm_item, items = items[-1], items[: args.n]

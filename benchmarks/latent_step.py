@@ -29,8 +29,8 @@ import torch
 from _common import add_micro_args, machine_info, micro_setup
 
 from gcache.core.latent import latent_step, prefill
-from gcache.io.hf import backbone
-from gcache.io.models import load_model
+from gcache.io.models.hf import backbone
+from gcache.io.models.local import load_model
 
 log = logging.getLogger("benchmarks.latent_step")
 ROOT = Path(__file__).resolve().parent

@@ -6,12 +6,12 @@ on held-out GSM8K questions, measured by the reference answer's log-probability.
    (cycling through them), recording each step's mean reward and, every ``--eval-every``
    steps, the mean answer log-probability on the first ``--curve-size`` held-out questions.
 2. On the first ``--test-size`` GSM8K test questions, the mean answer log-probability
-   (gcache.io.answers; no decoding) of: the learned graph + fuser; the same agents on every
+   (gcache.io.runner.answers; no decoding) of: the learned graph + fuser; the same agents on every
    fixed topology (chain, star, mesh, layered, random) and on ``full`` with the untrained
    policy, all with untrained fusion; latent-mas; single; and text-mas on the first
    ``--text-mas-size`` questions (its agents must write their messages, which costs decoding).
    Each with its 95% bootstrap CI, and the paired difference learned-minus-each with a paired
-   bootstrap 95% CI (gcache.io.stats). ``--decode-size`` questions are also decoded for
+   bootstrap 95% CI (gcache.io.records.stats). ``--decode-size`` questions are also decoded for
    accuracy by every method.
 
 The held-out questions are answered batch by batch, every method on a batch before the next
@@ -48,10 +48,10 @@ from _common import (
     write_json,
 )
 
-from gcache.io.communication import LatentCaches, Rollouts
-from gcache.io.report import plot_learning_curve
-from gcache.io.stats import excludes_zero, mean_ci, paired_diff_ci
-from gcache.io.tasks import load_items
+from gcache.io.runner.communication import LatentCaches, Rollouts
+from gcache.io.records.report import plot_learning_curve
+from gcache.io.records.stats import excludes_zero, mean_ci, paired_diff_ci
+from gcache.io.tasks.datasets import load_items
 
 FIXED = ("chain", "star", "mesh", "layered", "random")
 

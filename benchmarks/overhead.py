@@ -42,9 +42,10 @@ MODEL = ("model", "fuser_objective", "backward")
 def instrumented(timers: common.Timers):
     """Wrap the library's functions with timers for the block (restored afterwards)."""
     from gcache.core import objectives, train
-    from gcache.io import backends, communication, learner, planner
-    from gcache.io.pipeline import Pipeline
-    from gcache.io.planner import LearnedGraph
+    from gcache.io.models import generation
+    from gcache.io.runner import communication, learner, planner
+    from gcache.io.runner.pipeline import Pipeline
+    from gcache.io.runner.planner import LearnedGraph
 
     grad = torch.autograd.grad
 
@@ -60,7 +61,7 @@ def instrumented(timers: common.Timers):
         (communication, "fuse", timers.wrap(communication.fuse, "fusion")),
         (objectives, "fuse", timers.wrap(objectives.fuse, "fusion")),
         (communication, "rollout", timers.wrap(communication.rollout, "model")),
-        (backends, "generate", timers.wrap(backends.generate, "model")),
+        (generation, "generate", timers.wrap(generation.generate, "model")),
         (train, "fuser_objective", timers.wrap(train.fuser_objective, "fuser_objective")),
         (learner, "train_step", timers.wrap(learner.train_step, "update")),
         (torch.autograd, "grad", timed_grad),
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = common.machine_info()  # before the library is imported: the code measured is the code recorded
     started = time.perf_counter()
 
-    from gcache.io.tasks import load_items
+    from gcache.io.tasks.datasets import load_items
 
     flags = dict(common.base_flags(args), method="gcache", num_agents=args.num_agents,
                  latent_steps=args.latent_steps, batch_size=args.batch_size)

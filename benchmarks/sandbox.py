@@ -30,14 +30,15 @@ REPO = ROOT.parent
 
 def candidates(per_task: int) -> list[tuple[str, str, int]]:
     """(task, split, row) of the first `per_task` test items of HumanEval and MBPP+."""
-    from gcache.io.tasks import load_items
+    from gcache.io.tasks.datasets import load_items
 
     return [(task, "test", it.index) for task in ("humaneval", "mbppplus") for it in load_items(task, "test", limit=per_task)]
 
 
 def measure_here(which: list[tuple[str, str, int]]) -> dict[str, float]:
     """Seconds of `score` per candidate (by item id), in this interpreter's gcache; raises if one is not correct."""
-    from gcache.io.tasks import gold_replies, load_items, score
+    from gcache.io.tasks.scoring import gold_replies, score
+    from gcache.io.tasks.datasets import load_items
 
     items = [load_items(task, split, question_id=row)[0] for task, split, row in which]
     # MBPP+ expected outputs and imports load once per process; not part of a candidate's cost.

@@ -12,7 +12,7 @@ def models_command(
     prepare: bool = typer.Option(False, "--prepare", help="Convert the embedded GGUF to safetensors now (once)."),
 ) -> None:
     """List the known local models, where their converted copies live, and whether they are ready."""
-    from gcache.io import models
+    from gcache.io.models import local as models
 
     try:
         if prepare:

@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gcache.io.experiment import ending_line, load_summary
-from gcache.io.report import (
+from gcache.io.runner.experiment import ending_line, load_summary
+from gcache.io.records.report import (
     curve_table,
     edge_matrix,
     edge_table,
@@ -19,8 +19,8 @@ from gcache.io.report import (
     plot_topology,
     records_table,
 )
-from gcache.io.runlog import read_records
-from gcache.io.stats import format_interval
+from gcache.io.records.runlog import read_records
+from gcache.io.records.stats import format_interval
 from gcache_cli.main import app, fail
 
 

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from gcache.io import distributed, experiment
-from gcache.io.apiconfig import SETTING_VARS, ApiConfig
-from gcache.io.config import RunConfig, build_config, flag_args
+from gcache.io.runner import distributed, experiment
+from gcache.io.models.apiconfig import SETTING_VARS, ApiConfig
+from gcache.io.runner.config import RunConfig, build_config, flag_args
 from gcache_cli.main import app, fail
 
 _D = RunConfig()  # defaults shown in --help

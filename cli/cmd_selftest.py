@@ -27,7 +27,8 @@ def selftest(
     show: int = typer.Option(5, "--show", min=0, help="How many failures to list."),
 ) -> None:
     """Score the gold answers of TASK through extraction and the sandbox; print the pass rate."""
-    from gcache.io.tasks import TASKS, gold_replies, load_items, score_many
+    from gcache.io.tasks.datasets import TASKS, load_items
+    from gcache.io.tasks.scoring import gold_replies, score_many
 
     names = list(TASKS) if task == "all" else [task]
     if task != "all" and task not in TASKS:

@@ -22,7 +22,7 @@ import torch
 from torch.utils import benchmark
 
 import gcache
-from gcache.io.models import from_hf
+from gcache.io.models.local import from_hf
 
 
 def main() -> None:

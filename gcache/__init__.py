@@ -107,11 +107,11 @@ __version__ = "0.1.0"
 
 # Shell names, imported on first attribute access (module-level __getattr__, PEP 562).
 _LAZY = {
-    "LocalModel": "gcache.io.models",
-    "decode_text": "gcache.io.models",
-    "encode_chat": "gcache.io.models",
-    "load_model": "gcache.io.models",
-    "tiny_model": "gcache.io.models",
+    "LocalModel": "gcache.io.models.local",
+    "decode_text": "gcache.io.models.local",
+    "encode_chat": "gcache.io.models.local",
+    "load_model": "gcache.io.models.local",
+    "tiny_model": "gcache.io.models.local",
 }
 
 __all__ = [

@@ -33,7 +33,7 @@ What is generated, and the invariants it keeps:
 
 Helpers raise AssertionError with a message that says where things differ:
 ``assert_caches_close``, ``assert_left_padded``, ``assert_acyclic``.
-``tiny_model`` is the 2-layer random model of ``gcache.io.models`` (imported on first use).
+``tiny_model`` is the 2-layer random model of ``gcache.io.models.local`` (imported on first use).
 """
 
 import importlib as _importlib
@@ -614,9 +614,9 @@ def assert_acyclic(adjacency: Tensor) -> None:
 
 
 def __getattr__(name: str) -> _Any:
-    """``tiny_model`` (from gcache.io.models) on first use, so importing this module stays cheap."""
+    """``tiny_model`` (from gcache.io.models.local) on first use, so importing this module stays cheap."""
     if name == "tiny_model":
-        value = _importlib.import_module("gcache.io.models").tiny_model
+        value = _importlib.import_module("gcache.io.models.local").tiny_model
         globals()[name] = value
         return value
     raise AttributeError(f"module 'gcache.testing' has no attribute {name!r}")

@@ -13,10 +13,10 @@ import statistics
 
 import torch
 
-from gcache.io.config import build_config
-from gcache.io.pipeline import build_pipeline
-from gcache.io.prompts import Role
-from gcache.io.tasks import Item
+from gcache.io.runner.config import build_config
+from gcache.io.runner.pipeline import build_pipeline
+from gcache.io.runner.prompts import Role
+from gcache.io.tasks.datasets import Item
 
 BATCH = 4
 INFORMED = Role("Informed Solver", "Informed Solver: has been told the answer.",

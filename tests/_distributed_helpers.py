@@ -123,8 +123,8 @@ def train_steps(out: Path | None, steps: int = 2) -> list[torch.Tensor]:
     from gcache.core.optim import adam, tree_leaves
     from gcache.core.reinforce import init_baseline
     from gcache.core.train import PolicyBatch, FuserBatch, TrainState, train_step
-    from gcache.io.distributed import Team, detect, shard
-    from gcache.io.models import tiny_model
+    from gcache.io.runner.distributed import Team, detect, shard
+    from gcache.io.models.local import tiny_model
 
     lm = tiny_model("llama", seed=1)
     params, policy, fuser = _batch(lm)

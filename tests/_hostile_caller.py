@@ -12,7 +12,7 @@ import resource
 import sys
 import time
 
-from gcache.io import sandbox, tasks
+from gcache.io.tasks import datasets, programs, sandbox, scoring
 
 _UIDS_PER_FILE = 1000
 
@@ -31,9 +31,9 @@ def live_processes(uids: range) -> list[int]:
     return found
 
 
-def item_for(item_id: str) -> tasks.Item:
+def item_for(item_id: str) -> datasets.Item:
     task = "humaneval" if item_id.startswith("HumanEval/") else "mbppplus"
-    return next(it for split in ("test", "train") for it in tasks.load_items(task, split) if it.id == item_id)
+    return next(it for split in ("test", "train") for it in datasets.load_items(task, split) if it.id == item_id)
 
 
 def main(victim: str, uid_base: int, paths: list[str]) -> None:
@@ -45,11 +45,11 @@ def main(victim: str, uid_base: int, paths: list[str]) -> None:
         item = item_for(text.splitlines()[0].removeprefix("# target: ").strip())
         text = text.replace("__VICTIM__", victim).replace("__GCACHE_PACKAGE__", sandbox.PACKAGE_DIR)
         # Imports, datasets and expected outputs load once per process: not the candidate's doing.
-        warm = tasks.score(item, tasks.gold_replies(item)[0])
-        limit = tasks._limits_for(item, tasks._code_job(item, "")).wall_s
+        warm = scoring.score(item, scoring.gold_replies(item)[0])
+        limit = programs.limits_for(item, programs.code_job(item, "")).wall_s
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.monotonic()
-        verdict = tasks.score(item, text)
+        verdict = scoring.score(item, text)
         seconds = time.monotonic() - start
         grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
         print(json.dumps({"path": path, "correct": verdict.correct, "error": verdict.error, "seconds": seconds,

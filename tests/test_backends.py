@@ -17,22 +17,9 @@ import torch
 
 from _openai_server import OpenAIServer, Reply, echo_backend
 from gcache.core.latent import Decoding
-from gcache.io.apiconfig import GENERATION_MODES, SETTING_VARS, scrub
-from gcache.io.backends import (
-    HYBRID_INSTRUCTION,
-    ApiClient,
-    ApiConfig,
-    ApiStatusError,
-    CacheInfo,
-    answer_stop,
-    describe_cache_hint,
-    generate_answer,
-    generate_local,
-    require_api,
-    resolve_api_config,
-    with_cache_hint,
-    with_draft,
-)
+from gcache.io.models.apiconfig import GENERATION_MODES, SETTING_VARS, scrub
+from gcache.io.models.generation import HYBRID_INSTRUCTION, CacheInfo, answer_stop, describe_cache_hint, generate_answer, generate_local, with_cache_hint, with_draft
+from gcache.io.models.api import ApiClient, ApiConfig, ApiStatusError, require_api, resolve_api_config
 
 KEY = "sk-live-9f8e7d6c5b4a39281706"
 QUESTION = [
@@ -238,7 +225,7 @@ def _client(server: OpenAIServer, **settings) -> ApiClient:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from gcache.io.models import tiny_model
+    from gcache.io.models.local import tiny_model
 
     return tiny_model("llama", seed=0)
 
@@ -246,7 +233,7 @@ def tiny():
 def _tiny_cache(local, conversations, latent_steps=2):
     """A cache as an agent passes it on: its prompt read, then a few latent steps."""
     from gcache.core.latent import rollout
-    from gcache.io.models import encode_chat
+    from gcache.io.models.local import encode_chat
 
     ids, mask = encode_chat(local, conversations)
     return rollout(local.fns, local.realign, ids, mask, latent_steps=latent_steps).cache
@@ -297,7 +284,7 @@ def test_local_mode_batched_equals_one_row_at_a_time(tiny):
         assert batched[i].text == alone.text
         assert batched[i].tokens == {"prompt": alone.prompt_tokens, "latent": 0, "generated": alone.generated_tokens}
         assert batched[i].api_tokens == {"prompt": 0, "completion": 0}
-    from gcache.io.models import encode_chat
+    from gcache.io.models.local import encode_chat
 
     _, mask = encode_chat(tiny, rows)
     assert [a.tokens["prompt"] for a in batched] == mask.sum(-1).tolist()
@@ -442,16 +429,16 @@ def test_generate_local_stops_each_row_where_the_rule_first_holds(tiny, monkeypa
     # Brute-force reference: decode freely, then cut each row at the first prefix the rule
     # accepts. The rule here ('at least 12 characters', every token a candidate) fires on the
     # random tiny model's output, which never writes '#### N'.
-    import gcache.io.backends as backends
+    import gcache.io.models.generation as generation
 
     from gcache.core.latent import generate
-    from gcache.io.models import encode_chat
+    from gcache.io.models.local import encode_chat
 
     rows = [QUESTION, SHORT, [{"role": "user", "content": "Say something long about rivers."}]]
     ids, mask = encode_chat(tiny, rows)
     free = generate(tiny.fns, ids, mask, Decoding(12), eos_token_ids=tiny.eos_token_ids, pad_token_id=tiny.pad_token_id)
-    monkeypatch.setattr(backends, "answer_complete", lambda family, text: len(text) >= 12)
-    monkeypatch.setattr(backends, "_newline_token_ids", lambda tokenizer: torch.arange(len(tokenizer)))
+    monkeypatch.setattr(generation, "answer_complete", lambda family, text: len(text) >= 12)
+    monkeypatch.setattr(generation, "_newline_token_ids", lambda tokenizer: torch.arange(len(tokenizer)))
     cut = generate_local(tiny, rows, Decoding(12, stop=answer_stop(tiny, "math")))
     for b, c in enumerate(cut):
         tokens = free.tokens[b, : int(free.lengths[b])].tolist()
@@ -466,7 +453,7 @@ def test_generate_local_stops_each_row_where_the_rule_first_holds(tiny, monkeypa
 
 @pytest.fixture(scope="module")
 def embedded():
-    from gcache.io.models import load_model
+    from gcache.io.models.local import load_model
 
     return load_model()
 
@@ -498,9 +485,9 @@ def model_server(embedded):
 
 @pytest.mark.slow
 def test_stopping_at_the_answer_only_cuts_the_tail_on_the_embedded_model(embedded):
-    from gcache.io.extract import answer_complete
-    from gcache.io.prompts import decision_messages
-    from gcache.io.tasks import load_items
+    from gcache.io.tasks.extract import answer_complete
+    from gcache.io.runner.prompts import decision_messages
+    from gcache.io.tasks.datasets import load_items
 
     # on this project's machines the model states its answer early and then writes on in
     # several of the first ten questions (5, 6 and 7); these four hold them and one that does not
@@ -524,7 +511,7 @@ def test_stopping_at_the_answer_only_cuts_the_tail_on_the_embedded_model(embedde
 @pytest.mark.slow
 def test_all_four_modes_on_the_embedded_model(embedded, model_server):
     from gcache.core.latent import rollout
-    from gcache.io.models import encode_chat
+    from gcache.io.models.local import encode_chat
 
     api = _client(model_server)
     rows = [QUESTION]

@@ -24,7 +24,7 @@ from gcache.core.cache import (
     trim_padding,
     validate,
 )
-from gcache.io.hf import from_dynamic_cache, to_dynamic_cache
+from gcache.io.models.hf import from_dynamic_cache, to_dynamic_cache
 from gcache.testing import DTYPES, assert_caches_close, cache_dims, compatible_caches, kv_caches
 
 

@@ -1,4 +1,4 @@
-"""Decision rules (gcache.io.decision) on scripted agent texts: who speaks, and which answer wins."""
+"""Decision rules (gcache.io.runner.decision) on scripted agent texts: who speaks, and which answer wins."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from gcache.core.graph import DECISION, schedule
 from gcache.core.sampling import fixed_topology
 from gcache.core.topology import TopologyConfig, spatial_mask
-from gcache.io.decision import DECISIONS, majority
-from gcache.io.tasks import load_items
+from gcache.io.runner.decision import DECISIONS, majority
+from gcache.io.tasks.datasets import load_items
 
 
 class Said(NamedTuple):
@@ -91,7 +91,7 @@ def test_code_takes_the_first_program_that_passes_the_examples():
 
 
 def test_rules_are_defined_once_and_named_like_their_flag():
-    from gcache.io.config import DECISIONS as FLAG_VALUES
+    from gcache.io.runner.config import DECISIONS as FLAG_VALUES
 
     assert FLAG_VALUES == tuple(DECISIONS) == ("refer", "direct", "vote", "code")
     assert all(rule.name == name for name, rule in DECISIONS.items())

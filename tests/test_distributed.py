@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from _distributed_helpers import HERE, Ranks, free_port, gcache_run, rank_env, rank_pids, train_steps
-from gcache.io.config import build_config
-from gcache.io.distributed import (
+from gcache.io.runner.config import build_config
+from gcache.io.runner.distributed import (
     World,
     config_differences,
     detect,
@@ -29,8 +29,8 @@ from gcache.io.distributed import (
     rank_threads,
     shard,
 )
-from gcache.io.experiment import run_experiment
-from gcache.io.runlog import read_records
+from gcache.io.runner.experiment import run_experiment
+from gcache.io.records.runlog import read_records
 from gcache_cli.cmd_run import run_args
 from gcache_cli.main import app
 
@@ -137,8 +137,8 @@ def test_launched_ranks_parse_the_same_settings(monkeypatch):
                 "stop_at_answer": False, "lr": 0.05, "num_agents": 3, "limit": 5, "resume": True, "out": "x"}  # fmt: skip
     seen = []
     monkeypatch.setattr("gcache_cli.cmd_run.distributed.detect", lambda: None)
-    monkeypatch.setattr("gcache.io.experiment.check_before_loading", lambda config: None)
-    monkeypatch.setattr("gcache.io.experiment.run_experiment", lambda config: seen.append(config) or {"status": "complete"})
+    monkeypatch.setattr("gcache.io.runner.experiment.check_before_loading", lambda config: None)
+    monkeypatch.setattr("gcache.io.runner.experiment.run_experiment", lambda config: seen.append(config) or {"status": "complete"})
     result = CliRunner().invoke(app, ["run", *run_args("gsm8k", explicit)])
     assert result.exit_code == 0, result.output
     assert seen == [build_config(explicit)]
@@ -290,7 +290,7 @@ def test_a_failing_rank_ends_the_job_with_one_line_naming_it(tmp_path):
     patch = tmp_path / "patch"
     patch.mkdir()
     (patch / "sitecustomize.py").write_text(
-        "import gcache.io.pipeline as p\n"
+        "import gcache.io.runner.pipeline as p\n"
         "def broken(self, items):\n    raise RuntimeError('disk on fire')\n"
         "p.Pipeline.evaluate = broken\n"
     )

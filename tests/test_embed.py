@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gcache.io import embed
+from gcache.io.models import embed
 
 PROFILES = [
     "You are a careful mathematician who checks every arithmetic step.",

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gcache.io.extract import extract_choice, extract_code, extract_number, format_number, numbers_equal, parse_number
+from gcache.io.tasks.extract import extract_choice, extract_code, extract_number, format_number, numbers_equal, parse_number
 
 
 @pytest.mark.parametrize(
@@ -162,7 +162,7 @@ def test_bad_types_raise_type_error():
 
 # --------------------------------------------------------------------------- a finished answer
 
-from gcache.io.extract import answer_complete  # noqa: E402
+from gcache.io.tasks.extract import answer_complete  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from _openai_server import OpenAIServer, Reply, isolated_api_env
-from gcache.io.config import api_config, resume_command, with_api_settings
-from gcache.io.report import records_table
-from gcache.io.runlog import PARAMS, STATE, read_records
+from gcache.io.runner.config import api_config, resume_command, with_api_settings
+from gcache.io.records.report import records_table
+from gcache.io.records.runlog import PARAMS, STATE, read_records
 from gcache_cli.main import app
 
 KEY = "sk-faults-5e4d3c2b1a09f8e7"
@@ -230,7 +230,7 @@ def test_kill_9_in_the_middle_of_a_retry_then_resume_loses_and_repeats_nothing(t
 def runs(monkeypatch):
     """The configs `gcache run` hands to run_experiment, which here loads nothing and runs nothing."""
     seen: list = []
-    monkeypatch.setattr("gcache.io.experiment.run_experiment", lambda config: seen.append(config) or {"status": "complete"})
+    monkeypatch.setattr("gcache.io.runner.experiment.run_experiment", lambda config: seen.append(config) or {"status": "complete"})
     return seen
 
 

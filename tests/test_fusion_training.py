@@ -25,7 +25,7 @@ from gcache.core.objectives import (
     fuser_step,
 )
 from gcache.core.optim import adam
-from gcache.io.models import load_model, tiny_model
+from gcache.io.models.local import load_model, tiny_model
 
 NAMES = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lee"]
 SOURCES = [0, 1, 2]

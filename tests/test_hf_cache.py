@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from transformers.cache_utils import DynamicLayer
 
 from gcache.core.latent import Decoding, generate, rollout
-from gcache.io.hf import GrowingLayer, growing_cache
-from gcache.io.models import tiny_model
+from gcache.io.models.hf import GrowingLayer, growing_cache
+from gcache.io.models.local import tiny_model
 from tests._latent_helpers import conversations
 
 B, H, D = 3, 2, 4

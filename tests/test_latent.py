@@ -16,7 +16,7 @@ import torch
 
 from gcache.core.cache import KVCache, concat, keep_last
 from gcache.core.latent import Decoding, _sample, generate, prefill, rollout, sequence_logprob
-from gcache.io.models import load_model, tiny_model
+from gcache.io.models.local import load_model, tiny_model
 from tests._latent_helpers import QUESTIONS, conversations, hf_latent_reference, hf_logits, real_positions
 
 ATOL = 1e-4

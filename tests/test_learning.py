@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from gcache.core.rewards import reward
-from gcache.io.config import METHODS, build_config
-from gcache.io.experiment import run_experiment
-from gcache.io.runlog import read_records
+from gcache.io.runner.config import METHODS, build_config
+from gcache.io.runner.experiment import run_experiment
+from gcache.io.records.runlog import read_records
 from gcache_cli.main import app
 
 TINY = dict(model="tiny-llama", max_new_tokens=4, batch_size=2)
@@ -75,8 +75,8 @@ def test_the_default_reward_is_likelihood_and_accuracy_where_only_an_api_answers
 
 
 def test_custom_roles_replace_the_agents_and_bad_ones_are_named():
-    from gcache.io.pipeline import build_pipeline
-    from gcache.io.prompts import Role
+    from gcache.io.runner.pipeline import build_pipeline
+    from gcache.io.runner.prompts import Role
 
     config = build_config({"task": "gsm8k", "method": "gcache", "num_iterations": 0, **TINY})
     roles = [Role("A", "A: first.", "You are A."), Role("B", "B: second.", "You are B.")]
@@ -143,10 +143,10 @@ def test_the_reward_is_read_from_the_fusers_own_forward_and_equals_a_separate_on
     log-probabilities and the step's new parameters equal those of a step that measures apart."""
     import torch
 
-    import gcache.io.pipeline as pipeline_module
-    from gcache.io.learner import Learner
-    from gcache.io.pipeline import build_pipeline
-    from gcache.io.tasks import load_items
+    import gcache.io.runner.pipeline as pipeline_module
+    from gcache.io.runner.learner import Learner
+    from gcache.io.runner.pipeline import build_pipeline
+    from gcache.io.tasks.datasets import load_items
 
     config = build_config({"task": "gsm8k", "method": "gcache", "num_agents": 3, "latent_steps": 2, "reward": kind,
                            **TINY})  # fmt: skip

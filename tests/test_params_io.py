@@ -11,7 +11,7 @@ import torch
 from gcache.core import optim
 from gcache.core import policy as pl
 from gcache.core import topology as tp
-from gcache.io.params import load_params, save_params
+from gcache.io.records.params import load_params, save_params
 
 
 class Other(NamedTuple):

@@ -2,9 +2,10 @@
 
 import pytest
 
-from gcache.io.extract import extract_choice, extract_number
-from gcache.io.prompts import ROLES, agent_messages, agent_roles, answer_format, decision_messages
-from gcache.io.tasks import TASKS, load_items, score, task_family
+from gcache.io.tasks.extract import extract_choice, extract_number
+from gcache.io.runner.prompts import ROLES, agent_messages, agent_roles, answer_format, decision_messages
+from gcache.io.tasks.datasets import TASKS, load_items, task_family
+from gcache.io.tasks.scoring import score
 
 
 @pytest.mark.parametrize("task", TASKS)

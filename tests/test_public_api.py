@@ -95,7 +95,7 @@ def test_version_matches_the_installed_distribution():
 
 
 def test_shell_names_resolve_to_the_model_module():
-    from gcache.io import models
+    from gcache.io.models import local as models
 
     for name in SHELL:
         assert getattr(gcache, name) is getattr(models, name)

@@ -1,4 +1,4 @@
-"""Weight-only bf16 / int8 linears (gcache.io.quant) on tiny random models.
+"""Weight-only bf16 / int8 linears (gcache.io.models.quant) on tiny random models.
 
 References: the float32 model itself (outputs close within a stated tolerance), a
 weight-only variant run row by row against the same variant batched, the stop rule
@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gcache.core.latent import Decoding, generate, rollout
-from gcache.io.models import tiny_model
-from gcache.io.quant import WeightOnlyLinear, dequantize_int8, quantize_int8, quantize_linears, weight_bytes
+from gcache.io.models.local import tiny_model
+from gcache.io.models.quant import WeightOnlyLinear, dequantize_int8, quantize_int8, quantize_linears, weight_bytes
 from tests._latent_helpers import QUESTIONS, conversations, real_positions
 
 VARIANTS = ("bf16", "int8")
@@ -151,7 +151,7 @@ def test_quantize_linears_refuses_unknown_weights_and_fp32_swaps_nothing(fp32):
 def test_weights_is_a_run_setting_and_a_cli_flag(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from gcache.io.config import build_config
+    from gcache.io.runner.config import build_config
     from gcache_cli.main import app
 
     assert build_config({}).weights == "fp32" and build_config({"weights": "int8"}).weights == "int8"
@@ -162,7 +162,7 @@ def test_weights_is_a_run_setting_and_a_cli_flag(tmp_path, monkeypatch):
         seen["config"] = config
         return {"status": "complete"}
 
-    monkeypatch.setattr("gcache.io.experiment.run_experiment", fake_run)
+    monkeypatch.setattr("gcache.io.runner.experiment.run_experiment", fake_run)
     out = CliRunner().invoke(app, ["run", "gsm8k", "--model", "tiny-llama", "--out", str(tmp_path / "r"), "--weights", "bf16"])
     assert out.exit_code == 0, out.output
     assert seen["config"].weights == "bf16"

@@ -23,7 +23,7 @@ def test_tied_embeddings_give_the_identity():
 
 
 def test_tiny_model_tied_embeddings_give_the_identity():
-    from gcache.io.models import tiny_model
+    from gcache.io.models.local import tiny_model
 
     lm = tiny_model("qwen3")
     assert lm.model.config.tie_word_embeddings

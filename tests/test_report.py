@@ -5,7 +5,7 @@ import math
 
 from rich.console import Console
 
-from gcache.io.report import (
+from gcache.io.records.report import (
     curve_table,
     edge_matrix,
     edge_table,
@@ -13,8 +13,8 @@ from gcache.io.report import (
     learning_line,
     plot_learning_curve,
 )
-from gcache.io.runlog import summarize
-from gcache.io.stats import format_interval, mean_ci
+from gcache.io.records.runlog import summarize
+from gcache.io.records.stats import format_interval, mean_ci
 
 
 def record(i, phase="eval", *, logprob=None, reward=None, step=None, correct=False):

@@ -9,10 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gcache.core.rewards import LOGPROB_FLOOR, REWARDS, clip_logprob, reward
-from gcache.io.answers import answer_logprobs
-from gcache.io.models import tiny_model
-from gcache.io.prompts import decision_messages
-from gcache.io.tasks import Item, score
+from gcache.io.runner.answers import answer_logprobs
+from gcache.io.models.local import tiny_model
+from gcache.io.runner.prompts import decision_messages
+from gcache.io.tasks.datasets import Item
+from gcache.io.tasks.scoring import score
 
 ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True)
 BOUNDS = {"accuracy": (0.0, 1.0), "likelihood": (LOGPROB_FLOOR, 0.0), "mixed": (0.0, 2.0)}

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gcache.io import pipeline as pipeline_module
-from gcache.io.communication import Rollouts
-from gcache.io.config import build_config
-from gcache.io.pipeline import build_pipeline, load_local
-from gcache.io.tasks import load_items
+from gcache.io.runner import pipeline as pipeline_module
+from gcache.io.runner.communication import Rollouts
+from gcache.io.runner.config import build_config
+from gcache.io.runner.pipeline import build_pipeline, load_local
+from gcache.io.tasks.datasets import load_items
 
 FLAGS = dict(task="gsm8k", model="tiny-llama", method="gcache", num_agents=3, latent_steps=2, max_new_tokens=2,
              optimize_spatial=False, batch_size=2)

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from gcache.io.runlog import RESULTS, RunLog, latest_records, read_records, summarize
+from gcache.io.records.runlog import RESULTS, RunLog, latest_records, read_records, summarize
 
 
 def _record(i, phase="eval", correct=True):

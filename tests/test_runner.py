@@ -17,11 +17,11 @@ import torch
 from typer.testing import CliRunner
 
 from _openai_server import OpenAIServer, Reply, isolated_api_env
-from gcache.io.apiconfig import ApiConfig
-from gcache.io.config import METHODS, api_config, build_config
-from gcache.io.experiment import check_before_loading, run_experiment
-from gcache.io.runlog import read_records
-from gcache.io.tasks import TASKS
+from gcache.io.models.apiconfig import ApiConfig
+from gcache.io.runner.config import METHODS, api_config, build_config
+from gcache.io.runner.experiment import check_before_loading, run_experiment
+from gcache.io.records.runlog import read_records
+from gcache.io.tasks.datasets import TASKS
 from gcache_cli.main import app
 
 TINY = dict(model="tiny-llama", max_new_tokens=6, latent_steps=2, batch_size=2)
@@ -76,9 +76,9 @@ def test_every_method_runs_end_to_end_on_gsm8k(tmp_path, method):
 @pytest.mark.parametrize("task, family", [("gsm8k", "math"), ("medqa", "medicine"), ("mbppplus", "code")])
 @pytest.mark.parametrize("method", ["single", "latent-mas"])
 def test_stop_at_answer_reaches_local_decoding(tmp_path, monkeypatch, task, family, method):
-    import gcache.io.pipeline as pipeline_module
-    from gcache.io.pipeline import build_pipeline
-    from gcache.io.tasks import load_items
+    import gcache.io.runner.pipeline as pipeline_module
+    from gcache.io.runner.pipeline import build_pipeline
+    from gcache.io.tasks.datasets import load_items
 
     stops, families = [], []
     real, real_stop = pipeline_module.generate_answer, pipeline_module.answer_stop
@@ -101,7 +101,7 @@ def test_stop_at_answer_reaches_local_decoding(tmp_path, monkeypatch, task, fami
 def test_stop_at_answer_flag_parses(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(
-        "gcache.io.experiment.run_experiment", lambda config: seen.setdefault("config", config) and {"status": "complete"}
+        "gcache.io.runner.experiment.run_experiment", lambda config: seen.setdefault("config", config) and {"status": "complete"}
     )
     for flag, want in (([], True), (["--no-stop-at-answer"], False), (["--stop-at-answer"], True)):
         seen.clear()
@@ -238,7 +238,7 @@ def test_report_and_compare_read_finished_runs(tmp_path):
 
 def test_checkpoint_restores_the_learned_parts_and_the_step(tmp_path):
     import gcache
-    from gcache.io.pipeline import build_pipeline
+    from gcache.io.runner.pipeline import build_pipeline
 
     config = _config(tmp_path, "gsm8k", "gcache", limit=1, num_iterations=2)
     run_experiment(config)
@@ -267,7 +267,7 @@ def runs(monkeypatch):
     """The configs `gcache run` hands to run_experiment, which here loads nothing and runs nothing."""
     seen: list = []
     monkeypatch.setattr(
-        "gcache.io.experiment.run_experiment", lambda config: seen.append(config) or {"status": "complete"}
+        "gcache.io.runner.experiment.run_experiment", lambda config: seen.append(config) or {"status": "complete"}
     )
     return seen
 
@@ -280,7 +280,7 @@ def _run_api(tmp_path, *flags: str, base_url: str = "http://127.0.0.1:9/v1"):
 def test_api_flags_reach_the_openai_client(tmp_path, api_env, runs):
     import asyncio
 
-    from gcache.io.backends import ApiClient
+    from gcache.io.models.api import ApiClient
 
     result = _run_api(tmp_path, "--api-timeout", "2.5", "--api-max-retries", "0", "--api-concurrency", "3")
     assert result.exit_code == 0, result.output
@@ -337,8 +337,8 @@ def test_a_bad_api_setting_fails_naming_it_before_any_model_loads(tmp_path, api_
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    api_env.setattr("gcache.io.models.load_model", no_loading)
-    api_env.setattr("gcache.io.pipeline.load_local", no_loading)
+    api_env.setattr("gcache.io.models.local.load_model", no_loading)
+    api_env.setattr("gcache.io.runner.pipeline.load_local", no_loading)
     for var, value in env.items():
         api_env.setenv(var, value)
     result = _run_api(tmp_path, *flags)
@@ -390,8 +390,8 @@ def test_a_resumed_run_may_change_the_api_http_settings_but_not_the_api_model(tm
 
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
 def test_weights_flag_reaches_the_runs_model(tmp_path, weights):
-    from gcache.io.pipeline import build_pipeline
-    from gcache.io.quant import WeightOnlyLinear
+    from gcache.io.runner.pipeline import build_pipeline
+    from gcache.io.models.quant import WeightOnlyLinear
 
     pipeline = build_pipeline(_config(tmp_path, "gsm8k", "latent-mas", weights=weights))
     linears = [m for m in pipeline.speaker.local.model.modules() if isinstance(m, WeightOnlyLinear)]

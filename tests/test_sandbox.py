@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gcache.io import sandbox_child as wire
-from gcache.io.sandbox import (
+from gcache.io.tasks import sandbox_child as wire
+from gcache.io.tasks.sandbox import (
     CandidateFailure,
     Child,
     Limits,
@@ -88,7 +88,7 @@ def test_fork_bombs_are_contained(bomb, monkeypatch):
     # Every process the candidate could start inherits the sandbox's fresh working directory;
     # none may outlive the run. (Counting processes in the test's session is racy: the other
     # xdist worker shares that session and starts processes of its own.)
-    import gcache.io.sandbox as sandbox
+    import gcache.io.tasks.sandbox as sandbox
 
     workdirs = []
 
@@ -384,7 +384,7 @@ def test_humaneval_check_runs_in_the_trusted_process():
 
 @pytest.mark.skipif(not landlock_available(), reason="Landlock is not available on this kernel")
 def test_the_gcache_package_is_hidden_but_other_files_read():
-    import gcache.io.sandbox as sandbox
+    import gcache.io.tasks.sandbox as sandbox
 
     data = os.path.join(sandbox.PACKAGE_DIR, "data")
     readme = os.path.join(os.path.dirname(sandbox.PACKAGE_DIR), "README.md")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gcache.io import sandbox
+from gcache.io.tasks import sandbox
 
 HERE = Path(__file__).resolve().parent
 HOSTILE = sorted((HERE / "hostile").glob("*.py"))

@@ -21,7 +21,7 @@ def test_selftest_code_runs_the_sandbox():
 
 
 def test_selftest_fails_below_100_percent(monkeypatch):
-    import gcache.io.tasks as tasks
+    import gcache.io.tasks.scoring as tasks
 
     real = tasks.gold_replies
     monkeypatch.setattr(tasks, "gold_replies", lambda item: real(item) + ["I have no idea."])

@@ -1,4 +1,4 @@
-"""The static-cache decode step (gcache.core.latent.StaticFns, gcache.io.hf.static_fns): a
+"""The static-cache decode step (gcache.core.latent.StaticFns, gcache.io.models.hf.static_fns): a
 cache preallocated to the decoding's bound, every step the same shapes. It must decode what
 the dynamic path decodes (tokens, lengths, the cache it returns) under padding, an incoming
 cache, EOS, the stop rule and sampling, and never write into its inputs."""
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from gcache.core.latent import Decoding, decode_tokens, generate, prefill, rollout
-from gcache.io.config import build_config
-from gcache.io.hf import static_fns
-from gcache.io.models import tiny_model
-from gcache.io.pipeline import load_local
+from gcache.io.runner.config import build_config
+from gcache.io.models.hf import static_fns
+from gcache.io.models.local import tiny_model
+from gcache.io.runner.pipeline import load_local
 from tests._latent_helpers import QUESTIONS, conversations, real_positions
 
 TOL = 2e-4  # the static step attends over masked spare columns: the same sums in another blocking

@@ -1,4 +1,4 @@
-"""Means with bootstrap confidence intervals (gcache.io.stats): exact on degenerate samples,
+"""Means with bootstrap confidence intervals (gcache.io.records.stats): exact on degenerate samples,
 close to normal theory on a large normal sample, covering the true mean about as often as the
 level says, and paired intervals that use the pairing."""
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gcache.io.stats import Interval, excludes_zero, mean_ci, paired_diff_ci
+from gcache.io.records.stats import Interval, excludes_zero, mean_ci, paired_diff_ci
 
 FINITE = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
 

@@ -6,19 +6,8 @@ import gzip
 
 import pytest
 
-from gcache.io.tasks import (
-    TASKS,
-    RowError,
-    Verdict,
-    data_dir,
-    gold_replies,
-    load_items,
-    parse_rows,
-    run_examples,
-    score,
-    score_many,
-    task_family,
-)
+from gcache.io.tasks.datasets import TASKS, RowError, data_dir, load_items, parse_rows, task_family
+from gcache.io.tasks.scoring import Verdict, gold_replies, run_examples, score, score_many
 
 
 def both_splits(task):

@@ -274,7 +274,7 @@ def test_assert_left_padded_fails_on_right_or_middle_padding():
 
 
 def test_tiny_model_is_re_exported_without_importing_it_eagerly():
-    from gcache.io import models
+    from gcache.io.models import local as models
 
     assert gt.tiny_model is models.tiny_model
     assert "tiny_model" in dir(gt)

@@ -14,7 +14,7 @@ from gcache.core import optim
 from gcache.core import policy as pl
 from gcache.core import sampling as sm
 from gcache.core import topology as tp
-from gcache.io.config import RunConfig
+from gcache.io.runner.config import RunConfig
 from gcache.testing import adjacency_matrices, candidate_masks
 
 from _topology_helpers import (

@@ -24,7 +24,7 @@ from gcache.core.train import (
     fuser_losses,
     train_step,
 )
-from gcache.io.models import tiny_model
+from gcache.io.models.local import tiny_model
 
 N, F, LR = 3, 12, 0.05
 

@@ -30,7 +30,7 @@ State = Any  # a model-native cache (transformers' DynamicCache in the shell), g
 
 class StaticFns(NamedTuple):
     """A decode step over a cache preallocated to the decoding's bound; built by the shell
-    (gcache.io.hf.static_fns). Its shapes do not change from step to step, so a compiler
+    (gcache.io.models.hf.static_fns). Its shapes do not change from step to step, so a compiler
     (torch.compile, CUDA graphs) can own ``forward``.
 
     init(cache: KVCache [L, B, H, T, D], capacity) -> state holding the cache in its first T
@@ -47,7 +47,7 @@ class StaticFns(NamedTuple):
 
 
 class ModelFns(NamedTuple):
-    """What the core needs of a causal LM; built by the shell (gcache.io.hf.model_fns).
+    """What the core needs of a causal LM; built by the shell (gcache.io.models.hf.model_fns).
 
     embed(input_ids [B, S]) -> [B, S, d]
     forward(inputs_embeds [B, S, d], attention_mask [B, T+S] bool, position_ids [B, S], state)

@@ -9,7 +9,7 @@ a dict of fuser weights, ...). A transformation is a pair of pure functions::
 
 Nothing is mutated: every call returns new tensors, so a training step is
 ``(params, state) -> (params, state)`` and can be replayed or saved
-(gcache/io/params.py saves any NamedTuple of tensors, ``AdamState`` included).
+(gcache/io/records/params.py saves any NamedTuple of tensors, ``AdamState`` included).
 """
 
 from __future__ import annotations

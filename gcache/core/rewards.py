@@ -4,7 +4,7 @@ Three kinds (``REWARDS``), chosen with ``--reward``:
 
 - ``accuracy``: 1.0 when the decoded answer is correct, else 0.0.
 - ``likelihood``: the reference answer's mean log-probability per token under the decision
-  node's context (``gcache.io.answers``), clipped to ``[LOGPROB_FLOOR, 0]``. It needs no
+  node's context (``gcache.io.runner.answers``), clipped to ``[LOGPROB_FLOOR, 0]``. It needs no
   decoded answer: a small model that never answers right still ranks graphs by how much
   closer they bring it to the right answer.
 - ``mixed``: ``correct + exp(clipped log-probability)``, in [0, 2]. The exponential is the

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from gcache.io.config import build_config
-from gcache.io.experiment import run_experiment
+from gcache.io.runner.config import build_config
+from gcache.io.runner.experiment import run_experiment
 from safetensors.torch import load_file
-from gcache.io.runlog import read_records
+from gcache.io.records.runlog import read_records
 
 HERE = Path(__file__).parent
 TINY = dict(model="tiny-llama", max_new_tokens=8, latent_steps=2, batch_size=2, limit=2, seed=5)

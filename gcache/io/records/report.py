@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from gcache.io.runlog import summarize
-from gcache.io.stats import format_interval
+from gcache.io.records.runlog import summarize
+from gcache.io.records.stats import format_interval
 
 
 def records_table(summary: dict, records: list[dict]) -> Table:

@@ -2,9 +2,9 @@
 
 One run is a ``Pipeline`` assembled once by ``build_pipeline`` from four choices:
 
-- a planner (gcache.io.planner): a fixed topology, or the learned policy;
-- a communication strategy (gcache.io.communication): latent caches, or text;
-- a decision rule (gcache.io.decision): refer, direct, vote or code;
+- a planner (gcache.io.runner.planner): a fixed topology, or the learned policy;
+- a communication strategy (gcache.io.runner.communication): latent caches, or text;
+- a decision rule (gcache.io.runner.decision): refer, direct, vote or code;
 - a speaker: how text is written (the generation mode: local, api_hint, hybrid, api) with
   the run's ``Decoding``.
 
@@ -13,7 +13,7 @@ wave, and every node of a wave across the batch runs at once: the thinking ones 
 batched latent rollout, the speaking ones in one batched generation (or concurrent API
 requests); then the rule decides each answer, or the judger writes it from the decision
 node's context. Training answers with sampled graphs and no gradient, scores, and then
-calls the core's pure ``train_step`` (gcache.io.learner).
+calls the core's pure ``train_step`` (gcache.io.runner.learner).
 """
 
 from __future__ import annotations
@@ -32,17 +32,19 @@ from gcache.core.graph import DECISION, Node
 from gcache.core.latent import Decoding
 from gcache.core.rewards import reward
 from gcache.core.topology import TopologyConfig
-from gcache.io.answers import answer_logprobs
-from gcache.io.backends import Answer, ApiClient, ApiOutageError, answer_stop, generate_answer
-from gcache.io.communication import Communication, Context, LatentCaches, NodeOut, Outputs, TextMessages, stack_contexts
-from gcache.io.config import TINY_MODELS, RunConfig, api_config
-from gcache.io.decision import DECISIONS, Decision
-from gcache.io.embed import load_encoder
-from gcache.io.learner import Learner, Team
-from gcache.io.models import LocalModel, load_model, tiny_model
-from gcache.io.planner import FixedGraph, LearnedGraph, Plan, Planner, candidate_mask
-from gcache.io.prompts import Role, agent_roles, latent_mas_roles
-from gcache.io.tasks import Item, Verdict, score_many, task_family
+from gcache.io.runner.answers import answer_logprobs
+from gcache.io.models.generation import Answer, answer_stop, generate_answer
+from gcache.io.models.api import ApiClient, ApiOutageError
+from gcache.io.runner.communication import Communication, Context, LatentCaches, NodeOut, Outputs, TextMessages, stack_contexts
+from gcache.io.runner.config import TINY_MODELS, RunConfig, api_config
+from gcache.io.runner.decision import DECISIONS, Decision
+from gcache.io.models.embed import load_encoder
+from gcache.io.runner.learner import Learner, Team
+from gcache.io.models.local import LocalModel, load_model, tiny_model
+from gcache.io.runner.planner import FixedGraph, LearnedGraph, Plan, Planner, candidate_mask
+from gcache.io.runner.prompts import Role, agent_roles, latent_mas_roles
+from gcache.io.tasks.datasets import Item, task_family
+from gcache.io.tasks.scoring import Verdict, score_many
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ class Speaker:
 class Pipeline:
     """A run's components and how they answer, train on and record a batch."""
 
-    ranks = 1  # processes answering each batch together (gcache.io.distributed.TeamPipeline: several)
+    ranks = 1  # processes answering each batch together (gcache.io.runner.distributed.TeamPipeline: several)
 
     def __init__(
         self, config: RunConfig, roles: Sequence[Role], planner: Planner, comm: Communication,
@@ -283,7 +285,7 @@ class Pipeline:
         self, plans: Sequence[Plan], outs: Sequence[QuestionOut], *, skip: set[int] = frozenset()
     ) -> list[float | None]:  # fmt: skip
         """Per question, the reference answer's mean log-probability per token under the context the
-        answer was (or would be) decoded from (gcache.io.answers), in one batched forward with no
+        answer was (or would be) decoded from (gcache.io.runner.answers), in one batched forward with no
         gradient; None where there is no context (a failed question), no local model (API text),
         or the row is in ``skip`` (measured elsewhere)."""
         local = self.speaker.local

@@ -15,10 +15,10 @@ from typing import Any
 from gcache.core.fusion import MODES as FUSIONS
 from gcache.core.rewards import REWARDS
 from gcache.core.topology import MODES as TOPOLOGIES
-from gcache.io.apiconfig import GENERATION_MODES, ApiConfig, resolve_api_config
-from gcache.io.decision import NAMES as DECISIONS
-from gcache.io.prompts import AGENT_SETS
-from gcache.io.quant import MODEL_WEIGHTS
+from gcache.io.models.apiconfig import GENERATION_MODES, ApiConfig, resolve_api_config
+from gcache.io.runner.decision import NAMES as DECISIONS
+from gcache.io.runner.prompts import AGENT_SETS
+from gcache.io.models.quant import MODEL_WEIGHTS
 
 METHODS = ("single", "text-mas", "latent-mas", "gcache")
 # Seeded random models with the embedded tokenizer, for smoke tests (``--model tiny-llama``).
@@ -224,7 +224,7 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
 
 
 def api_config(config: RunConfig) -> ApiConfig:
-    """The API settings of a run: its flags, then the environment, then ``.env`` (gcache.io.apiconfig).
+    """The API settings of a run: its flags, then the environment, then ``.env`` (gcache.io.models.apiconfig).
 
     Raises ValueError naming the variable when an HTTP setting from the environment is bad.
     """

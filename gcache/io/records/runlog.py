@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from gcache.io.stats import mean_ci
+from gcache.io.records.stats import mean_ci
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _truncate_to_complete_lines(path: Path) -> None:
 
 def summarize(records: Iterable[dict]) -> dict:
     """Accuracy, token totals, seconds and errors over the lines of one phase, and the mean
-    answer log-probability with its 95% bootstrap interval (gcache.io.stats.mean_ci) over the
+    answer log-probability with its 95% bootstrap interval (gcache.io.records.stats.mean_ci) over the
     questions that carry a finite ``answer_logprob`` (None when none does).
 
     Each question counts once, by its latest line; ``retries`` is the number of earlier

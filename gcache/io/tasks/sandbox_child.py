@@ -1,6 +1,6 @@
 """The child side of the code sandbox, and the plain-data codec both sides share.
 
-Run as a script (``python -I sandbox_child.py``) by `gcache.io.sandbox`; it imports the
+Run as a script (``python -I sandbox_child.py``) by `gcache.io.tasks.sandbox`; it imports the
 standard library only (Landlock through ctypes), so it works whatever the installation of
 gcache. Its life:
 

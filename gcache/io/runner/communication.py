@@ -32,10 +32,10 @@ from gcache.core.batch import stack_rows
 from gcache.core.fusion import FuserParams, fuse
 from gcache.core.graph import DECISION, Node, Schedule
 from gcache.core.latent import rollout
-from gcache.io.backends import CacheInfo
-from gcache.io.models import LocalModel, encode_chat
-from gcache.io.prompts import Role, agent_messages, decision_messages
-from gcache.io.tasks import Item
+from gcache.io.models.generation import CacheInfo
+from gcache.io.models.local import LocalModel, encode_chat
+from gcache.io.runner.prompts import Role, agent_messages, decision_messages
+from gcache.io.tasks.datasets import Item
 
 
 class NodeOut(NamedTuple):

@@ -1,7 +1,7 @@
 """Run untrusted Python programs (model-written code) in a contained child; decide verdicts outside it.
 
 Threat model. The candidate program is hostile and knows this code. It runs in a child
-process (`gcache.io.sandbox_child`) that computes return values only: the trusted process
+process (`gcache.io.tasks.sandbox_child`) that computes return values only: the trusted process
 sends arguments, the child sends back the candidate's results as plain data (None, bool, int,
 float, complex, str, bytes and list/tuple/set/frozenset/dict of those; Counter, OrderedDict
 and defaultdict travel as dict), decoded by a strict JSON-based decoder, never pickle. Every
@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from gcache.io import sandbox_child as wire
+from gcache.io.tasks import sandbox_child as wire
 
 __all__ = [
     "Limits",
@@ -80,7 +80,7 @@ log = logging.getLogger(__name__)
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "BASE_URL")
 _ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 CHILD_SCRIPT = str(Path(wire.__file__).resolve())
-PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+PACKAGE_DIR = str(Path(__file__).resolve().parents[2])  # the gcache package
 # A reply beyond the child's own limit for a call: scheduling on a loaded machine, not the candidate.
 _SLACK_S = 2.0
 _UIDS = (1_000_000, 2_000_000)

@@ -1,7 +1,7 @@
 """The reference answer a decision node should write, and how likely the model finds it.
 
 **Answer target** (``answer_target``), per task family: the answer line the decision prompts ask
-for (``gcache.io.prompts.answer_format``), split into the prefix the line starts with and the
+for (``gcache.io.runner.prompts.answer_format``), split into the prefix the line starts with and the
 reference answer after it.
 
 =====================  ==================  ==================================================
@@ -34,7 +34,7 @@ program's likelihood stays bounded in cost. No end-of-sequence token is appended
 ``log p(token | decision context, prefix, earlier answer tokens)``, teacher-forced through the
 frozen model in one batched forward (no decoding). The decision context is exactly what the
 decision node decodes from: its chat messages, encoded with the chat template and the generation
-prompt as ``gcache.io.backends.generate_local`` encodes them, read on top of its (fused) cache
+prompt as ``gcache.io.models.generation.generate_local`` encodes them, read on top of its (fused) cache
 for latent methods (gcache, latent-mas), on no cache for text methods (text-mas: the judger's
 prompt holds the agents' texts; single: the one agent's prompt). It is <= 0; the higher, the
 closer the context brings the model to the right answer, whether or not greedy decoding would
@@ -51,9 +51,9 @@ from torch import Tensor
 from gcache.core import cache as kv
 from gcache.core.objectives import AnswerBatch, answer_batch
 from gcache.core.objectives import answer_logprobs as _answer_logprobs
-from gcache.io.communication import stack_contexts
-from gcache.io.models import LocalModel, encode_chat
-from gcache.io.tasks import Item, task_family
+from gcache.io.runner.communication import stack_contexts
+from gcache.io.models.local import LocalModel, encode_chat
+from gcache.io.tasks.datasets import Item, task_family
 
 MAX_ANSWER_TOKENS = 256
 
@@ -75,7 +75,7 @@ def answer_target(item: Item) -> AnswerTarget:
     Raises TypeError when item is not an Item, ValueError for an unknown task or an empty gold.
     """
     if not isinstance(item, Item):
-        raise TypeError(f"item: expected a gcache.io.tasks.Item, got {type(item).__name__}")
+        raise TypeError(f"item: expected a gcache.io.tasks.datasets.Item, got {type(item).__name__}")
     family = task_family(item.task)
     gold = item.gold.strip() if isinstance(item.gold, str) else ""
     if not gold:

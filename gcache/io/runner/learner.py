@@ -19,13 +19,13 @@ from gcache.core.optim import adam
 from gcache.core.reinforce import init_baseline
 from gcache.core.policy import init_policy
 from gcache.core.train import FuserBatch, FuserExample, PolicyBatch, Shard, SharedRewards, TrainState, train_step
-from gcache.io.answers import answer_inputs
-from gcache.io.communication import Context
-from gcache.io.models import LocalModel, encode_chat
-from gcache.io.params import load_params, save_params
-from gcache.io.planner import LearnedGraph, Plan
-from gcache.io.runlog import PARAMS, STATE
-from gcache.io.tasks import Item
+from gcache.io.runner.answers import answer_inputs
+from gcache.io.runner.communication import Context
+from gcache.io.models.local import LocalModel, encode_chat
+from gcache.io.records.params import load_params, save_params
+from gcache.io.runner.planner import LearnedGraph, Plan
+from gcache.io.records.runlog import PARAMS, STATE
+from gcache.io.tasks.datasets import Item
 
 REFERENCE_TOKENS = 256
 # What the fuser learns to make likely: the worked reference (GSM8K's solution, a program, an
@@ -43,7 +43,7 @@ def reference_text(item: Item) -> str:
 
 
 class Team(Protocol):
-    """Processes that answer each batch together (gcache.io.distributed.Team)."""
+    """Processes that answer each batch together (gcache.io.runner.distributed.Team)."""
 
     def share(self, rewards: Tensor, num_examples: int, failed: bool) -> tuple[Tensor, Shard, bool]:
         """The whole batch's rewards, this process's ``Shard`` of it, and whether any process failed."""
@@ -107,7 +107,7 @@ class Learner:
     def _fuser_example(self, item: Item, context: Context) -> FuserExample:
         assert self.local is not None and context.fusion is not None
         if self.fuser_target == "answer":
-            # The answer line the likelihood reward measures (gcache.io.answers), so the fuser
+            # The answer line the likelihood reward measures (gcache.io.runner.answers), so the fuser
             # learns what the policy is rewarded for.
             batch = answer_inputs(self.local, [context.conversation], [item])
         else:

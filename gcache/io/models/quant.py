@@ -25,7 +25,7 @@ from torch import Tensor, nn
 WEIGHTS = ("fp32", "bf16", "int8")  # the weight-only precisions of a linear layer
 # What `gcache run --weights` / load_model(weights=) accept: a precision for the whole model, or
 # ``int8-decode``: float32 for prompts and latent steps, a second copy with int8 linears for the
-# decoding steps (gcache.io.models.from_hf).
+# decoding steps (gcache.io.models.local.from_hf).
 MODEL_WEIGHTS = (*WEIGHTS, "int8-decode")
 
 

@@ -15,7 +15,7 @@ Faults: a training step that failed (any of its records holds an error) makes no
 is not checkpointed; the run stops there, and ``--resume`` redoes that step from the same
 parameters and seed (with ``retry_errors`` off, the step is skipped and training goes on, as
 before). When the API client holds its endpoint for down (its circuit breaker, see
-``gcache.io.backends``), the run stops after the batch at hand. Either way the summary's
+``gcache.io.models.api``), the run stops after the batch at hand. Either way the summary's
 ``status`` is "stopped"; a run that answered every test question is "complete", one that
 finished with errored questions "errors".
 """
@@ -32,12 +32,12 @@ from typing import Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gcache.io.apiconfig import require_api
-from gcache.io.config import API_HTTP_FLAGS, RunConfig, api_config, resume_command, with_api_settings
-from gcache.io.report import learning_line
-from gcache.io.runlog import CONFIG, SUMMARY, RunLog, read_records, summarize, write_json_atomic
-from gcache.io.stats import format_interval
-from gcache.io.tasks import TASKS, load_items
+from gcache.io.models.apiconfig import require_api
+from gcache.io.runner.config import API_HTTP_FLAGS, RunConfig, api_config, resume_command, with_api_settings
+from gcache.io.records.report import learning_line
+from gcache.io.records.runlog import CONFIG, SUMMARY, RunLog, read_records, summarize, write_json_atomic
+from gcache.io.records.stats import format_interval
+from gcache.io.tasks.datasets import TASKS, load_items
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,10 @@ def run_experiment(config: RunConfig, *, console: Console | None = None, build=N
     without error), "errors" (finished, some test questions hold an error) or "stopped" (a
     training step failed or the API endpoint is down; ``stopped`` says why); ``resume_command``
     continues it. ``build(config)`` makes the pipeline (default ``build_pipeline``; under
-    torchrun, rank 0's ``gcache.io.distributed.TeamPipeline``, whose ``ranks`` answer each batch together).
+    torchrun, rank 0's ``gcache.io.runner.distributed.TeamPipeline``, whose ``ranks`` answer each batch together).
     """
     # Loads torch and transformers (~3 s): imported when a run starts, not when the CLI parses flags.
-    from gcache.io.pipeline import build_pipeline
+    from gcache.io.runner.pipeline import build_pipeline
 
     console = console or Console(stderr=True)
     started = time.perf_counter()

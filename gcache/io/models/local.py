@@ -41,9 +41,9 @@ from transformers import (
 
 from gcache.core.latent import ModelFns
 from gcache.core.realign import Realign, realign_params
-from gcache.io.hf import model_fns
-from gcache.io.paths import cache_root
-from gcache.io.quant import MODEL_WEIGHTS, check_weights, quantize_linears
+from gcache.io.models.hf import model_fns
+from gcache.io.models.paths import cache_root
+from gcache.io.models.quant import MODEL_WEIGHTS, check_weights, quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class LocalModel:
     dtype: torch.dtype
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
-    weights: str = "fp32"  # precision of the linears' weights (gcache.io.quant); activations stay ``dtype``
+    weights: str = "fp32"  # precision of the linears' weights (gcache.io.models.quant); activations stay ``dtype``
     decoder: Any = None  # with weights "int8-decode": the int8 copy of ``model`` that decodes (fns.decoder)
 
     def encode_chat(self, conversations: list[list[dict]], add_generation_prompt: bool = True) -> tuple[Tensor, Tensor]:
@@ -259,13 +259,13 @@ def from_hf(name: str, model: Any, tokenizer: Any, *, weights: str = "fp32", dec
     """Wrap an already loaded transformers causal LM and tokenizer (frozen here) into a LocalModel.
 
     weights: 'fp32' keeps the model's linears; 'bf16' or 'int8' swaps them, in place, for
-    weight-only reduced ones (gcache.io.quant; the activations stay float32), after the
+    weight-only reduced ones (gcache.io.models.quant; the activations stay float32), after the
     realignment is computed from the full-precision embeddings; 'int8-decode' keeps them and
     decodes with a copy of the model whose linears are int8 (``ModelFns.decoder``: prompts
     and latent steps stay float32, decoding steps read a quarter of the bytes).
     decode_step: 'dynamic' (the default: a cache that grows, finished rows leave the batch),
     'static' (a cache preallocated to the decoding's bound, the same shapes every step) or
-    'compiled' (the static step under torch.compile; see gcache.io.hf.static_fns).
+    'compiled' (the static step under torch.compile; see gcache.io.models.hf.static_fns).
     Raises ValueError on unknown weights or decode_step, or reduced weights on a model whose
     dtype is not float32.
     """
@@ -322,7 +322,7 @@ def load_model(
     'cpu' when there is none). dtype: 'float32', 'bfloat16', 'float16' or None (float32
     on CPU, measured faster here than bfloat16; bfloat16 on GPUs that support it).
     weights: 'fp32' (exact, the default), 'bf16' or 'int8': weight-only reduced precision of
-    the linear layers with float32 activations (see gcache.io.quant and the README for what
+    the linear layers with float32 activations (see gcache.io.models.quant and the README for what
     each costs and changes); the model is then loaded in float32 unless dtype says otherwise.
     threads: torch.set_num_threads(threads) when given. decode_step: as in ``from_hf``.
     A Hugging Face id is read from the local Hugging Face cache only, unless allow_download is True.

@@ -16,8 +16,8 @@ from gcache.core.graph import Schedule, schedule
 from gcache.core.policy import node_features, policy_logits
 from gcache.core.sampling import deterministic_topology, fixed_topology, sample_topology
 from gcache.core.topology import Topology, TopologyConfig, spatial_mask
-from gcache.io.embed import embed_texts, role_embeddings
-from gcache.io.tasks import Item
+from gcache.io.models.embed import embed_texts, role_embeddings
+from gcache.io.tasks.datasets import Item
 
 
 class Plan(NamedTuple):

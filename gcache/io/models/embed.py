@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from gcache.core.policy import node_features
-from gcache.io.paths import cache_root
+from gcache.io.models.paths import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A `Role` carries the name, the profile text the topology embeds as a node featur
 instruction the agent receives. `agent_roles` builds the `diverse` set (the family's distinct
 roles cycled to N agents) or the `uniform` set (N copies of the family's main solver).
 `agent_messages` / `decision_messages` build chat messages that state the exact answer format
-read by gcache.io.extract; with ``system_role=False`` the system text is folded into the first
+read by gcache.io.tasks.extract; with ``system_role=False`` the system text is folded into the first
 user message, for chat templates without a system role. With ``latent=True`` the agent is
 told that the earlier agents' thoughts reach it in latent form (their KV-caches precede
 the prompt) instead of as text.
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from gcache.io.tasks import task_family
+from gcache.io.tasks.datasets import task_family
 
 __all__ = ["Role", "ROLES", "MAIN_ROLE", "AGENT_SETS", "agent_roles", "latent_mas_roles", "answer_format", "agent_messages", "decision_messages"]
 
@@ -119,7 +119,7 @@ def latent_mas_roles() -> list[Role]:
 
 def answer_format(task: str, *, entry_point: str | None = None) -> str:
     """The sentence that tells the model how to write its final answer for `task`; it matches
-    what gcache.io.extract reads."""
+    what gcache.io.tasks.extract reads."""
     family = task_family(task)
     if family == "math":
         # No example number: small models copy a concrete example ('#### 42') as their answer.

@@ -6,7 +6,7 @@ launches the same thing on one machine) starts N ranks. Each loads the model on 
 one process group (nccl on GPUs, gloo on CPUs; every collective waits at most
 ``GCACHE_DIST_TIMEOUT`` seconds, 1800 by default, so a rank that hangs ends the job).
 
-Rank 0 leads: it runs the one-process experiment (gcache.io.experiment) unchanged, through a
+Rank 0 leads: it runs the one-process experiment (gcache.io.runner.experiment) unchanged, through a
 ``TeamPipeline`` that answers each batch with every rank: it broadcasts the batch, each rank
 answers its share ``items[rank::world]``, and the records come back to rank 0 in the batch's
 order. Rank 0 alone writes results.jsonl (fsync'ed appends), checkpoints and summary.json, so
@@ -38,7 +38,7 @@ from torch import Tensor
 
 from gcache.core.optim import tree_leaves, tree_map
 from gcache.core.train import Shard
-from gcache.io.config import RunConfig, flag
+from gcache.io.runner.config import RunConfig, flag
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def interleave(parts: Sequence[Sequence]) -> list:
 def source_hash() -> str:
     """A digest of gcache's own source files (the CLI's included): ranks must run the same code."""
     digest = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]  # the gcache package
+    root = Path(__file__).resolve().parents[2]  # the gcache package
     cli = sys.modules.get("gcache_cli")
     folders = [root] + ([Path(cli.__file__).parent] if cli is not None and cli.__file__ else [])
     for folder in folders:
@@ -308,7 +308,7 @@ class Team:
         return value
 
     def share(self, rewards: Tensor, num_examples: int, failed: bool) -> tuple[Tensor, Shard, bool]:
-        """A training step's agreement (gcache.io.learner.Team): the batch's rewards in its order
+        """A training step's agreement (gcache.io.runner.learner.Team): the batch's rewards in its order
         (each rank holds ``batch[rank::size]``), this rank's ``Shard`` and whether any share failed."""
         parts = self.exchange((rewards.tolist(), int(num_examples), bool(failed)))
         batch = torch.tensor(interleave([p[0] for p in parts]), dtype=rewards.dtype)
@@ -401,7 +401,7 @@ class TeamApi:
 
 
 class TeamPipeline:
-    """Rank 0's pipeline: the one-process interface (gcache.io.pipeline.Pipeline), every batch
+    """Rank 0's pipeline: the one-process interface (gcache.io.runner.pipeline.Pipeline), every batch
     answered by all ranks. The other ranks run ``follow``."""
 
     def __init__(self, team: Team, local) -> None:
@@ -504,8 +504,8 @@ def run(config: RunConfig, world: World, *, console=None) -> dict | None:
     experiment's own errors.
     """
     # experiment and pipeline load transformers (~3 s): imported once a rank starts, as the CLI does.
-    from gcache.io.experiment import check_before_loading, run_experiment, split_items
-    from gcache.io.pipeline import build_pipeline
+    from gcache.io.runner.experiment import check_before_loading, run_experiment, split_items
+    from gcache.io.runner.pipeline import build_pipeline
 
     team = start(config, world, num_questions=lambda: len(split_items(config)[1]))
     try:

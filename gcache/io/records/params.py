@@ -103,7 +103,7 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict]:
         raise ValueError(f"path: {str(path)!r} is not a readable safetensors file ({err})") from err
     metadata = header.get("__metadata__") or {}
     if metadata.get(_FORMAT_KEY) != _FORMAT or _STRUCTURE_KEY not in metadata:
-        raise ValueError(f"path: {str(path)!r} was not written by gcache.io.params.save_params (no structure metadata)")
+        raise ValueError(f"path: {str(path)!r} was not written by gcache.io.records.params.save_params (no structure metadata)")
     return tensors, json.loads(metadata[_STRUCTURE_KEY])
 
 
