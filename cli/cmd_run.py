@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from gcache.io.runner import distributed, experiment
+from gcache.io.runner import distributed, experiment, launcher
 from gcache.io.models.apiconfig import SETTING_VARS, ApiConfig
 from gcache.io.runner.config import RunConfig, build_config, flag_args
 from gcache_cli.main import app, fail
@@ -143,7 +143,7 @@ def run(
     except ValueError as e:
         raise fail(str(e)) from None
     if nproc is not None and nproc > 1:
-        raise typer.Exit(distributed.launch(nproc, run_args(task, explicit), threads=config.threads))
+        raise typer.Exit(launcher.launch(nproc, run_args(task, explicit), threads=config.threads))
     if world is not None:
         summary = _run_rank(config, world)
         raise typer.Exit(EXIT_STATUS[summary["status"]] if summary is not None else 0)
@@ -164,7 +164,7 @@ def _run_rank(config: RunConfig, world: distributed.World) -> dict | None:
     """One rank of a torchrun job (rank 0 returns the summary): rank 0 prints the job's errors, one
     line each; the others stay quiet (a rank that lost contact says so, unless `gcache run --nproc`
     launched it, which does)."""
-    distributed.die_with_launcher()
+    launcher.die_with_launcher()
     try:
         return distributed.run(config, world)
     except distributed.RankFailed as e:
@@ -172,7 +172,7 @@ def _run_rank(config: RunConfig, world: distributed.World) -> dict | None:
     except ValueError as e:
         raise (fail(f"{e}") if world.leader else typer.Exit(2)) from None
     except distributed.LostRank as e:
-        if os.environ.get(distributed.LAUNCHED_VAR):
+        if os.environ.get(launcher.LAUNCHED_VAR):
             raise typer.Exit(distributed.LOST) from None
         raise fail(str(e), distributed.LOST) from None
     except KeyboardInterrupt:
