@@ -17,6 +17,7 @@ _A = ApiConfig()
 
 # How `gcache run` ends (also in its --help and the README); 2 is a bad flag (main.fail), 130 Ctrl-C.
 EXIT_STATUS = {"complete": 0, "errors": 3, "stopped": 4}
+RUN_FAILED = 5  # the work raised (a numerical or model error): not bad usage
 
 
 @app.command("run")
@@ -123,7 +124,8 @@ def run(
     Exit status: 0 every test question answered; 2 bad usage (one line names the flag);
     3 the run finished but some questions hold an error (retry them with --resume);
     4 the run stopped early (the API endpoint is down, or a training step failed; the last
-    line gives the --resume command that continues it); 130 interrupted.
+    line gives the --resume command that continues it); 5 the run's work raised an error (a
+    numerical or model error, named in one line; --resume continues); 130 interrupted.
 
     Under torchrun (`torchrun --nproc-per-node N -m gcache_cli run TASK ...`) each process
     answers a share of every batch; rank 0 writes the run folder.
@@ -149,6 +151,8 @@ def run(
         raise typer.Exit(EXIT_STATUS[summary["status"]] if summary is not None else 0)
     try:
         summary = experiment.run_experiment(config)
+    except experiment.RunFailed as e:
+        raise fail(str(e), RUN_FAILED) from None
     except ValueError as e:
         raise fail(str(e)) from None
     except KeyboardInterrupt:
@@ -169,6 +173,8 @@ def _run_rank(config: RunConfig, world: distributed.World) -> dict | None:
         return distributed.run(config, world)
     except distributed.RankFailed as e:
         raise (fail(str(e), e.code) if world.leader else typer.Exit(e.code)) from None
+    except experiment.RunFailed as e:
+        raise (fail(str(e), RUN_FAILED) if world.leader else typer.Exit(RUN_FAILED)) from None
     except ValueError as e:
         raise (fail(f"{e}") if world.leader else typer.Exit(2)) from None
     except distributed.LostRank as e:

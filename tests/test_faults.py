@@ -270,3 +270,29 @@ def test_api_outage_after_reaches_the_client_and_is_checked(tmp_path, api_env, r
     assert api_config(runs[-1]).outage_after == 2
     bad = _gcache(["run", "gsm8k", "--api-outage-after", "-1"])
     assert bad.exit_code == 2 and "--api-outage-after: expected a value >= 0, got -1" in bad.output
+
+
+def test_an_error_inside_the_work_is_one_line_with_its_own_status_not_bad_usage(tmp_path, monkeypatch):
+    """A numerical error raised inside a training step (planted in the core's step) ends the run
+    with status 5 and one line naming the phase and the cause; the lines written before it stay."""
+    import gcache.io.runner.learner as learner_module
+
+    calls = []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("reinforce_loss: rewards must be finite, got nan")
+        return real(*args, **kwargs)
+
+    real = learner_module.train_step
+    monkeypatch.setattr(learner_module, "train_step", failing_step)
+    out = tmp_path / "run"
+    result = _gcache(["run", "gsm8k", "--method", "gcache", "--model", "tiny-llama", "--max-new-tokens", "4",
+                      "--latent-steps", "1", "--agent-nums", "2", "--batch-size", "2", "--train-size", "4",
+                      "--num-iterations", "2", "--limit", "2", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 5, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training failed: ValueError: reinforce_loss: rewards must be finite" in errors[0]
+    assert "--resume" in errors[0]
+    assert len(read_records(out / "results.jsonl")) == 2  # the first step's lines are kept

@@ -12,6 +12,7 @@ from gcache.io.records.report import (
     learning_curve,
     learning_line,
     plot_learning_curve,
+    records_table,
 )
 from gcache.io.records.runlog import summarize
 from gcache.io.records.stats import format_interval, mean_ci
@@ -49,15 +50,30 @@ def test_learning_curve_averages_each_step_in_step_order():
         record("d", "eval", logprob=-9.0),
         record("e", "train", reward=None, step=2),
     ]
+    records[0]["policy_loss"] = records[1]["policy_loss"] = 0.125  # a step's losses are on each of its lines
+    records[0]["fuser_loss"] = records[1]["fuser_loss"] = 2.75
     curve = learning_curve(records)
+    none = {"policy_loss": None, "fuser_loss": None}
     assert curve == [
-        {"step": 0, "n": 1, "reward": -0.5, "answer_logprob": None},
-        {"step": 1, "n": 2, "reward": -1.5, "answer_logprob": -1.5},
-        {"step": 2, "n": 1, "reward": None, "answer_logprob": None},
+        {"step": 0, "n": 1, "reward": -0.5, "answer_logprob": None, **none},
+        {"step": 1, "n": 2, "reward": -1.5, "answer_logprob": -1.5, "policy_loss": 0.125, "fuser_loss": 2.75},
+        {"step": 2, "n": 1, "reward": None, "answer_logprob": None, **none},
     ]
     console = Console(width=120, record=True)
     console.print(curve_table(curve))
-    assert "-1.500" in console.export_text()
+    text = console.export_text()
+    assert "-1.500" in text and "0.125" in text and "2.750" in text
+
+
+def test_accuracy_is_not_decoded_where_no_line_was_decoded():
+    decoded = [record("a", "train", reward=-1.0, step=0), record("b", "train", reward=-1.0, step=0)]
+    decoded[0]["correct"] = True
+    assert summarize(decoded)["accuracy"] == 0.5
+    undecoded = [{**r, "correct": None} for r in decoded]
+    assert summarize(undecoded)["accuracy"] is None
+    console = Console(width=160, record=True)
+    console.print(records_table({"task": "gsm8k", "method": "gcache"}, undecoded))
+    assert "not decoded" in console.export_text()
 
 
 def test_the_curve_plot_is_a_png(tmp_path):

@@ -3,6 +3,8 @@ loss written out by hand and minimised by torch.optim.Adam."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ from gcache.core.train import (
     FuserExample,
     PolicyBatch,
     Shard,
-    SharedRewards,
+    MeasuredRewards,
     TrainState,
     fuser_losses,
     train_step,
@@ -144,19 +146,26 @@ def test_only_the_parts_given_are_trained(lm):
         train_step(state, optimizer, torch.tensor([1.0, 0.0]), policy=policy)
 
 
-def test_rewards_read_from_the_fusers_forward_equal_rewards_given_from_a_separate_one(lm):
-    """Rows 2 and 0 take their reward from the fuser objective's forward (clipped log-probability);
-    the step equals one given those rewards, measured apart, and reports them."""
+@pytest.mark.parametrize("kind", ["likelihood", "mixed"])
+def test_rewards_read_from_the_fusers_forward_equal_rewards_given_from_a_separate_one(lm, kind):
+    """Rows 2 and 0 take their reward from the fuser objective's forward (the mixed reward with
+    their verdicts: row 2 right, row 0 wrong); the step equals one given those rewards, computed
+    by hand from log-probabilities measured apart, and reports them."""
     params, policy, fuser = _batch(lm, seed=11)
     two = fuser._replace(examples=fuser.examples[:2])  # examples for rows 2 and 0, in that order
     optimizer = adam(LR)
     state = TrainState(params, optimizer.init(params), init_baseline())
     measured = -fuser_losses(params["fuser"], two).detach()  # [2] answer log-probabilities
-    given = torch.tensor([float(measured[1]) - 1.0, 0.25, float(measured[0]) - 1.0])
+    by_hand = {  # the kinds' definitions, written out (log-probabilities here are within the clip)
+        "likelihood": lambda lp, right: lp,
+        "mixed": lambda lp, right: float(right) + math.exp(lp),
+    }[kind]
+    given = torch.tensor([by_hand(float(measured[1]), False), 0.25, by_hand(float(measured[0]), True)])
     apart, _ = train_step(state, optimizer, given, policy=policy, fuser=two)
-    shared = SharedRewards(torch.tensor([2, 0]), lambda lps: lps - 1.0)
-    ignored = torch.tensor([123.0, 0.25, -77.0])  # the shared rows' values are not read
-    together, stats = train_step(state, optimizer, ignored, policy=policy, fuser=two, shared=shared)
+    verdicts = (True, False) if kind == "mixed" else None
+    ignored = torch.tensor([123.0, 0.25, -77.0])  # the measured rows' values are not read
+    measured_rows = MeasuredRewards(torch.tensor([2, 0]), kind, verdicts)
+    together, stats = train_step(state, optimizer, ignored, policy=policy, fuser=two, measured=measured_rows)
     for key in ("policy", "fuser"):
         for a, b in zip(together.params[key], apart.params[key]):
             assert torch.allclose(a, b, atol=1e-6), key
@@ -165,18 +174,21 @@ def test_rewards_read_from_the_fusers_forward_equal_rewards_given_from_a_separat
     assert torch.allclose(together.baseline.average, apart.baseline.average, atol=1e-7)
 
 
-def test_shared_rewards_are_refused_where_the_forward_cannot_give_them(lm):
+def test_measured_rewards_are_refused_where_the_forward_cannot_give_them(lm):
     params, policy, fuser = _batch(lm, seed=13)
     optimizer = adam(LR)
     state = TrainState(params, optimizer.init(params), init_baseline())
     rewards = torch.zeros(3)
-    ok = SharedRewards(torch.tensor([0, 1, 2]), lambda lps: lps)
+    ok = MeasuredRewards(torch.tensor([0, 1, 2]), "likelihood")
     cases = [
-        (dict(shared=ok), "shared: expected a learned fuser"),
-        (dict(fuser=fuser, shared=ok._replace(rows=torch.tensor([0, 1]))), "one row per fuser example"),
-        (dict(fuser=fuser, shared=ok._replace(rows=torch.tensor([0, 0, 1]))), "distinct positions"),
-        (dict(fuser=fuser, shared=ok._replace(rows=torch.tensor([0, 1, 3]))), "distinct positions"),
-        (dict(fuser=fuser, shared=ok, shard=Shard(torch.tensor([0, 1, 2]), 3, lambda g: g)), "expected no shard"),
+        (dict(measured=ok), "measured: expected a learned fuser"),
+        (dict(fuser=fuser, measured=ok._replace(rows=torch.tensor([0, 1]))), "one row per fuser example"),
+        (dict(fuser=fuser, measured=ok._replace(rows=torch.tensor([0, 0, 1]))), "distinct positions"),
+        (dict(fuser=fuser, measured=ok._replace(rows=torch.tensor([0, 1, 3]))), "distinct positions"),
+        (dict(fuser=fuser, measured=ok, shard=Shard(torch.tensor([0, 1, 2]), 3, lambda g: g)), "expected no shard"),
+        (dict(fuser=fuser, measured=ok._replace(kind="mixed", correct=(True,))), "measured.correct: expected one verdict"),
+        (dict(fuser=fuser, measured=ok._replace(kind="mixed")), "correct: the mixed reward needs"),
+        (dict(fuser=fuser, measured=ok._replace(kind="nonsense")), "reward: expected one of"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):

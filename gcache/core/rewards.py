@@ -21,6 +21,10 @@ log-probability (NaN and -inf, as from an answer the model cannot produce, map t
 from __future__ import annotations
 
 import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
 
 REWARDS = ("accuracy", "likelihood", "mixed")
 
@@ -69,4 +73,16 @@ def reward(kind: str, correct: bool | None, answer_logprob: float | None) -> flo
     return float(correct) + math.exp(clipped)
 
 
-__all__ = ["LOGPROB_FLOOR", "REWARDS", "clip_logprob", "reward"]
+
+def rewards_of(kind: str, correct: Sequence[bool | None] | None, answer_logprobs: Tensor) -> Tensor:
+    """``reward`` row by row: [E] float32 rewards from [E] answer log-probabilities and, for the
+    kinds that need them, the rows' verdicts (``correct``; None stands for a row per value of None).
+    Raises ValueError when ``correct`` holds a different number of rows, and ``reward``'s errors."""
+    values = [float(v) for v in answer_logprobs.detach().reshape(-1).tolist()]
+    verdicts = [None] * len(values) if correct is None else list(correct)
+    if len(verdicts) != len(values):
+        raise ValueError(f"correct: expected one verdict per answer log-probability ({len(values)}), got {len(verdicts)}")
+    return torch.tensor([reward(kind, c, lp) for c, lp in zip(verdicts, values)], dtype=torch.float32)
+
+
+__all__ = ["LOGPROB_FLOOR", "REWARDS", "clip_logprob", "reward", "rewards_of"]

@@ -18,9 +18,10 @@ sample's leave-one-out mean of this batch; the batch's rewards are folded in aft
 One forward for the fuser and the likelihood reward: when the fuser learns the answer line
 the likelihood reward measures, its objective's forward computes each judged question's
 answer log-probability under the current parameters, the very value the reward is made
-of. With ``shared=SharedRewards(rows, reward)`` the step reads those rows' rewards from that
-forward (``reward(log-probabilities)``, detached) instead of the caller measuring them in a
-forward of its own; the step's rewards then come back in its stats.
+of. With ``measured=MeasuredRewards(rows, kind, correct)`` the step makes those rows' rewards
+from that forward (``gcache.core.rewards.rewards_of`` of the detached log-probabilities: data,
+not a callback) instead of the caller measuring them in a forward of its own; the rewards the
+step used, every row's, then come back in its stats, the one place they are computed.
 
 Data parallelism: when several processes answer one batch, each passes the whole batch's
 ``rewards`` (all-gathered), its own graphs and fuser examples, and a ``Shard`` saying where its
@@ -51,6 +52,7 @@ from gcache.core.reinforce import (
     update_baseline,
 )
 from gcache.core.policy import policy_logits
+from gcache.core.rewards import rewards_of
 from gcache.core.sampling import log_prob
 from gcache.core.topology import Topology, TopologyConfig
 
@@ -92,11 +94,12 @@ class FuserBatch(NamedTuple):
     examples: tuple[FuserExample, ...]
 
 
-class SharedRewards(NamedTuple):
-    """Rewards the fuser objective's forward gives (see the module's docstring)."""
+class MeasuredRewards(NamedTuple):
+    """Rows whose rewards the fuser objective's forward gives (see the module's docstring)."""
 
     rows: Tensor  # [E] long, the batch row of each fuser example, in the examples' order
-    reward: Callable[[Tensor], Tensor]  # [E] answer log-probabilities (detached) -> [E] rewards
+    kind: str  # the reward (gcache.core.rewards.REWARDS) made of each row's answer log-probability
+    correct: tuple[bool | None, ...] | None = None  # [E] the rows' verdicts, for the kinds that read them
 
 
 class Shard(NamedTuple):
@@ -172,18 +175,18 @@ def train_step(
     policy: PolicyBatch | None = None,
     fuser: FuserBatch | None = None,
     shard: Shard | None = None,
-    shared: SharedRewards | None = None,
+    measured: MeasuredRewards | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step on ``train_loss``; returns the new state and the loss parts (with a
     ``shard``, this process's parts; the gradients are summed over the processes before the update).
 
-    With ``shared``, the rows it names take their rewards from the fuser objective's forward
+    With ``measured``, the rows it names take their rewards from the fuser objective's forward
     (their values in ``rewards`` are ignored), and the stats add ``rewards`` ([B], the rewards
     the step used) and ``answer_logprobs`` ([E], per fuser example).
 
     Raises ValueError when the policy batch's size differs from the rewards' (or the shard's
     rows), when the shard's rows fall outside the batch or it counts fewer fuser examples than
-    this process holds, when ``shared`` comes without a learned fuser, with a shard, or names
+    this process holds, when ``measured`` comes without a learned fuser, with a shard, or names
     rows that do not match the fuser's examples, and the errors of ``reinforce_loss``, ``fuse``
     and ``answer_nll`` on bad inputs.
     """
@@ -192,16 +195,16 @@ def train_step(
         raise ValueError(f"policy: expected one graph per reward ({expected}), got {len(policy.topologies)}")
     if shard is not None:
         _check_shard(shard, rewards.shape[0], len(fuser.examples) if fuser is not None else 0)
-    if shared is not None:
-        _check_shared(shared, state.params, fuser, shard, rewards.shape[0])
+    if measured is not None:
+        _check_measured(measured, state.params, fuser, shard, rewards.shape[0])
     rewards = rewards.to(torch.float32)
 
     def loss_fn(params: Params) -> tuple[Tensor, tuple[dict[str, Any], Tensor]]:
         nll, used = None, rewards
-        if shared is not None and shared.rows.numel():
+        if measured is not None and measured.rows.numel():
             nll = fuser_losses(params["fuser"], fuser)  # [E], the forward both parts read
-            found = shared.reward(-nll.detach()).to(torch.float32)
-            used = rewards.index_copy(0, shared.rows, found)
+            found = rewards_of(measured.kind, measured.correct, -nll.detach())
+            used = rewards.index_copy(0, measured.rows, found)
         baseline = baseline_value(state.baseline) if int(state.baseline.count) else batch_baseline(used)
         loss, stats = train_loss(params, used, baseline, policy=policy, fuser=fuser, shard=shard, fuser_nll=nll)
         if nll is not None:
@@ -216,18 +219,20 @@ def train_step(
     return TrainState(params, opt_state, update_baseline(state.baseline, used)), stats
 
 
-def _check_shared(shared: SharedRewards, params: Params, fuser: FuserBatch | None, shard: Shard | None, batch: int) -> None:
+def _check_measured(measured: MeasuredRewards, params: Params, fuser: FuserBatch | None, shard: Shard | None, batch: int) -> None:
     if "fuser" not in params or fuser is None:
-        raise ValueError("shared: expected a learned fuser and its batch (the forward the rewards are read from), got none")
+        raise ValueError("measured: expected a learned fuser and its batch (the forward the rewards are read from), got none")
     if shard is not None:
-        raise ValueError("shared: expected no shard (the rewards of other processes' rows are not in this forward)")
-    rows = shared.rows
+        raise ValueError("measured: expected no shard (the rewards of other processes' rows are not in this forward)")
+    rows = measured.rows
     if not isinstance(rows, Tensor) or rows.dim() != 1 or rows.dtype != torch.long:
-        raise ValueError(f"shared.rows: expected a [E] long tensor, got {getattr(rows, 'shape', type(rows).__name__)}")
+        raise ValueError(f"measured.rows: expected a [E] long tensor, got {getattr(rows, 'shape', type(rows).__name__)}")
     if rows.numel() != len(fuser.examples):
-        raise ValueError(f"shared.rows: expected one row per fuser example ({len(fuser.examples)}), got {rows.numel()}")
+        raise ValueError(f"measured.rows: expected one row per fuser example ({len(fuser.examples)}), got {rows.numel()}")
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch or rows.unique().numel() != rows.numel()):
-        raise ValueError(f"shared.rows: expected distinct positions in [0, {batch}), got {rows.tolist()}")
+        raise ValueError(f"measured.rows: expected distinct positions in [0, {batch}), got {rows.tolist()}")
+    if measured.correct is not None and len(measured.correct) != rows.numel():
+        raise ValueError(f"measured.correct: expected one verdict per row ({rows.numel()}), got {len(measured.correct)}")
 
 
 def _check_shard(shard: Shard, batch: int, examples: int) -> None:
@@ -245,7 +250,7 @@ __all__ = [
     "FuserExample",
     "PolicyBatch",
     "Shard",
-    "SharedRewards",
+    "MeasuredRewards",
     "TrainState",
     "fuser_losses",
     "fuser_objective",

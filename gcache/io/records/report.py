@@ -29,16 +29,21 @@ def records_table(summary: dict, records: list[dict]) -> Table:
             continue
         t = s["tokens"]
         table.add_row(
-            phase, str(s["n"]), f"{s['accuracy']:.3f}", format_interval(s["answer_logprob"]),
+            phase, str(s["n"]), _accuracy(s["accuracy"]), format_interval(s["answer_logprob"]),
             str(t["prompt"]), str(t["latent"]), str(t["generated"]), f"{s['seconds'] / s['n']:.2f}", str(s["errors"]),
             str(s["retries"]),
         )
     return table
 
 
+def _accuracy(value: float | None) -> str:
+    return "not decoded" if value is None else f"{value:.3f}"
+
+
 def learning_curve(records: list[dict]) -> list[dict]:
     """Per training step (the train records' ``step``), in step order: the questions, their mean
-    ``reward`` and mean ``answer_logprob`` (None where no record of the step has a finite one)."""
+    ``reward`` and mean ``answer_logprob`` (None where no record of the step has a finite one),
+    and the step's ``policy_loss`` and ``fuser_loss`` (None where the step took none)."""
     steps: dict[int, list[dict]] = {}
     for r in records:
         if r.get("phase") == "train" and isinstance(r.get("step"), int):
@@ -47,7 +52,9 @@ def learning_curve(records: list[dict]) -> list[dict]:
     for step in sorted(steps):
         rows = steps[step]
         curve.append({"step": step, "n": len(rows), "reward": _mean(r.get("reward") for r in rows),
-                      "answer_logprob": _mean(r.get("answer_logprob") for r in rows)})
+                      "answer_logprob": _mean(r.get("answer_logprob") for r in rows),
+                      "policy_loss": _mean(r.get("policy_loss") for r in rows),
+                      "fuser_loss": _mean(r.get("fuser_loss") for r in rows)})
     return curve
 
 
@@ -57,13 +64,15 @@ def _mean(values) -> float | None:
 
 
 def curve_table(curve: list[dict]) -> Table:
-    """The learning curve as a table: step, questions, mean reward, mean answer log-probability."""
+    """The learning curve as a table: step, questions, mean reward, mean answer log-probability,
+    the step's policy and fuser losses."""
     table = Table(title="learning curve (train)")
-    for col in ("step", "n", "reward", "answer logprob"):
+    for col in ("step", "n", "reward", "answer logprob", "policy loss", "fuser loss"):
         table.add_column(col, justify="right")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for c in curve:
-        table.add_row(str(c["step"]), str(c["n"]), fmt(c["reward"]), fmt(c["answer_logprob"]))
+        table.add_row(str(c["step"]), str(c["n"]), fmt(c["reward"]), fmt(c["answer_logprob"]),
+                      fmt(c.get("policy_loss")), fmt(c.get("fuser_loss")))
     return table
 
 

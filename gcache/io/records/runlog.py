@@ -176,11 +176,12 @@ def summarize(records: Iterable[dict]) -> dict:
     for r in records:
         for k in tokens:
             tokens[k] += int((r.get("tokens") or {}).get(k, 0))
-    correct = sum(bool(r.get("correct")) for r in records)
+    decoded = [r for r in records if r.get("correct") is not None]  # correct is None: not decoded
+    correct = sum(bool(r["correct"]) for r in decoded)
     logprobs = [float(v) for v in (r.get("answer_logprob") for r in records) if _finite(v)]
     return {
         "n": n,
-        "accuracy": correct / n if n else None,
+        "accuracy": correct / len(decoded) if decoded else None,
         "correct": correct,
         "tokens": tokens,
         "seconds": sum(float(r.get("seconds") or 0.0) for r in records),

@@ -17,11 +17,14 @@ parameters and seed (with ``retry_errors`` off, the step is skipped and training
 before). When the API client holds its endpoint for down (its circuit breaker, see
 ``gcache.io.models.api``), the run stops after the batch at hand. Either way the summary's
 ``status`` is "stopped"; a run that answered every test question is "complete", one that
-finished with errored questions "errors".
+finished with errored questions "errors". An exception that escapes the work itself (a
+numerical error in a training step, a model error) ends the run with ``RunFailed``, which says
+where it happened; the lines already written stay, and ``--resume`` continues from them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -35,7 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from gcache.io.models.apiconfig import require_api
 from gcache.io.runner.config import API_HTTP_FLAGS, RunConfig, api_config, resume_command, with_api_settings
 from gcache.io.records.report import learning_line
-from gcache.io.records.runlog import CONFIG, SUMMARY, RunLog, read_records, summarize, write_json_atomic
+from gcache.io.records.runlog import CONFIG, RESULTS, SUMMARY, RunLog, read_records, summarize, write_json_atomic
 from gcache.io.records.stats import format_interval
 from gcache.io.tasks.datasets import TASKS, load_items
 
@@ -96,13 +99,18 @@ def train_batches(train: Sequence, config: RunConfig) -> list[list]:
     return batches
 
 
+class RunFailed(RuntimeError):
+    """The work of a run raised (not a bad setting: those are ValueErrors before any work)."""
+
+
 def run_experiment(config: RunConfig, *, console: Console | None = None, build=None) -> dict:
     """Run the whole experiment of ``config`` and return its summary (also in summary.json).
 
     The summary's ``status`` says how the run ended: "complete" (every test question answered
     without error), "errors" (finished, some test questions hold an error) or "stopped" (a
     training step failed or the API endpoint is down; ``stopped`` says why); ``resume_command``
-    continues it. ``build(config)`` makes the pipeline (default ``build_pipeline``; under
+    continues it. Raises ValueError for bad settings (before any question is answered) and
+    ``RunFailed`` when the work itself raises. ``build(config)`` makes the pipeline (default ``build_pipeline``; under
     torchrun, rank 0's ``gcache.io.runner.distributed.TeamPipeline``, whose ``ranks`` answer each batch together).
     """
     # Loads torch and transformers (~3 s): imported when a run starts, not when the CLI parses flags.
@@ -122,10 +130,12 @@ def run_experiment(config: RunConfig, *, console: Console | None = None, build=N
     batches = train_batches(train, config)
     step = pipeline.restore(out) if config.resume else 0
     stopped = None
-    if batches and step < len(batches):
-        stopped = _train(pipeline, batches, step, runlog, config, console)
+    with _failing("training", out):
+        if batches and step < len(batches):
+            stopped = _train(pipeline, batches, step, runlog, config, console)
     if stopped is None:
-        stopped = _evaluate(pipeline, test, runlog, config, console)
+        with _failing("evaluation", out):
+            stopped = _evaluate(pipeline, test, runlog, config, console)
     summary = _summary(config, runlog, test, time.perf_counter() - started, pipeline, stopped)
     write_json_atomic(out / SUMMARY, summary)
     learned = learning_line(runlog.records)
@@ -136,6 +146,18 @@ def run_experiment(config: RunConfig, *, console: Console | None = None, build=N
     if ending:
         console.print(ending, markup=False, highlight=False, soft_wrap=True)
     return summary
+
+
+@contextlib.contextmanager
+def _failing(phase: str, out: Path):
+    """Any exception of the work of ``phase`` as a ``RunFailed`` naming the phase and the cause."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - said in one line; the lines written so far are kept
+        raise RunFailed(
+            f"{phase} failed: {type(e).__name__}: {e} (the finished questions are in {out / RESULTS}; "
+            "continue with --resume)"
+        ) from e
 
 
 def _progress(console: Console) -> Progress:
@@ -173,7 +195,7 @@ def _append_new(runlog: RunLog, config: RunConfig, records: list[dict]) -> None:
 
 def _train(pipeline, batches, start: int, runlog: RunLog, config: RunConfig, console: Console) -> str | None:
     """Run the training steps from ``start``; returns why training stopped early, or None."""
-    rewards: list[float] = [_reward(r) for r in runlog.phase_records("train")]
+    rewards = [v for v in map(_reward, runlog.phase_records("train")) if v is not None]
     with _progress(console) as bar:
         task = bar.add_task("train", total=len(batches), completed=start, status="")
         for step in range(start, len(batches)):
@@ -186,7 +208,7 @@ def _train(pipeline, batches, start: int, runlog: RunLog, config: RunConfig, con
             if failed is not None and config.retry_errors:
                 return f"training step {step + 1} of {len(batches)} failed ({failed})"
             pipeline.checkpoint(config.out_dir, step + 1)
-            now = [_reward(r) for r in records]
+            now = [v for v in map(_reward, records) if v is not None]
             rewards += now
             recent = rewards[-4 * len(batches[step]) :]
             status = f"reward {sum(now) / max(len(now), 1):.3f} (last 4 steps {sum(recent) / max(len(recent), 1):.3f})"
@@ -194,10 +216,13 @@ def _train(pipeline, batches, start: int, runlog: RunLog, config: RunConfig, con
     return None
 
 
-def _reward(record: dict) -> float:
-    """A train line's reward (lines written before rewards were recorded: its accuracy)."""
+def _reward(record: dict) -> float | None:
+    """A train line's reward (lines written before rewards were recorded: its accuracy; None
+    where it has neither, as a failed line under the likelihood reward)."""
     value = record.get("reward")
-    return float(record["correct"]) if value is None else float(value)
+    if value is None:
+        return None if record.get("correct") is None else float(record["correct"])
+    return float(value)
 
 
 def _evaluate(pipeline, test, runlog: RunLog, config: RunConfig, console: Console) -> str | None:
@@ -214,7 +239,7 @@ def _evaluate(pipeline, test, runlog: RunLog, config: RunConfig, console: Consol
             if outage is not None:
                 return outage
             s = summarize(runlog.phase_records("eval"))
-            bar.update(task, advance=len(records), status=f"accuracy {s['accuracy']:.3f}, errors {s['errors']}")
+            bar.update(task, advance=len(records), status=f"accuracy {'not decoded' if s['accuracy'] is None else format(s['accuracy'], '.3f')}, errors {s['errors']}")
     return None
 
 

@@ -8,7 +8,7 @@ restores it (``params.safetensors``, ``train_state.safetensors``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -18,7 +18,7 @@ from gcache.core.objectives import answer_batch
 from gcache.core.optim import adam
 from gcache.core.reinforce import init_baseline
 from gcache.core.policy import init_policy
-from gcache.core.train import FuserBatch, FuserExample, PolicyBatch, Shard, SharedRewards, TrainState, train_step
+from gcache.core.train import FuserBatch, FuserExample, MeasuredRewards, PolicyBatch, Shard, TrainState, train_step
 from gcache.io.runner.answers import answer_inputs
 from gcache.io.runner.communication import Context
 from gcache.io.models.local import LocalModel, encode_chat
@@ -53,8 +53,9 @@ class Team(Protocol):
 class Step(NamedTuple):
     """What one update reports."""
 
-    stats: dict[str, float]  # the loss parts
+    stats: dict[str, float]  # the loss parts ({} when no step was taken)
     answer_logprobs: dict[int, float]  # batch row -> the answer log-probability the step's own forward read
+    rewards: dict[int, float]  # batch row -> the reward the step made of it (the same rows)
 
 
 class Learner:
@@ -121,20 +122,21 @@ class Learner:
 
     def update(
         self, plans: Sequence[Plan], judged: Sequence[Context | None], rewards: Tensor, *, failed: bool = False,
-        reward_of: Callable[[int, float], float] | None = None,
+        measure: str | None = None, correct: Sequence[bool | None] | None = None,
     ) -> Step:  # fmt: skip
         """One training step on a scored batch: REINFORCE on the plans' graphs (policy) and the
         reference answers' likelihood on the judged questions' fused caches (fuser).
 
-        With ``reward_of`` (when ``measures_answers``), the rows with a fused decision context
-        take their reward from the fuser's forward, ``reward_of(row, answer log-probability)``,
-        and their entries in ``rewards`` are ignored; the returned ``Step`` holds those rows'
-        log-probabilities. A batch that ``failed`` makes no step. Under a team, ``plans`` and
+        With ``measure``, a reward kind (when ``measures_answers``), the rows with a fused decision
+        context take their reward of that kind from the fuser's forward (with the row's verdict
+        in ``correct``, one per row, for the kinds that read it) and their entries in ``rewards``
+        are ignored; the returned ``Step`` holds those rows' answer log-probabilities and rewards.
+        A batch that ``failed`` makes no step. Under a team, ``plans`` and
         ``rewards`` are this process's share; the processes agree on the batch's rewards and on
         skipping a step that failed anywhere, and sum their gradients, so every one takes the same step.
         """
-        if reward_of is not None and not self.measures_answers:
-            raise ValueError("reward_of: this learner's fuser forward does not measure the likelihood reward's answers")
+        if measure is not None and not self.measures_answers:
+            raise ValueError("measure: this learner's fuser forward does not measure the likelihood reward's answers")
         policy = None
         if self.graph is not None:
             policy = PolicyBatch(
@@ -146,23 +148,21 @@ class Learner:
             rows = self.fused_rows(judged)
             examples = tuple(self._fuser_example(plans[q].item, judged[q]) for q in rows)
             fuser = FuserBatch(self.local.fns, self.fuser_config.mode, examples)
-        shard = shared = None
+        shard = measured = None
         if self.team is not None:
             rewards, shard, failed = self.team.share(rewards, len(fuser.examples) if fuser else 0, failed)
         if failed:
-            return Step({}, {})
-        if reward_of is not None and rows:
-            shared = SharedRewards(
-                torch.tensor(rows, dtype=torch.long),
-                lambda lps: torch.tensor([reward_of(q, float(lp)) for q, lp in zip(rows, lps)]),
-            )  # fmt: skip
+            return Step({}, {}, {})
+        if measure is not None and rows:
+            verdicts = None if correct is None else tuple(correct[q] for q in rows)
+            measured = MeasuredRewards(torch.tensor(rows, dtype=torch.long), measure, verdicts)
         self.state, stats = train_step(
-            self.state, self.optimizer, rewards, policy=policy, fuser=fuser, shard=shard, shared=shared
+            self.state, self.optimizer, rewards, policy=policy, fuser=fuser, shard=shard, measured=measured
         )  # fmt: skip
-        measured = stats.pop("answer_logprobs", None)
-        stats.pop("rewards", None)
-        found = {} if measured is None else {q: float(v) for q, v in zip(rows, measured.tolist())}
-        return Step(stats, found)
+        logprobs, used = stats.pop("answer_logprobs", None), stats.pop("rewards", None)
+        if logprobs is None:
+            return Step(stats, {}, {})
+        return Step(stats, {q: float(logprobs[e]) for e, q in enumerate(rows)}, {q: float(used[q]) for q in rows})
 
     # ------------------------------------------------------------ persistence
 

@@ -49,6 +49,7 @@ from gcache.io.tasks.scoring import Verdict, score_many
 log = logging.getLogger(__name__)
 
 NOT_DECODED = "not decoded: only the answer log-probability was measured"
+LOSSES = ("policy_loss", "fuser_loss")  # a training step's loss parts, recorded on its train lines
 
 
 def _seed(*parts: Any) -> int:
@@ -132,30 +133,31 @@ class Pipeline:
             log.warning("train step %d failed: %s", step, e)
             outs, logprobs = [_failed(e) for _ in plans], [None] * len(plans)
         verdicts = self._verdicts(plans, outs, decode)
+        correct = [v.correct if decode else None for v in verdicts]
         failed = any(o.error for o in outs)
         rewards: list[float | None] = [None] * len(plans)
-        if not failed:
+        if not failed:  # the rows the step measures get their rewards from it
             rewards = [
-                None if q in shared else reward(self.config.reward, v.correct if decode else None, lp)
-                for q, (v, lp) in enumerate(zip(verdicts, logprobs))
+                None if q in shared else reward(self.config.reward, c, lp)
+                for q, (c, lp) in enumerate(zip(correct, logprobs))
             ]  # fmt: skip
-
-        def reward_of(q: int, lp: float) -> float:
-            return reward(self.config.reward, verdicts[q].correct if decode else None, lp)
-
+        losses: dict[str, float] = {}
         if self.learner is not None:
             # Every process of a team calls the step, even on a failed batch: they agree to skip it together.
             values = torch.tensor([0.0 if r is None else r for r in rewards])
             done = self.learner.update(
-                plans, [o.judged for o in outs], values, failed=failed, reward_of=reward_of if shared else None
+                plans, [o.judged for o in outs], values, failed=failed,
+                measure=self.config.reward if shared else None, correct=correct,
             )  # fmt: skip
-            for q, lp in done.answer_logprobs.items():
-                logprobs[q], rewards[q] = lp, reward_of(q, lp)
+            logprobs = [done.answer_logprobs.get(q, lp) for q, lp in enumerate(logprobs)]
+            rewards = [done.rewards.get(q, r) for q, r in enumerate(rewards)]
+            losses = {k: done.stats[k] for k in LOSSES if k in done.stats}
         seconds = (time.perf_counter() - started) / len(items)
         return [
-            self._record("train", f"{step}:{p.item.id}", p, o, v, seconds, step=step, answer_logprob=lp, reward=r)
+            self._record("train", f"{step}:{p.item.id}", p, o, v, seconds, decode, step=step, answer_logprob=lp, reward=r,
+                         **losses)
             for p, o, v, lp, r in zip(plans, outs, verdicts, logprobs, rewards)
-        ]
+        ]  # fmt: skip
 
     def evaluate(self, items: Sequence[Item], *, decode: bool = True) -> list[dict]:
         """Answer an eval batch with deterministic graphs and no gradient; one record per question.
@@ -177,7 +179,7 @@ class Pipeline:
         verdicts = self._verdicts(plans, outs, decode)
         seconds = (time.perf_counter() - started) / len(items)
         return [
-            self._record("eval", p.item.id, p, o, v, seconds, answer_logprob=lp)
+            self._record("eval", p.item.id, p, o, v, seconds, decode, answer_logprob=lp)
             for p, o, v, lp in zip(plans, outs, verdicts, logprobs)
         ]
 
@@ -304,7 +306,10 @@ class Pipeline:
 
     # ---------------------------------------------------------------- records
 
-    def _record(self, phase: str, rid: str, plan: Plan, out: QuestionOut, verdict: Verdict, seconds: float, **extra) -> dict:
+    def _record(
+        self, phase: str, rid: str, plan: Plan, out: QuestionOut, verdict: Verdict, seconds: float, decoded: bool, **extra
+    ) -> dict:  # fmt: skip
+        """One results.jsonl line; ``correct`` is None where nothing was decoded."""
         tokens = {"prompt": 0, "latent": 0, "generated": 0}
         trace = []
         nodes = sorted(out.outputs.items()) + ([(DECISION, out.decision)] if out.decision is not None else [])
@@ -324,7 +329,7 @@ class Pipeline:
             "phase": phase,
             "gold": plan.item.gold,
             "prediction": verdict.prediction,
-            "correct": bool(verdict.correct),
+            "correct": bool(verdict.correct) if decoded else None,
             "tokens": tokens,
             "seconds": round(seconds, 4),
             "edges": self._edges(plan),
