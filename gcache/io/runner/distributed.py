@@ -374,35 +374,17 @@ def rank_config(config: RunConfig, world: World) -> RunConfig:
 # ------------------------------------------------------------------ rank 0's pipeline, the others' loop
 
 
-def _outage(pipeline) -> str | None:
-    """Why this rank's API client holds its endpoint for down (its circuit breaker), or None."""
-    outage = getattr(pipeline.api, "outage", None)
-    return None if outage is None else str(outage)
-
-
 def _answer_eval(pipeline, items: Sequence) -> tuple[list[dict], str | None]:
-    return (pipeline.evaluate(items) if items else []), _outage(pipeline)
+    return (pipeline.evaluate(items) if items else []), pipeline.outage
 
 
 def _answer_train(pipeline, items: Sequence, step: int) -> tuple[list[dict], str | None]:
-    if items:
-        return pipeline.train_step(items, step), _outage(pipeline)
-    if pipeline.learner is not None:  # no question of this batch here: still take the step with the others
-        pipeline.learner.update([], [], torch.zeros(0))
-    return [], _outage(pipeline)
-
-
-@dataclass(frozen=True)
-class TeamApi:
-    """What the experiment reads of the API client under a team: whether any rank's circuit
-    breaker holds the endpoint for down (then the run stops, as one process's would)."""
-
-    outage: str | None
+    return pipeline.train_step(items, step), pipeline.outage
 
 
 class TeamPipeline:
-    """Rank 0's pipeline: the one-process interface (gcache.io.runner.pipeline.Pipeline), every batch
-    answered by all ranks. The other ranks run ``follow``."""
+    """Rank 0's pipeline: the one-process interface (gcache.io.runner.experiment.RunPipeline, as
+    gcache.io.runner.pipeline.Pipeline), every batch answered by all ranks. The other ranks run ``follow``."""
 
     def __init__(self, team: Team, local) -> None:
         self.team, self.local = team, local
@@ -452,9 +434,10 @@ class TeamPipeline:
         self._sync_state()
 
     @property
-    def api(self) -> TeamApi | None:
-        """None for local runs; else whether any rank's API endpoint is held for down."""
-        return None if self.local.api is None else TeamApi(self._outage)
+    def outage(self) -> str | None:
+        """Why any rank's API client holds its endpoint for down, or None (then the run stops,
+        as one process's would)."""
+        return self._outage
 
     @property
     def learner(self):
@@ -549,7 +532,6 @@ __all__ = [
     "LostRank",
     "RankFailed",
     "Team",
-    "TeamApi",
     "TeamPipeline",
     "World",
     "collective_timeout",

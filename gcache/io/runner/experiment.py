@@ -30,7 +30,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Protocol, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 # What a record's error starts with when the client refused to call an endpoint held for down
 # (the pipeline records errors as "TypeName: message"); such a question was never tried.
-_REFUSED = "ApiOutageError:"
 
 
 def check_before_loading(config: RunConfig) -> None:
@@ -99,11 +98,32 @@ def train_batches(train: Sequence, config: RunConfig) -> list[list]:
     return batches
 
 
+class RunPipeline(Protocol):
+    """What the experiment drives: gcache.io.runner.pipeline.Pipeline in one process, rank 0's
+    gcache.io.runner.distributed.TeamPipeline under torchrun."""
+
+    ranks: int  # processes answering each batch together
+
+    def train_step(self, items: Sequence, step: int) -> list[dict]: ...
+    def evaluate(self, items: Sequence) -> list[dict]: ...
+    def checkpoint(self, out: Path, step: int) -> None: ...
+    def restore(self, out: Path) -> int: ...
+    def load(self, path: Path) -> None: ...
+    def api_tokens(self) -> dict: ...
+
+    @property
+    def outage(self) -> str | None:
+        """Why the API endpoint is held for down (the run stops), or None."""
+        ...
+
+
 class RunFailed(RuntimeError):
     """The work of a run raised (not a bad setting: those are ValueErrors before any work)."""
 
 
-def run_experiment(config: RunConfig, *, console: Console | None = None, build=None) -> dict:
+def run_experiment(
+    config: RunConfig, *, console: Console | None = None, build: Callable[[RunConfig], RunPipeline] | None = None
+) -> dict:
     """Run the whole experiment of ``config`` and return its summary (also in summary.json).
 
     The summary's ``status`` says how the run ended: "complete" (every test question answered
@@ -172,12 +192,6 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def _outage(pipeline) -> str | None:
-    """Why the run's API client holds its endpoint for down, or None (no API, or it answers)."""
-    outage = getattr(pipeline.api, "outage", None)
-    return None if outage is None else str(outage)
-
-
 def _to_do(runlog: RunLog, config: RunConfig, phase: str, qid: str) -> bool:
     """Whether a question still needs a line: it has none, or (retrying errors) its latest holds one."""
     return not runlog.is_done(phase, qid) if config.retry_errors else not runlog.has(phase, qid)
@@ -187,13 +201,13 @@ def _append_new(runlog: RunLog, config: RunConfig, records: list[dict]) -> None:
     """Append the records a question still needs; those the client refused to send (the
     endpoint was held for down) are left out: such a question was not tried and stays to do."""
     for record in records:
-        if (record["error"] or "").startswith(_REFUSED):
+        if record.get("refused"):
             continue
         if _to_do(runlog, config, record["phase"], record["id"]):
             runlog.append(record)
 
 
-def _train(pipeline, batches, start: int, runlog: RunLog, config: RunConfig, console: Console) -> str | None:
+def _train(pipeline: RunPipeline, batches, start: int, runlog: RunLog, config: RunConfig, console: Console) -> str | None:
     """Run the training steps from ``start``; returns why training stopped early, or None."""
     rewards = [v for v in map(_reward, runlog.phase_records("train")) if v is not None]
     with _progress(console) as bar:
@@ -201,7 +215,7 @@ def _train(pipeline, batches, start: int, runlog: RunLog, config: RunConfig, con
         for step in range(start, len(batches)):
             records = pipeline.train_step(batches[step], step)
             _append_new(runlog, config, records)
-            outage = _outage(pipeline)
+            outage = pipeline.outage
             if outage is not None:
                 return outage
             failed = next((r["error"] for r in records if r["error"] is not None), None)
@@ -225,7 +239,7 @@ def _reward(record: dict) -> float | None:
     return float(value)
 
 
-def _evaluate(pipeline, test, runlog: RunLog, config: RunConfig, console: Console) -> str | None:
+def _evaluate(pipeline: RunPipeline, test, runlog: RunLog, config: RunConfig, console: Console) -> str | None:
     """Answer the test questions still to do; returns why evaluation stopped early, or None."""
     todo = [item for item in test if _to_do(runlog, config, "eval", item.id)]
     answered = len(test) - len(todo)
@@ -235,7 +249,7 @@ def _evaluate(pipeline, test, runlog: RunLog, config: RunConfig, console: Consol
         for i in range(0, len(todo), size):
             records = pipeline.evaluate(todo[i : i + size])
             _append_new(runlog, config, records)
-            outage = _outage(pipeline)
+            outage = pipeline.outage
             if outage is not None:
                 return outage
             s = summarize(runlog.phase_records("eval"))
@@ -243,7 +257,7 @@ def _evaluate(pipeline, test, runlog: RunLog, config: RunConfig, console: Consol
     return None
 
 
-def _summary(config: RunConfig, runlog: RunLog, test: Sequence, wall: float, pipeline, stopped: str | None) -> dict:
+def _summary(config: RunConfig, runlog: RunLog, test: Sequence, wall: float, pipeline: RunPipeline, stopped: str | None) -> dict:
     evals = summarize(runlog.phase_records("eval"))
     trains = summarize(runlog.phase_records("train"))
     remaining = sum(not runlog.is_done("eval", item.id) for item in test)

@@ -66,6 +66,7 @@ class QuestionOut(NamedTuple):
     decision: NodeOut | None  # the judger's output (None when the rule took an agent's text)
     context: Context | None  # what the answer was decoded from: the judger's, or the answering agent's
     error: str | None = None
+    refused: bool = False  # the API client refused to send it (endpoint held for down): not tried
 
     @property
     def judged(self) -> Context | None:
@@ -74,7 +75,7 @@ class QuestionOut(NamedTuple):
 
 
 def _failed(error: Exception) -> QuestionOut:
-    return QuestionOut("", {}, None, None, f"{type(error).__name__}: {error}")
+    return QuestionOut("", {}, None, None, f"{type(error).__name__}: {error}", isinstance(error, ApiOutageError))
 
 
 class Speaker:
@@ -120,6 +121,10 @@ class Pipeline:
         records say so. A batch that fails (an API error, say) is recorded with its error and
         makes no update.
         """
+        if not items:  # a rank of a team with no question of this batch still takes the step
+            if self.learner is not None:
+                self.learner.update([], [], torch.zeros(0))
+            return []
         started = time.perf_counter()
         plans = [self._plan(item, train=True, seed=_seed(self.config.seed, "train", step, item.id)) for item in items]
         decode = self.config.reward != "likelihood"
@@ -206,8 +211,14 @@ class Pipeline:
 
     @property
     def api(self) -> ApiClient | None:
-        """The run's API client (None for local runs); its state tells whether the endpoint is down."""
+        """The run's API client (None for local runs)."""
         return self.speaker.api
+
+    @property
+    def outage(self) -> str | None:
+        """Why the run's API client holds its endpoint for down (its circuit breaker), or None."""
+        outage = None if self.speaker.api is None else self.speaker.api.outage
+        return None if outage is None else str(outage)
 
     # ---------------------------------------------------------------- answering
 
@@ -335,6 +346,7 @@ class Pipeline:
             "edges": self._edges(plan),
             "trace": trace,
             "error": out.error,
+            **({"refused": True} if out.refused else {}),
             "score_note": verdict.error,
             "answer": out.answer,
             "log_prob": float(plan.topology.log_prob),
