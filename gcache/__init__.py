@@ -48,13 +48,10 @@ from gcache.core.latent import (
 )
 from gcache.core.objectives import (
     AnswerBatch,
-    FuserStep,
     answer_batch,
     answer_logprobs,
     answer_nll,
-    fuser_grads,
     fuser_loss,
-    fuser_step,
 )
 from gcache.core.optim import (
     AdamState,
@@ -178,14 +175,11 @@ __all__ = [
     "AnswerBatch",
     "FuserConfig",
     "FuserParams",
-    "FuserStep",
     "answer_batch",
     "answer_logprobs",
     "answer_nll",
     "fuse",
-    "fuser_grads",
     "fuser_loss",
-    "fuser_step",
     "gates",
     "init_fuser",
     "source_weights",

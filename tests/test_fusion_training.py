@@ -16,15 +16,10 @@ import torch
 from gcache.core.cache import keep_last
 from gcache.core.fusion import FuserConfig, FuserParams, init_fuser
 from gcache.core.latent import Decoding, generate, rollout
-from gcache.core.objectives import (
-    AnswerBatch,
-    answer_batch,
-    answer_nll,
-    fuser_grads,
-    fuser_loss,
-    fuser_step,
-)
-from gcache.core.optim import adam
+from gcache.core.objectives import AnswerBatch, answer_batch, answer_nll, fuser_loss
+from gcache.core.optim import adam, value_and_grad
+from gcache.core.reinforce import init_baseline
+from gcache.core.train import FuserBatch, FuserExample, TrainState, train_step
 from gcache.io.models.local import load_model, tiny_model
 
 NAMES = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lee"]
@@ -164,12 +159,26 @@ def test_concat_fusion_continues_like_one_sequence_in_any_order(lm):
 # ----------------------------------------------------------------------------- gradients
 
 
+def grads_of(loss_fn, params):
+    """(loss, gradients) of ``loss_fn`` with respect to the fuser's parameters only."""
+    loss, _, grads = value_and_grad(lambda p: (loss_fn(p), None), params)
+    return loss, grads
+
+
+def fuser_train_step(lm, params, caches, batch, mode, edge_weights, optimizer):
+    """One step of the core's training step with the fuser alone learned, on one example."""
+    state = TrainState({"fuser": params}, optimizer.init({"fuser": params}), init_baseline())
+    example = FuserExample(tuple(caches), torch.tensor(edge_weights), torch.tensor(SOURCES), batch)
+    new, _ = train_step(state, optimizer, torch.zeros(1), fuser=FuserBatch(lm.fns, mode, (example,)))
+    return new
+
+
 def test_gradients_reach_every_fuser_parameter_and_no_model_weight(lm, train_task):
     caches, batch = train_task
     saved = snapshot(lm.model)
     params = init_fuser(FuserConfig(lm.fns.num_layers, NUM_AGENTS))
     e = torch.tensor([0.7, 0.4, 0.9])
-    loss, grads = fuser_grads(
+    loss, grads = grads_of(
         lambda p: fuser_loss(p, lm.fns, caches, e, batch, mode="learned", sources=SOURCES), params
     )
     assert math.isfinite(float(loss))
@@ -185,7 +194,7 @@ def test_fuser_grads_never_touch_an_unfrozen_model():
     caches = predecessor_caches(lm, range(2), latent_steps=1)
     batch = answer_batch([[5, 6], [7]], [[8, 9], [10, 11]], pad_token_id=lm.pad_token_id)
     params = init_fuser(FuserConfig(lm.fns.num_layers, NUM_AGENTS))
-    _, grads = fuser_grads(
+    _, grads = grads_of(
         lambda p: fuser_loss(p, lm.fns, caches, [0.3, 0.6, 0.9], batch, mode="learned", sources=SOURCES), params
     )
     assert bool((grads.gate_logits != 0).all())
@@ -208,7 +217,7 @@ def test_gates_open_where_the_edge_weights_favour_the_informed_agent(lm, train_t
     caches, batch = train_task
     params = init_fuser(FuserConfig(lm.fns.num_layers, NUM_AGENTS))
     favour = [0.8, 0.1, 0.1]
-    _, grads = fuser_grads(lambda p: fuser_loss(p, lm.fns, caches, favour, batch, mode="weighted"), params)
+    _, grads = grads_of(lambda p: fuser_loss(p, lm.fns, caches, favour, batch, mode="weighted"), params)
     assert bool((grads.gate_logits < 0).all())  # descending opens every gate
 
     def at(gate):
@@ -219,27 +228,21 @@ def test_gates_open_where_the_edge_weights_favour_the_informed_agent(lm, train_t
     assert at(math.inf) < at(0.0) < at(-math.inf)
 
 
-def test_fuser_step_returns_new_params_and_refuses_non_finite_gradients(lm, train_task):
+def test_the_training_step_moves_only_the_fuser_and_refuses_non_finite_gradients(lm, train_task):
+    """The one way to train the fuser is the core's training step (gcache.core.train.train_step)."""
     caches, batch = train_task
     params = init_fuser(FuserConfig(lm.fns.num_layers, NUM_AGENTS))
     before = tuple(t.clone() for t in params)
-    opt = adam(0.1)
-    step = fuser_step(
-        params, opt.init(params), opt.update,
-        lambda p: fuser_loss(p, lm.fns, caches, [0.5] * 3, batch, mode="learned", sources=SOURCES),
-    )
+    new = fuser_train_step(lm, params, caches, batch, "learned", [0.5] * 3, adam(0.1))
     assert all(torch.equal(a, b) for a, b in zip(params, before))
     # uniform edge weights and zero logits mix uniformly, so the gates have nothing to scale yet:
     # only the source logits move on the first step
-    assert not torch.equal(step.params.source_logits, params.source_logits)
-    assert bool((step.grads.gate_logits == 0).all())
-    assert int(step.opt_state.count) == 1 and math.isfinite(float(step.loss))
+    assert not torch.equal(new.params["fuser"].source_logits, params.source_logits)
+    assert torch.equal(new.params["fuser"].gate_logits, params.gate_logits)
+    assert int(new.opt_state.count) == 1
     broken = FuserParams(torch.full_like(params.gate_logits, math.nan), params.source_logits)
     with pytest.raises(ValueError, match="finite gradients"):
-        fuser_step(
-            broken, opt.init(broken), opt.update,
-            lambda p: fuser_loss(p, lm.fns, caches, [0.5] * 3, batch, mode="learned", sources=SOURCES),
-        )
+        fuser_train_step(lm, broken, caches, batch, "learned", [0.5] * 3, adam(0.1))
 
 
 # ----------------------------------------------------------------------------- training
@@ -249,14 +252,11 @@ def train(lm, task, mode, *, steps, lr=0.1, edge_weights=(0.5, 0.5, 0.5)):
     caches, batch = task
     params = init_fuser(FuserConfig(lm.fns.num_layers, NUM_AGENTS))
     opt = adam(lr)
-    state = opt.init(params)
+    state = TrainState({"fuser": params}, opt.init({"fuser": params}), init_baseline())
+    example = FuserExample(tuple(caches), torch.tensor(edge_weights), torch.tensor(SOURCES), batch)
     for _ in range(steps):
-        step = fuser_step(
-            params, state, opt.update,
-            lambda p: fuser_loss(p, lm.fns, caches, edge_weights, batch, mode=mode, sources=SOURCES),
-        )
-        params, state = step.params, step.opt_state
-    return params
+        state, _ = train_step(state, opt, torch.zeros(1), fuser=FuserBatch(lm.fns, mode, (example,)))
+    return state.params["fuser"]
 
 
 def heldout(lm, task, params, mode, edge_weights=(0.5, 0.5, 0.5)):

@@ -12,15 +12,13 @@ Per-row normalisation keeps a long reference answer from outweighing a short one
 weights are the caller's to freeze; the graph runs through the fused cache's keys and values into
 the fuser's parameters (and into the edge weights when they require grad, in the ``learned`` mode).
 
-``fuser_step`` is one pure training step: gradients of the loss with respect to the fuser's
-parameters only (never the model's), then an optimizer update in the optax style
-``update(grads, opt_state, params) -> (updates, opt_state)`` (``gcache.core.optim.adam(lr).update``);
-new parameters are ``apply_updates(params, updates)``.
+The fuser is trained by the core's one training step (``gcache.core.train.train_step`` with a
+``FuserBatch``), which takes gradients with respect to the learned parameters only.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -28,10 +26,7 @@ from torch import Tensor
 from gcache.core.cache import KVCache
 from gcache.core.fusion import EdgeWeights, FuserParams, Mode, Sources, fuse
 from gcache.core.latent import ModelFns, sequence_logprob
-from gcache.core.optim import apply_updates, value_and_grad
 
-OptState = Any
-Update = Callable[[FuserParams, OptState, FuserParams], tuple[FuserParams, OptState]]
 
 
 class AnswerBatch(NamedTuple):
@@ -116,53 +111,10 @@ def fuser_loss(
     return answer_nll(fns, fused, batch)
 
 
-class FuserStep(NamedTuple):
-    """Result of ``fuser_step``."""
-
-    params: FuserParams
-    opt_state: OptState
-    loss: Tensor  # scalar, before the update (detached)
-    grads: FuserParams
-
-
-def fuser_grads(loss_fn: Callable[[FuserParams], Tensor], params: FuserParams) -> tuple[Tensor, FuserParams]:
-    """(loss, d loss / d params) for ``loss_fn(params)``, taking gradients with respect to the
-    fuser's parameters only: nothing else (the model's weights, edge weights) gets a ``.grad``.
-
-    The caller's tensors are not touched; a parameter the loss does not depend on gets zeros.
-    """
-    loss, _, grads = value_and_grad(lambda p: (loss_fn(p), None), params)
-    return loss, grads
-
-
-def fuser_step(
-    params: FuserParams,
-    opt_state: OptState,
-    update: Update,
-    loss_fn: Callable[[FuserParams], Tensor],
-) -> FuserStep:
-    """One training step of the fuser: gradients of ``loss_fn`` (e.g. ``fuser_loss`` with the
-    model, caches and batch bound) with respect to ``params``, then ``update`` (optax style).
-
-    Returns the new parameters and optimizer state, the loss before the step and the gradients.
-    Raises ValueError when a gradient is not finite (the update would poison the parameters).
-    """
-    loss, grads = fuser_grads(loss_fn, params)
-    for name, g in zip(FuserParams._fields, grads):
-        if not bool(torch.isfinite(g).all()):
-            raise ValueError(f"grads.{name}: expected finite gradients, got {g.tolist()} (loss {float(loss)})")
-    updates, opt_state = update(grads, opt_state, params)
-    new = apply_updates(params, updates)
-    return FuserStep(new, opt_state, loss, grads)
-
-
 __all__ = [
     "AnswerBatch",
-    "FuserStep",
     "answer_batch",
     "answer_logprobs",
     "answer_nll",
-    "fuser_grads",
     "fuser_loss",
-    "fuser_step",
 ]

@@ -188,7 +188,7 @@ def train_step(
     rows), when the shard's rows fall outside the batch or it counts fewer fuser examples than
     this process holds, when ``measured`` comes without a learned fuser, with a shard, or names
     rows that do not match the fuser's examples, and the errors of ``reinforce_loss``, ``fuse``
-    and ``answer_nll`` on bad inputs.
+    and ``answer_nll`` on bad inputs; and when a gradient is not finite (no step is taken).
     """
     expected = rewards.shape[0] if shard is None else shard.rows.numel()
     if policy is not None and len(policy.topologies) != expected:
@@ -214,9 +214,18 @@ def train_step(
     loss, (stats, used), grads = value_and_grad(loss_fn, state.params)
     if shard is not None:
         grads = shard.reduce(grads)
+    _check_finite(grads, float(loss))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = tree_map(lambda t: t.detach(), apply_updates(state.params, updates))
     return TrainState(params, opt_state, update_baseline(state.baseline, used)), stats
+
+
+def _check_finite(grads: Params, loss: float) -> None:
+    """A non-finite gradient would poison the parameters: refuse the step, naming the part."""
+    for part, tree in grads.items():
+        for name, g in zip(getattr(tree, "_fields", range(len(tree))), tree):
+            if not bool(torch.isfinite(g).all()):
+                raise ValueError(f"grads[{part!r}].{name}: expected finite gradients, got non-finite values (loss {loss})")
 
 
 def _check_measured(measured: MeasuredRewards, params: Params, fuser: FuserBatch | None, shard: Shard | None, batch: int) -> None:
