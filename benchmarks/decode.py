@@ -41,8 +41,8 @@ from _common import add_micro_args, load_average, machine_info
 from gcache.core.cache import KVCache
 from gcache.core.latent import Decoding, generate, prefill, rollout, sequence_logprob
 from gcache.io.models.local import load_model, tiny_model
-from gcache.io.runner.prompts import agent_messages, decision_messages, latent_mas_roles
 from gcache.io.models.quant import weight_bytes
+from gcache.io.runner.prompts import agent_messages, decision_messages, latent_mas_roles
 from gcache.io.tasks.datasets import load_items
 
 log = logging.getLogger("benchmarks.decode")

@@ -48,9 +48,9 @@ from _common import (
     write_json,
 )
 
-from gcache.io.runner.communication import LatentCaches, Rollouts
 from gcache.io.records.report import plot_learning_curve
 from gcache.io.records.stats import excludes_zero, mean_ci, paired_diff_ci
+from gcache.io.runner.communication import LatentCaches, Rollouts
 from gcache.io.tasks.datasets import load_items
 
 FIXED = ("chain", "star", "mesh", "layered", "random")

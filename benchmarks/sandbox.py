@@ -37,8 +37,8 @@ def candidates(per_task: int) -> list[tuple[str, str, int]]:
 
 def measure_here(which: list[tuple[str, str, int]]) -> dict[str, float]:
     """Seconds of `score` per candidate (by item id), in this interpreter's gcache; raises if one is not correct."""
-    from gcache.io.tasks.scoring import gold_replies, score
     from gcache.io.tasks.datasets import load_items
+    from gcache.io.tasks.scoring import gold_replies, score
 
     items = [load_items(task, split, question_id=row)[0] for task, split, row in which]
     # MBPP+ expected outputs and imports load once per process; not part of a candidate's cost.

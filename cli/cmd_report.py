@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gcache.io.runner.experiment import ending_line, load_summary
 from gcache.io.records.report import (
     curve_table,
     edge_matrix,
@@ -21,6 +20,7 @@ from gcache.io.records.report import (
 )
 from gcache.io.records.runlog import read_records
 from gcache.io.records.stats import format_interval
+from gcache.io.runner.experiment import ending_line, load_summary
 from gcache_cli.main import app, fail
 
 

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from gcache.io.runner import distributed, experiment, launcher
 from gcache.io.models.apiconfig import SETTING_VARS, ApiConfig
+from gcache.io.runner import distributed, experiment, launcher
 from gcache.io.runner.config import RunConfig, build_config, flag_args
 from gcache_cli.main import app, fail
 

@@ -31,8 +31,8 @@ from gcache.core.cache import (
     trim_padding,
     validate,
 )
-from gcache.core.graph import Edge, Schedule, schedule
 from gcache.core.fusion import FuserConfig, FuserParams, fuse, gates, init_fuser, source_weights
+from gcache.core.graph import Edge, Schedule, schedule
 from gcache.core.latent import (
     Decoding,
     Generation,
@@ -83,8 +83,8 @@ from gcache.core.reinforce import (
     reinforce_loss,
     update_baseline,
 )
-from gcache.core.sampling import deterministic_topology, fixed_topology, log_prob, sample_topology
 from gcache.core.rewards import reward
+from gcache.core.sampling import deterministic_topology, fixed_topology, log_prob, sample_topology
 from gcache.core.topology import (
     Topology,
     TopologyConfig,

@@ -46,6 +46,7 @@ from hypothesis.strategies import SearchStrategy
 from torch import Tensor
 
 from gcache.core.cache import KVCache
+from gcache.core.checks import check_int
 from gcache.core.fusion import MODES as _FUSION_MODES
 from gcache.core.fusion import FuserConfig, FuserParams
 from gcache.core.policy import PolicyLogits, PolicyParams, init_policy
@@ -133,8 +134,7 @@ def cache_dims(
     """Strategy of (layers, batch, heads, head_dim) tuples, each in [1, max_*]."""
     for name, value in (("max_layers", max_layers), ("max_batch", max_batch), ("max_heads", max_heads),
                         ("max_head_dim", max_head_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        check_int(value, name)
     return st.tuples(
         st.integers(1, max_layers), st.integers(1, max_batch), st.integers(1, max_heads), st.integers(1, max_head_dim)
     )

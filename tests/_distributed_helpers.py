@@ -122,9 +122,9 @@ def train_steps(out: Path | None, steps: int = 2) -> list[torch.Tensor]:
 
     from gcache.core.optim import adam, tree_leaves
     from gcache.core.reinforce import init_baseline
-    from gcache.core.train import PolicyBatch, FuserBatch, TrainState, train_step
-    from gcache.io.runner.distributed import Team, detect, shard
+    from gcache.core.train import FuserBatch, PolicyBatch, TrainState, train_step
     from gcache.io.models.local import tiny_model
+    from gcache.io.runner.distributed import Team, detect, shard
 
     lm = tiny_model("llama", seed=1)
     params, policy, fuser = _batch(lm)

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from gcache.core.cache import latent_part
 from gcache.core.latent import rollout
 from gcache.core.objectives import answer_nll
-from gcache.io.tasks import extract
+from gcache.io.models.local import embedded_tokenizer, encode_chat, load_model, tiny_model
 from gcache.io.runner.answers import (
     MAX_ANSWER_TOKENS,
     AnswerTarget,
@@ -25,8 +25,8 @@ from gcache.io.runner.answers import (
     answer_tokens,
 )
 from gcache.io.runner.communication import stack_contexts
-from gcache.io.models.local import embedded_tokenizer, encode_chat, load_model, tiny_model
 from gcache.io.runner.prompts import agent_messages, agent_roles, answer_format, decision_messages
+from gcache.io.tasks import extract
 from gcache.io.tasks.datasets import TASKS, Item, load_items, task_family
 from gcache.io.tasks.scoring import score
 

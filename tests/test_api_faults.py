@@ -12,9 +12,19 @@ import socket
 import time
 
 import pytest
-
 from _openai_server import OpenAIServer, Reply
-from gcache.io.models.api import ApiClient, ApiError, ApiConfig, ApiConnectionError, ApiOutageError, ApiResponseError, ApiStatusError, ApiTimeoutError, Completion
+
+from gcache.io.models.api import (
+    ApiClient,
+    ApiConfig,
+    ApiConnectionError,
+    ApiError,
+    ApiOutageError,
+    ApiResponseError,
+    ApiStatusError,
+    ApiTimeoutError,
+    Completion,
+)
 
 KEY = "sk-test-fault-0123456789"
 MESSAGES = [{"role": "user", "content": "what is two plus two"}]

@@ -14,12 +14,21 @@ import logging
 
 import pytest
 import torch
-
 from _openai_server import OpenAIServer, Reply, echo_backend
+
 from gcache.core.latent import Decoding
-from gcache.io.models.apiconfig import GENERATION_MODES, SETTING_VARS, scrub
-from gcache.io.models.generation import HYBRID_INSTRUCTION, CacheInfo, answer_stop, describe_cache_hint, generate_answer, generate_local, with_cache_hint, with_draft
 from gcache.io.models.api import ApiClient, ApiConfig, ApiStatusError, require_api, resolve_api_config
+from gcache.io.models.apiconfig import GENERATION_MODES, SETTING_VARS, scrub
+from gcache.io.models.generation import (
+    HYBRID_INSTRUCTION,
+    CacheInfo,
+    answer_stop,
+    describe_cache_hint,
+    generate_answer,
+    generate_local,
+    with_cache_hint,
+    with_draft,
+)
 
 KEY = "sk-live-9f8e7d6c5b4a39281706"
 QUESTION = [
@@ -106,9 +115,9 @@ def test_http_settings_come_from_the_argument_then_the_environment_then_dotenv(f
         ("GCACHE_API_TIMEOUT", "-2", "expected a positive number of seconds"),
         ("GCACHE_API_TIMEOUT", "inf", "expected a positive number of seconds"),
         ("GCACHE_API_TIMEOUT", "soon", "expected a number, got 'soon'"),
-        ("GCACHE_API_MAX_RETRIES", "-1", "expected a non-negative integer"),
+        ("GCACHE_API_MAX_RETRIES", "-1", "expected an integer >= 0"),
         ("GCACHE_API_MAX_RETRIES", "1.5", "expected an integer, got '1.5'"),
-        ("GCACHE_API_CONCURRENCY", "0", "expected a positive integer"),
+        ("GCACHE_API_CONCURRENCY", "0", "expected an integer >= 1"),
         ("GCACHE_API_CONCURRENCY", "many", "expected an integer, got 'many'"),
     ],
 )
@@ -430,7 +439,6 @@ def test_generate_local_stops_each_row_where_the_rule_first_holds(tiny, monkeypa
     # accepts. The rule here ('at least 12 characters', every token a candidate) fires on the
     # random tiny model's output, which never writes '#### N'.
     import gcache.io.models.generation as generation
-
     from gcache.core.latent import generate
     from gcache.io.models.local import encode_chat
 
@@ -485,9 +493,9 @@ def model_server(embedded):
 
 @pytest.mark.slow
 def test_stopping_at_the_answer_only_cuts_the_tail_on_the_embedded_model(embedded):
-    from gcache.io.tasks.extract import answer_complete
     from gcache.io.runner.prompts import decision_messages
     from gcache.io.tasks.datasets import load_items
+    from gcache.io.tasks.extract import answer_complete
 
     # on this project's machines the model states its answer early and then writes on in
     # several of the first ten questions (5, 6 and 7); these four hold them and one that does not

@@ -28,7 +28,6 @@ from gcache.io.models.hf import from_dynamic_cache, to_dynamic_cache
 from gcache.testing import DTYPES, assert_caches_close, cache_dims, compatible_caches, kv_caches
 
 
-
 def assert_same(a: KVCache, b: KVCache) -> None:
     """Equal shapes, dtypes and contents, field by field."""
     assert_caches_close(a, b, atol=0, rtol=0)

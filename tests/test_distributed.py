@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _distributed_helpers import HERE, Ranks, free_port, gcache_run, rank_env, rank_pids, train_steps
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from _distributed_helpers import HERE, Ranks, free_port, gcache_run, rank_env, rank_pids, train_steps
+from gcache.io.records.runlog import read_records
 from gcache.io.runner.config import build_config
 from gcache.io.runner.distributed import (
     World,
@@ -30,7 +31,6 @@ from gcache.io.runner.distributed import (
     shard,
 )
 from gcache.io.runner.experiment import run_experiment
-from gcache.io.records.runlog import read_records
 from gcache_cli.cmd_run import run_args
 from gcache_cli.main import app
 
@@ -52,11 +52,12 @@ def _flags(args: list[str]) -> dict:
 
 
 def _comparable(record: dict) -> dict:
-    """A record without its timings (which differ between any two runs), its likelihoods rounded:
-    a rank's forward over its share and one process's over the whole batch agree to float rounding."""
+    """A record without its timings (which differ between any two runs), its likelihoods and losses
+    rounded: a rank's forward over its share and one process's over the whole batch agree to float
+    rounding (a step's losses are the sum of the ranks' shares)."""
     r = {k: v for k, v in record.items() if k != "seconds"}
     r["trace"] = [{k: v for k, v in t.items() if k != "seconds"} for t in record["trace"]]
-    for k in ("answer_logprob", "reward"):
+    for k in ("answer_logprob", "reward", "policy_loss", "fuser_loss"):
         if r.get(k) is not None:
             r[k] = round(r[k], 3)
     return r

@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gcache.io.tasks.extract import extract_choice, extract_code, extract_number, format_number, numbers_equal, parse_number
+from gcache.io.tasks.extract import (
+    extract_choice,
+    extract_code,
+    extract_number,
+    format_number,
+    numbers_equal,
+    parse_number,
+)
 
 
 @pytest.mark.parametrize(

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _openai_server import OpenAIServer, Reply, isolated_api_env
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from _openai_server import OpenAIServer, Reply, isolated_api_env
-from gcache.io.runner.config import api_config, resume_command, with_api_settings
 from gcache.io.records.report import records_table
 from gcache.io.records.runlog import PARAMS, STATE, read_records
+from gcache.io.runner.config import api_config, resume_command, with_api_settings
 from gcache_cli.main import app
 
 KEY = "sk-faults-5e4d3c2b1a09f8e7"

@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from gcache.core.rewards import reward
+from gcache.io.records.runlog import read_records
 from gcache.io.runner.config import METHODS, build_config
 from gcache.io.runner.experiment import run_experiment
-from gcache.io.records.runlog import read_records
 from gcache_cli.main import app
 
 TINY = dict(model="tiny-llama", max_new_tokens=4, batch_size=2)

@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from gcache.io.models import local as models
-from gcache.io.models.local import LocalModel, cache_dir, decode_text, embedded_copy_dir, embedded_gguf, encode_chat, load_model, tiny_model
+from gcache.io.models.local import (
+    LocalModel,
+    cache_dir,
+    decode_text,
+    embedded_copy_dir,
+    embedded_gguf,
+    encode_chat,
+    load_model,
+    tiny_model,
+)
 
 NO_SYSTEM_TEMPLATE = (
     "{% for m in messages %}"

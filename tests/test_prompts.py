@@ -2,9 +2,9 @@
 
 import pytest
 
-from gcache.io.tasks.extract import extract_choice, extract_number
 from gcache.io.runner.prompts import ROLES, agent_messages, agent_roles, answer_format, decision_messages
 from gcache.io.tasks.datasets import TASKS, load_items, task_family
+from gcache.io.tasks.extract import extract_choice, extract_number
 from gcache.io.tasks.scoring import score
 
 
@@ -32,7 +32,7 @@ def test_families_have_the_issue_roles():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="agents"):
         agent_roles("gsm8k", "random", 3)
-    with pytest.raises(ValueError, match="n must"):
+    with pytest.raises(ValueError, match="n: expected an integer >= 1"):
         agent_roles("gsm8k", "diverse", 0)
     with pytest.raises(ValueError, match="unknown task"):
         agent_roles("mmlu")

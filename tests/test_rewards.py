@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gcache.core.rewards import LOGPROB_FLOOR, REWARDS, clip_logprob, reward
-from gcache.io.runner.answers import answer_logprobs
 from gcache.io.models.local import tiny_model
+from gcache.io.runner.answers import answer_logprobs
 from gcache.io.runner.prompts import decision_messages
 from gcache.io.tasks.datasets import Item
 from gcache.io.tasks.scoring import score

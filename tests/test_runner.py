@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _openai_server import OpenAIServer, Reply, isolated_api_env
 from typer.testing import CliRunner
 
-from _openai_server import OpenAIServer, Reply, isolated_api_env
 from gcache.io.models.apiconfig import ApiConfig
+from gcache.io.records.runlog import read_records
 from gcache.io.runner.config import METHODS, api_config, build_config
 from gcache.io.runner.experiment import check_before_loading, run_experiment
-from gcache.io.records.runlog import read_records
 from gcache.io.tasks.datasets import TASKS
 from gcache_cli.main import app
 
@@ -332,7 +332,7 @@ def test_api_flags_win_over_the_environment_which_fills_in_the_rest(tmp_path, ap
         (["--api-concurrency", "0"], {}, "--api-concurrency: expected a value >= 1, got 0"),
         (["--api-concurrency", "x"], {}, "Invalid value for '--api-concurrency'"),
         ([], {"GCACHE_API_TIMEOUT": "soon"}, "GCACHE_API_TIMEOUT (in the environment): expected a number, got 'soon'"),
-        ([], {"GCACHE_API_CONCURRENCY": "0"}, "GCACHE_API_CONCURRENCY (in the environment): expected a positive integer"),
+        ([], {"GCACHE_API_CONCURRENCY": "0"}, "GCACHE_API_CONCURRENCY (in the environment): expected an integer >= 1"),
     ],
 )
 def test_a_bad_api_setting_fails_naming_it_before_any_model_loads(tmp_path, api_env, runs, flags, env, message):
@@ -392,8 +392,8 @@ def test_a_resumed_run_may_change_the_api_http_settings_but_not_the_api_model(tm
 
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
 def test_weights_flag_reaches_the_runs_model(tmp_path, weights):
-    from gcache.io.runner.pipeline import build_pipeline
     from gcache.io.models.quant import WeightOnlyLinear
+    from gcache.io.runner.pipeline import build_pipeline
 
     pipeline = build_pipeline(_config(tmp_path, "gsm8k", "latent-mas", weights=weights))
     linears = [m for m in pipeline.speaker.local.model.modules() if isinstance(m, WeightOnlyLinear)]

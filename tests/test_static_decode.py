@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from gcache.core.latent import Decoding, decode_tokens, generate, prefill, rollout
-from gcache.io.runner.config import build_config
 from gcache.io.models.hf import static_fns
 from gcache.io.models.local import tiny_model
+from gcache.io.runner.config import build_config
 from gcache.io.runner.pipeline import load_local
 from tests._latent_helpers import QUESTIONS, conversations, real_positions
 

@@ -99,7 +99,7 @@ def test_excludes_zero():
         (lambda: mean_ci("123"), TypeError, "values: expected a sequence of numbers"),
         (lambda: mean_ci([1.0, "x"]), TypeError, "values: expected a sequence of numbers"),
         (lambda: mean_ci([1.0], level=1.0), ValueError, "level: expected a number in"),
-        (lambda: mean_ci([1.0], resamples=0), ValueError, "resamples: expected a positive int"),
+        (lambda: mean_ci([1.0], resamples=0), ValueError, "resamples: expected an integer >= 1"),
         (lambda: paired_diff_ci([1.0, 2.0], [1.0]), ValueError, r"b: expected one value per value of a \(2\), got 1"),
     ],
 )

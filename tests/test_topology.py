@@ -7,16 +7,6 @@ from collections import Counter
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from gcache.core import optim
-from gcache.core import policy as pl
-from gcache.core import sampling as sm
-from gcache.core import topology as tp
-from gcache.io.runner.config import RunConfig
-from gcache.testing import adjacency_matrices, candidate_masks
-
 from _topology_helpers import (
     chi_square_p_value,
     enumerate_topologies,
@@ -26,6 +16,15 @@ from _topology_helpers import (
     task_features,
     train,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gcache.core import optim
+from gcache.core import policy as pl
+from gcache.core import sampling as sm
+from gcache.core import topology as tp
+from gcache.io.runner.config import RunConfig
+from gcache.testing import adjacency_matrices, candidate_masks
 
 # The product's learning rate (`gcache run --lr`, the seed system's 0.1): the policy must learn at it.
 PRODUCT_LR = RunConfig().lr

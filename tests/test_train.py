@@ -12,16 +12,16 @@ from gcache.core.fusion import FuserConfig, fuse, init_fuser
 from gcache.core.latent import rollout, sequence_logprob
 from gcache.core.objectives import answer_batch
 from gcache.core.optim import adam, tree_leaves
-from gcache.core.reinforce import baseline_value, init_baseline, update_baseline
 from gcache.core.policy import init_policy, policy_logits
+from gcache.core.reinforce import baseline_value, init_baseline, update_baseline
 from gcache.core.sampling import log_prob, sample_topology
 from gcache.core.topology import TopologyConfig, spatial_mask
 from gcache.core.train import (
     FuserBatch,
     FuserExample,
+    MeasuredRewards,
     PolicyBatch,
     Shard,
-    MeasuredRewards,
     TrainState,
     fuser_losses,
     train_step,

@@ -19,6 +19,7 @@ from typing import Mapping, NamedTuple
 
 from torch import Tensor
 
+from gcache.core.checks import check_int
 from gcache.core.topology import Topology
 
 Node = tuple[int, int]  # (round, agent)
@@ -71,8 +72,7 @@ def schedule(
     if spatial.dim() != 2 or spatial.shape[0] != spatial.shape[1]:
         raise ValueError(f"topology.spatial: expected one graph [N, N], got {tuple(spatial.shape)}")
     n = spatial.shape[0]
-    if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
-        raise ValueError(f"num_rounds: expected an integer >= 1, got {num_rounds!r}")
+    check_int(num_rounds, "num_rounds")
     if num_rounds == 1 and bool(temporal.any()):
         raise ValueError("topology.temporal: one round has no temporal edges, got some")
     if not bool(topology.decision_inputs.any()):

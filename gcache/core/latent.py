@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from gcache.core.cache import KVCache, select_rows, validate
+from gcache.core.checks import check_int
 from gcache.core.realign import Realign, apply_realign
 
 State = Any  # a model-native cache (transformers' DynamicCache in the shell), grown in place
@@ -136,8 +137,7 @@ class Decoding:
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"max_new_tokens: expected a non-negative integer, got {n!r}")
+        check_int(n, "max_new_tokens", 0)
         t = self.temperature
         if not _is_real(t) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature: expected a finite number >= 0, got {t!r}")
@@ -270,8 +270,7 @@ def rollout(
     after them). latent_steps == 0 is a plain prefill. Raises ValueError on
     latent_steps < 0 and on the prompt or cache errors of ``prefill``.
     """
-    if not isinstance(latent_steps, int) or isinstance(latent_steps, bool) or latent_steps < 0:
-        raise ValueError(f"latent_steps: expected a non-negative integer, got {latent_steps!r}")
+    check_int(latent_steps, "latent_steps", 0)
     pre = prefill(fns, input_ids, attention_mask, cache=cache)
     batch, past = pre.mask.shape
     # One mask for every step, sliced per step, so the loop allocates nothing for it.

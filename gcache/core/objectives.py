@@ -28,7 +28,6 @@ from gcache.core.fusion import EdgeWeights, FuserParams, Mode, Sources, fuse
 from gcache.core.latent import ModelFns, sequence_logprob
 
 
-
 class AnswerBatch(NamedTuple):
     """Prompt + reference answer per row, left-padded."""
 

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gcache.core.checks import check_int
 from gcache.core.topology import TopologyConfig
 
 
@@ -144,8 +145,7 @@ def init_policy(
     (applied as ``weight / fan_in``, see "Parameterization"), zero biases, log_scale 0, bias 0,
     temporal logits 0 (every edge starts near p = 1/2).
     Raises ValueError on a bad feature_dim."""
-    if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
-        raise ValueError(f"feature_dim: expected an integer >= 1, got {feature_dim!r}")
+    check_int(feature_dim, "feature_dim")
     h, e, n = config.hidden_dim, config.head_dim, config.num_agents
     dev = generator.device
 

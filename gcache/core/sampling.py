@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gcache.core.checks import check_int
 from gcache.core.policy import PolicyLogits
 from gcache.core.topology import LogProb, Mask, Topology, TopologyConfig, check_mask, decision_inputs
 
@@ -179,9 +180,8 @@ def sample_topology(
     """
     _check_logits(logits, config)
     check_mask(mask, config)
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
-                                    or num_samples < 1):
-        raise ValueError(f"num_samples: expected None or an integer >= 1, got {num_samples!r}")
+    if num_samples is not None:
+        check_int(num_samples, "num_samples")
     n = config.num_agents
     lead = () if num_samples is None else (num_samples,)
     batch = torch.Size(lead) + logits.edge.shape[:-2]

@@ -58,6 +58,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from gcache.core.checks import check_int
+
 Adjacency = Tensor  # [..., N, N] bool; [i, j] is the edge i -> j
 Mask = Tensor  # [N, N] bool; candidate spatial edges
 LogProb = Tensor  # [...] float
@@ -67,9 +69,7 @@ WIRINGS = ("all", "sinks")
 
 
 def _check_num_agents(num_agents: object, name: str = "num_agents") -> int:
-    if isinstance(num_agents, bool) or not isinstance(num_agents, int) or num_agents < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {num_agents!r}")
-    return num_agents
+    return check_int(num_agents, name)
 
 
 def _check_mode(mode: object) -> str:
@@ -103,8 +103,7 @@ class TopologyConfig:
         _check_mode(self.mode)
         for name in ("num_rounds", "hidden_dim", "head_dim"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+            check_int(value, name)
         if self.wiring not in WIRINGS:
             raise ValueError(f"wiring: expected one of {', '.join(WIRINGS)}, got {self.wiring!r}")
 

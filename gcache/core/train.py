@@ -41,9 +41,10 @@ import torch
 from torch import Tensor
 
 from gcache.core.cache import KVCache
-from gcache.core.objectives import AnswerBatch, fuser_loss
 from gcache.core.latent import ModelFns
+from gcache.core.objectives import AnswerBatch, fuser_loss
 from gcache.core.optim import GradientTransformation, apply_updates, tree_map, value_and_grad
+from gcache.core.policy import policy_logits
 from gcache.core.reinforce import (
     RunningBaseline,
     baseline_value,
@@ -51,7 +52,6 @@ from gcache.core.reinforce import (
     reinforce_loss,
     update_baseline,
 )
-from gcache.core.policy import policy_logits
 from gcache.core.rewards import rewards_of
 from gcache.core.sampling import log_prob
 from gcache.core.topology import Topology, TopologyConfig

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from gcache.io.records.runlog import read_records
 from gcache.io.runner.config import build_config
 from gcache.io.runner.experiment import run_experiment
-from gcache.io.records.runlog import read_records
 
 GOLDEN = Path(__file__).parent
 EXACT = ("id", "phase", "answer", "prediction", "correct", "tokens")

@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from gcache.io.records.runlog import read_records
 from gcache.io.runner.config import build_config
 from gcache.io.runner.experiment import run_experiment
-from safetensors.torch import load_file
-from gcache.io.records.runlog import read_records
 
 HERE = Path(__file__).parent
 TINY = dict(model="tiny-llama", max_new_tokens=8, latent_steps=2, batch_size=2, limit=2, seed=5)

@@ -36,6 +36,8 @@ from typing import Literal, Mapping, get_args
 
 from dotenv import dotenv_values
 
+from gcache.core.checks import check_int
+
 GenerationMode = Literal["local", "api_hint", "hybrid", "api"]
 GENERATION_MODES: tuple[str, ...] = get_args(GenerationMode)
 API_MODES: frozenset[str] = frozenset({"api_hint", "hybrid", "api"})
@@ -85,12 +87,9 @@ class ApiConfig:
     def __post_init__(self) -> None:
         if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise ValueError(f"timeout: expected a positive number of seconds, got {self.timeout!r}")
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ValueError(f"max_retries: expected a non-negative integer, got {self.max_retries!r}")
-        if isinstance(self.max_concurrency, bool) or not isinstance(self.max_concurrency, int) or self.max_concurrency < 1:
-            raise ValueError(f"max_concurrency: expected a positive integer, got {self.max_concurrency!r}")
-        if isinstance(self.outage_after, bool) or not isinstance(self.outage_after, int) or self.outage_after < 0:
-            raise ValueError(f"outage_after: expected a non-negative integer, got {self.outage_after!r}")
+        check_int(self.max_retries, "max_retries", 0)
+        check_int(self.max_concurrency, "max_concurrency")
+        check_int(self.outage_after, "outage_after", 0)
         if not self.backoff >= 0:
             raise ValueError(f"backoff: expected a non-negative number of seconds, got {self.backoff!r}")
         if not self.max_backoff >= self.backoff:

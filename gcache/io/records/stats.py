@@ -18,6 +18,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from gcache.core.checks import check_int
+
 RESAMPLES = 10_000
 
 
@@ -56,8 +58,7 @@ def _values(values: Sequence[float], name: str) -> torch.Tensor:
 def _check(level: float, resamples: int) -> None:
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
         raise ValueError(f"level: expected a number in (0, 1), got {level!r}")
-    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
-        raise ValueError(f"resamples: expected a positive int, got {resamples!r}")
+    check_int(resamples, "resamples")
 
 
 def _bootstrap(x: torch.Tensor, level: float, resamples: int, seed: int) -> Interval:

@@ -51,8 +51,8 @@ from torch import Tensor
 from gcache.core import cache as kv
 from gcache.core.objectives import AnswerBatch, answer_batch
 from gcache.core.objectives import answer_logprobs as _answer_logprobs
-from gcache.io.runner.communication import stack_contexts
 from gcache.io.models.local import LocalModel, encode_chat
+from gcache.io.runner.communication import stack_contexts
 from gcache.io.tasks.datasets import Item, task_family
 
 MAX_ANSWER_TOKENS = 256

@@ -16,9 +16,9 @@ from gcache.core.fusion import MODES as FUSIONS
 from gcache.core.rewards import REWARDS
 from gcache.core.topology import MODES as TOPOLOGIES
 from gcache.io.models.apiconfig import GENERATION_MODES, ApiConfig, resolve_api_config
+from gcache.io.models.quant import MODEL_WEIGHTS
 from gcache.io.runner.decision import NAMES as DECISIONS
 from gcache.io.runner.prompts import AGENT_SETS
-from gcache.io.models.quant import MODEL_WEIGHTS
 
 METHODS = ("single", "text-mas", "latent-mas", "gcache")
 # Seeded random models with the embedded tokenizer, for smoke tests (``--model tiny-llama``).

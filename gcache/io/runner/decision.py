@@ -30,8 +30,8 @@ from collections import Counter
 from typing import Mapping, Protocol, Sequence
 
 from gcache.core.graph import DECISION, Node, Schedule
-from gcache.io.tasks.extract import extract_code
 from gcache.io.tasks.datasets import Item, task_family
+from gcache.io.tasks.extract import extract_code
 from gcache.io.tasks.scoring import run_examples, score
 
 log = logging.getLogger(__name__)

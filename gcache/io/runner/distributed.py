@@ -39,6 +39,7 @@ from torch import Tensor
 from gcache.core.optim import tree_leaves, tree_map
 from gcache.core.train import Shard
 from gcache.io.runner.config import RunConfig, flag
+from gcache.io.runner.experiment import RunEnded
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ PER_RANK_SETTINGS = ("threads",)
 LOST = 75
 
 
-class RankFailed(Exception):
+class RankFailed(RunEnded):
     """Every rank stops: ``message`` says which rank failed and why (rank 0 prints it)."""
 
     def __init__(self, message: str, code: int = 1) -> None:
@@ -62,7 +63,7 @@ class LaunchError(ValueError):
     """A bad launch that every rank detects alike (flags that differ, more ranks than questions)."""
 
 
-class LostRank(Exception):
+class LostRank(RunEnded):
     """A collective failed: another rank died, or hung past the timeout."""
 
 

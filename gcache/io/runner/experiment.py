@@ -36,10 +36,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gcache.io.models.apiconfig import require_api
-from gcache.io.runner.config import API_HTTP_FLAGS, RunConfig, api_config, resume_command, with_api_settings
 from gcache.io.records.report import learning_line
 from gcache.io.records.runlog import CONFIG, RESULTS, SUMMARY, RunLog, read_records, summarize, write_json_atomic
 from gcache.io.records.stats import format_interval
+from gcache.io.runner.config import API_HTTP_FLAGS, RunConfig, api_config, resume_command, with_api_settings
 from gcache.io.tasks.datasets import TASKS, load_items
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,11 @@ class RunFailed(RuntimeError):
     """The work of a run raised (not a bad setting: those are ValueErrors before any work)."""
 
 
+class RunEnded(Exception):
+    """Ends the run as a whole, said by the handler of its own kind (a team of ranks stopping
+    together); passes through the work's error handling unchanged."""
+
+
 def run_experiment(
     config: RunConfig, *, console: Console | None = None, build: Callable[[RunConfig], RunPipeline] | None = None
 ) -> dict:
@@ -173,6 +178,8 @@ def _failing(phase: str, out: Path):
     """Any exception of the work of ``phase`` as a ``RunFailed`` naming the phase and the cause."""
     try:
         yield
+    except RunEnded:
+        raise
     except Exception as e:  # noqa: BLE001 - said in one line; the lines written so far are kept
         raise RunFailed(
             f"{phase} failed: {type(e).__name__}: {e} (the finished questions are in {out / RESULTS}; "

@@ -16,15 +16,15 @@ from torch import Tensor
 from gcache.core.fusion import FuserConfig, FuserParams, init_fuser
 from gcache.core.objectives import answer_batch
 from gcache.core.optim import adam
-from gcache.core.reinforce import init_baseline
 from gcache.core.policy import init_policy
+from gcache.core.reinforce import init_baseline
 from gcache.core.train import FuserBatch, FuserExample, MeasuredRewards, PolicyBatch, Shard, TrainState, train_step
-from gcache.io.runner.answers import answer_inputs
-from gcache.io.runner.communication import Context
 from gcache.io.models.local import LocalModel, encode_chat
 from gcache.io.records.params import load_params, save_params
-from gcache.io.runner.planner import LearnedGraph, Plan
 from gcache.io.records.runlog import PARAMS, STATE
+from gcache.io.runner.answers import answer_inputs
+from gcache.io.runner.communication import Context
+from gcache.io.runner.planner import LearnedGraph, Plan
 from gcache.io.tasks.datasets import Item
 
 REFERENCE_TOKENS = 256
@@ -56,6 +56,15 @@ class Step(NamedTuple):
     stats: dict[str, float]  # the loss parts ({} when no step was taken)
     answer_logprobs: dict[int, float]  # batch row -> the answer log-probability the step's own forward read
     rewards: dict[int, float]  # batch row -> the reward the step made of it (the same rows)
+
+
+def _summed(stats: dict[str, Any], shard: Shard) -> dict[str, float]:
+    """A team step's loss parts over every process (each holds its share; a part that no
+    process took stays out, as in one process)."""
+    parts = ("policy_loss", "fuser_loss")
+    local = torch.tensor([stats.get(k, 0.0) for k in parts] + [float(k in stats) for k in parts])
+    total = shard.reduce(local)
+    return {k: float(total[i]) for i, k in enumerate(parts) if float(total[len(parts) + i]) > 0}
 
 
 class Learner:
@@ -159,6 +168,8 @@ class Learner:
         self.state, stats = train_step(
             self.state, self.optimizer, rewards, policy=policy, fuser=fuser, shard=shard, measured=measured
         )  # fmt: skip
+        if shard is not None:
+            stats = _summed(stats, shard)
         logprobs, used = stats.pop("answer_logprobs", None), stats.pop("rewards", None)
         if logprobs is None:
             return Step(stats, {}, {})

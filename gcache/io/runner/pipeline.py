@@ -32,15 +32,23 @@ from gcache.core.graph import DECISION, Node
 from gcache.core.latent import Decoding
 from gcache.core.rewards import reward
 from gcache.core.topology import TopologyConfig
-from gcache.io.runner.answers import answer_logprobs
-from gcache.io.models.generation import Answer, answer_stop, generate_answer
 from gcache.io.models.api import ApiClient, ApiOutageError
-from gcache.io.runner.communication import Communication, Context, LatentCaches, NodeOut, Outputs, TextMessages, stack_contexts
+from gcache.io.models.embed import load_encoder
+from gcache.io.models.generation import Answer, answer_stop, generate_answer
+from gcache.io.models.local import LocalModel, load_model, tiny_model
+from gcache.io.runner.answers import answer_logprobs
+from gcache.io.runner.communication import (
+    Communication,
+    Context,
+    LatentCaches,
+    NodeOut,
+    Outputs,
+    TextMessages,
+    stack_contexts,
+)
 from gcache.io.runner.config import TINY_MODELS, RunConfig, api_config
 from gcache.io.runner.decision import DECISIONS, Decision
-from gcache.io.models.embed import load_encoder
 from gcache.io.runner.learner import Learner, Team
-from gcache.io.models.local import LocalModel, load_model, tiny_model
 from gcache.io.runner.planner import FixedGraph, LearnedGraph, Plan, Planner, candidate_mask
 from gcache.io.runner.prompts import Role, agent_roles, latent_mas_roles
 from gcache.io.tasks.datasets import Item, task_family

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from gcache.core.checks import check_int
 from gcache.io.tasks.datasets import task_family
 
 __all__ = ["Role", "ROLES", "MAIN_ROLE", "AGENT_SETS", "agent_roles", "latent_mas_roles", "answer_format", "agent_messages", "decision_messages"]
@@ -93,8 +94,7 @@ def agent_roles(task: str, agents: str = "diverse", n: int = 4) -> list[Role]:
     family = task_family(task)
     if agents not in AGENT_SETS:
         raise ValueError(f"agents must be one of {AGENT_SETS}, got {agents!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int(n, "n")
     roles = ROLES[family]
     if agents == "uniform":
         main = next(r for r in roles if r.name == MAIN_ROLE[family])

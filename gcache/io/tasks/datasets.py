@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from gcache.core.checks import check_int
 from gcache.io.tasks import extract
-
 
 __all__ = [
     "TASKS",
@@ -349,8 +349,8 @@ def load_items(
     _check_task(task)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    if limit is not None:
+        check_int(limit, "limit")
     if not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     filename = _FILES[(task, split)] if task == "gsm8k" else _FILES[(task, None)]
