@@ -207,3 +207,21 @@ def test_latent_part_rejects_negative_counts():
     cache = empty(1, 1, 1, 2)
     with pytest.raises(ValueError, match="sink_positions"):
         latent_part(cache, 2, -1)
+
+
+def test_stacking_rows_takes_any_row_counts_and_refuses_what_the_other_joins_refuse():
+    """stack_rows, concat and fuse share one compatibility check: rows may differ only when
+    stacking, and dtype and device are checked alike (stack_rows once skipped the device)."""
+    from gcache.core.batch import stack_rows
+
+    def cache(b, h=2, dtype=torch.float32, t=3):
+        keys = torch.randn(2, b, h, t, 4, dtype=dtype)
+        return KVCache(keys, keys.clone(), torch.ones(b, t, dtype=torch.bool), torch.full((b,), t))
+
+    assert stack_rows([cache(1), cache(2, t=5)]).keys.shape[1] == 3
+    with pytest.raises(ValueError, match=r"caches\[0\] and caches\[1\] differ in shape: caches\[1\] has 3 KV heads"):
+        stack_rows([cache(1), cache(1, h=3)])
+    with pytest.raises(ValueError, match=r"caches\[0\] and caches\[1\] differ in dtype"):
+        stack_rows([cache(1), cache(1, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="batch rows"):
+        concat([cache(1), cache(2)])

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from gcache.core.cache import KVCache
+from gcache.core.cache import KVCache, check_compatible
 
 
 def pad_left(cache: KVCache, length: int) -> KVCache:
@@ -44,12 +44,7 @@ def stack_rows(caches: Sequence[KVCache]) -> KVCache:
         raise ValueError("caches: expected at least one cache to stack, got an empty list")
     first = caches[0]
     for i, c in enumerate(caches[1:], start=1):
-        sa, sb = first.keys.shape, c.keys.shape
-        if (sa[0], sa[2], sa[4]) != (sb[0], sb[2], sb[4]) or first.keys.dtype != c.keys.dtype:
-            raise ValueError(
-                f"caches[0] and caches[{i}] differ in [L, *, H, *, D] or dtype: "
-                f"{tuple(sa)} {first.keys.dtype} vs {tuple(sb)} {c.keys.dtype}"
-            )
+        check_compatible(first, c, ("caches[0]", f"caches[{i}]"), rows=False)
     if len(caches) == 1:
         return first
     length = max(c.seq_len for c in caches)

@@ -90,19 +90,27 @@ def empty(
     )
 
 
-def check_compatible(a: KVCache, b: KVCache, names: tuple[str, str] = ("a", "b"), *, time: bool = False) -> None:
-    """Raise ValueError unless a and b agree in layers, batch, heads, head dim, dtype and device
-    (and length when ``time`` is set)."""
+_DIMS = (("layers", 0), ("batch rows", 1), ("KV heads", 2), ("positions", 3), ("head dim", 4))
+
+
+def check_compatible(
+    a: KVCache, b: KVCache, names: tuple[str, str] = ("a", "b"), *, rows: bool = True, time: bool = False
+) -> None:
+    """Raise ValueError unless a and b agree in layers, KV heads, head dim, dtype and device, and
+    in batch rows (unless ``rows`` is False: caches whose rows are stacked) and length (when
+    ``time`` is set). The one compatibility check of caches that are joined, fused or stacked."""
     na, nb = names
     sa, sb = tuple(a.keys.shape), tuple(b.keys.shape)
-    dims = (0, 1, 2, 3, 4) if time else (0, 1, 2, 4)
-    if any(sa[i] != sb[i] for i in dims):
-        what = "[L, B, H, T, D]" if time else "[L, B, H, *, D]"
-        raise ValueError(f"caches {na} and {nb} differ in shape {what}: {na} has {sa}, {nb} has {sb}")
+    for what, d in _DIMS:
+        if sa[d] != sb[d] and (rows or d != 1) and (time or d != 3):
+            raise ValueError(
+                f"{na} and {nb} differ in shape: {nb} has {sb[d]} {what} but {na} has {sa[d]} "
+                f"([L, B, H, T, D] {sa} vs {sb}; caches from different models cannot be joined)"
+            )
     if a.keys.dtype != b.keys.dtype:
-        raise ValueError(f"caches {na} and {nb} differ in dtype: {a.keys.dtype} vs {b.keys.dtype}")
+        raise ValueError(f"{na} and {nb} differ in dtype: {nb} has {b.keys.dtype} but {na} has {a.keys.dtype}")
     if a.keys.device != b.keys.device:
-        raise ValueError(f"caches {na} and {nb} are on different devices: {a.keys.device} vs {b.keys.device}")
+        raise ValueError(f"{na} and {nb} are on different devices: {nb} is on {b.keys.device} but {na} on {a.keys.device}")
 
 
 def keep_last(cache: KVCache, n: int) -> KVCache:

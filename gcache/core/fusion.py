@@ -69,7 +69,7 @@ from einops import rearrange
 from torch import Tensor
 
 from gcache.core.batch import pad_left
-from gcache.core.cache import KVCache, validate
+from gcache.core.cache import KVCache, check_compatible, validate
 
 Mode = Literal["concat", "weighted", "learned"]
 MODES: tuple[str, ...] = ("concat", "weighted", "learned")
@@ -215,20 +215,8 @@ def _check_caches(caches: Sequence[KVCache]) -> list[KVCache]:
         raise ValueError("caches: expected at least one predecessor cache, got an empty list")
     for i, c in enumerate(caches):
         validate(c, f"caches[{i}]")
-    ref = caches[0]
-    dims = (("layers", 0), ("batch rows", 1), ("KV heads", 2), ("head dim", 4))
     for i, c in enumerate(caches[1:], start=1):
-        for what, d in dims:
-            if c.keys.shape[d] != ref.keys.shape[d]:
-                raise ValueError(
-                    f"caches[{i}] has {c.keys.shape[d]} {what} but caches[0] has {ref.keys.shape[d]} "
-                    f"(shapes [L, B, H, T, D] {tuple(c.keys.shape)} vs {tuple(ref.keys.shape)}; "
-                    "caches from different models cannot be fused)"
-                )
-        if c.keys.dtype != ref.keys.dtype:
-            raise ValueError(f"caches[{i}] has dtype {c.keys.dtype} but caches[0] has {ref.keys.dtype}")
-        if c.keys.device != ref.keys.device:
-            raise ValueError(f"caches[{i}] is on {c.keys.device} but caches[0] is on {ref.keys.device}")
+        check_compatible(caches[0], c, ("caches[0]", f"caches[{i}]"))
     return caches
 
 
