@@ -27,6 +27,7 @@ from gcache.io.runner.answers import (
 from gcache.io.runner.communication import stack_contexts
 from gcache.io.runner.prompts import agent_messages, agent_roles, answer_format, decision_messages
 from gcache.io.tasks import extract
+from gcache.io.tasks.contracts import answer_complete
 from gcache.io.tasks.datasets import TASKS, Item, load_items, task_family
 from gcache.io.tasks.scoring import score
 
@@ -44,11 +45,11 @@ def test_every_task_has_a_target_in_the_format_its_prompts_ask_for_and_the_score
         reply = target.prefix + target.answer
         if task_family(task) == "code":
             assert extract.extract_code(reply).strip() == item.gold.strip()
-            assert extract.answer_complete("code", reply + "\n")  # a line is complete at its newline
+            assert answer_complete("code", reply + "\n")  # a line is complete at its newline
         else:
             verdict = score(item, reply)
             assert verdict.correct, (item.id, reply, verdict)
-            assert extract.answer_complete(task_family(task), reply + "\n")
+            assert answer_complete(task_family(task), reply + "\n")
 
 
 def test_a_wrong_answer_on_the_same_line_is_scored_wrong():

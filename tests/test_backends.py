@@ -494,8 +494,8 @@ def model_server(embedded):
 @pytest.mark.slow
 def test_stopping_at_the_answer_only_cuts_the_tail_on_the_embedded_model(embedded):
     from gcache.io.runner.prompts import decision_messages
+    from gcache.io.tasks.contracts import answer_complete
     from gcache.io.tasks.datasets import load_items
-    from gcache.io.tasks.extract import answer_complete
 
     # on this project's machines the model states its answer early and then writes on in
     # several of the first ten questions (5, 6 and 7); these four hold them and one that does not

@@ -169,7 +169,7 @@ def test_bad_types_raise_type_error():
 
 # --------------------------------------------------------------------------- a finished answer
 
-from gcache.io.tasks.extract import answer_complete  # noqa: E402
+from gcache.io.tasks.contracts import answer_complete  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from gcache.core.latent import Decoding, generate
 from gcache.io.models.api import ApiClient, Completion, Conversation, Message, check_conversation
 from gcache.io.models.apiconfig import API_MODES, GENERATION_MODES, LOCAL_MODES, GenerationMode, check_mode
 from gcache.io.models.local import LocalModel, decode_text, encode_chat
-from gcache.io.tasks.extract import answer_complete
+from gcache.io.tasks.contracts import answer_complete
 
 __all__ = [
     "GENERATION_MODES",
@@ -124,7 +124,7 @@ def _newline_token_ids(tokenizer: Any) -> torch.Tensor:
 
 def answer_stop(local: LocalModel, family: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A ``stop`` rule for ``Decoding.stop``: a row ends once its text holds a complete
-    final answer in the task family's format (``extract.answer_complete``: a
+    final answer in the task family's format (``contracts.answer_complete``: a
     ``#### <number>`` line, an "Answer: X" line, a closed code block with a ``def``).
 
     Answers are complete only at a line break, so a row's text is decoded only at steps

@@ -53,11 +53,12 @@ from gcache.core.objectives import AnswerBatch, answer_batch
 from gcache.core.objectives import answer_logprobs as _answer_logprobs
 from gcache.io.models.local import LocalModel, encode_chat
 from gcache.io.runner.communication import stack_contexts
-from gcache.io.tasks.datasets import Item, task_family
+from gcache.io.tasks.contracts import CONTRACTS, contract
+from gcache.io.tasks.datasets import Item
 
 MAX_ANSWER_TOKENS = 256
 
-PREFIXES = {"math": "#### ", "science": "Answer: ", "medicine": "Answer: ", "code": "```python\n"}
+PREFIXES = {family: c.prefix for family, c in CONTRACTS.items()}  # read from the answer contracts
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,8 @@ def answer_target(item: Item) -> AnswerTarget:
     """
     if not isinstance(item, Item):
         raise TypeError(f"item: expected a gcache.io.tasks.datasets.Item, got {type(item).__name__}")
-    family = task_family(item.task)
-    gold = item.gold.strip() if isinstance(item.gold, str) else ""
-    if not gold:
-        raise ValueError(f"item.gold: expected a non-empty reference answer for {item.id!r}, got {item.gold!r}")
-    if family == "code":
-        return AnswerTarget(PREFIXES[family], item.gold.rstrip() + "\n```")
-    return AnswerTarget(PREFIXES[family], gold)
+    answer = contract(item.task)
+    return AnswerTarget(answer.prefix, answer.reference(item))
 
 
 def answer_tokens(tokenizer: Any, target: AnswerTarget) -> tuple[list[int], list[int]]:

@@ -19,6 +19,8 @@ from gcache.io.models.apiconfig import GENERATION_MODES, ApiConfig, resolve_api_
 from gcache.io.models.quant import MODEL_WEIGHTS
 from gcache.io.runner.decision import NAMES as DECISIONS
 from gcache.io.runner.prompts import AGENT_SETS
+from gcache.io.tasks.contracts import contract
+from gcache.io.tasks.datasets import TASKS
 
 METHODS = ("single", "text-mas", "latent-mas", "gcache")
 # Seeded random models with the embedded tokenizer, for smoke tests (``--model tiny-llama``).
@@ -211,8 +213,9 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
         raise ValueError(f"--temperature: expected a value >= 0, got {config.temperature}")
     if not config.lr > 0:
         raise ValueError(f"--lr: expected a positive learning rate, got {config.lr}")
-    if config.decision == "code" and config.task not in ("humaneval", "mbppplus"):
-        raise ValueError(f"--decision code runs programs: it applies to humaneval and mbppplus, not {config.task}")
+    if config.decision == "code" and config.task in TASKS and not contract(config.task).runs_programs:
+        programs = " and ".join(t for t in TASKS if contract(t).runs_programs)
+        raise ValueError(f"--decision code runs programs: it applies to {programs}, not {config.task}")
     if config.topology == "debate" and config.num_rounds < 2 and "topology" in explicit:
         raise ValueError("--topology debate exchanges messages between rounds: it needs --num-rounds >= 2")
     if config.optimize_temporal and config.num_rounds < 2:

@@ -30,9 +30,9 @@ from collections import Counter
 from typing import Mapping, Protocol, Sequence
 
 from gcache.core.graph import DECISION, Node, Schedule
-from gcache.io.tasks.datasets import Item, task_family
-from gcache.io.tasks.extract import extract_code
-from gcache.io.tasks.scoring import run_examples, score
+from gcache.io.tasks.contracts import contract
+from gcache.io.tasks.datasets import Item
+from gcache.io.tasks.scoring import run_examples
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,7 @@ def _wiring(accumulates: bool) -> str:
 
 def prediction(item: Item, text: str) -> str | None:
     """The answer a reply gives, without running anything (a program is its own prediction)."""
-    if task_family(item.task) == "code":
-        return extract_code(text) or None
-    return score(item, text).prediction
+    return contract(item.task).prediction(item, text)
 
 
 def majority(predictions: Sequence[str | None]) -> int | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from gcache.core.checks import check_int
+from gcache.io.tasks.contracts import contract
 from gcache.io.tasks.datasets import task_family
 
 __all__ = ["Role", "ROLES", "MAIN_ROLE", "AGENT_SETS", "agent_roles", "latent_mas_roles", "answer_format", "agent_messages", "decision_messages"]
@@ -118,22 +119,13 @@ def latent_mas_roles() -> list[Role]:
 
 
 def answer_format(task: str, *, entry_point: str | None = None) -> str:
-    """The sentence that tells the model how to write its final answer for `task`; it matches
-    what gcache.io.tasks.extract reads."""
-    family = task_family(task)
-    if family == "math":
-        # No example number: small models copy a concrete example ('#### 42') as their answer.
-        return ("Show your calculation, then finish with one last line of the form '#### <number>', "
-                "giving only the number you computed (no units, no words).")
-    if family in ("science", "medicine"):
-        return "Finish with one last line of the form 'Answer: X', where X is one of the letters A, B, C or D."
-    name = f"`{entry_point}`" if entry_point else "the requested function"
-    return (f"Write the complete Python function {name} (with any imports it needs) in a single "
-            "```python fenced code block. Do not read input, print, or include tests in that block.")
+    """The sentence that tells the model how to write its final answer for `task` (its family's
+    answer contract, gcache.io.tasks.contracts)."""
+    return contract(task).instruction(entry_point)
 
 
 def _entry_point(task: str, question: str, entry_point: str | None) -> str | None:
-    if entry_point is not None or task_family(task) != "code":
+    if entry_point is not None or not contract(task).runs_programs:
         return entry_point
     names = re.findall(r"(?m)^def\s+(\w+)\s*\(", question)
     if names:
@@ -213,9 +205,8 @@ def decision_messages(
     if not isinstance(question, str):
         raise TypeError(f"question must be a str, got {type(question).__name__}")
     _check_predecessors(predecessor_texts)
-    family = task_family(task)
     fmt = answer_format(task, entry_point=_entry_point(task, question, entry_point))
-    what = "the final program" if family == "code" else "the final answer"
+    what = "the final program" if contract(task).runs_programs else "the final answer"
     system = (f"You are the decision maker of a team of agents. Weigh the team's work, correct any mistakes, "
               f"and give {what}. {fmt}")
     user = _user(question, predecessor_texts, latent, f"Now give {what}. {fmt}")

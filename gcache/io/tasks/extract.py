@@ -24,7 +24,9 @@ __all__ = [
     "extract_choice",
     "extract_code",
     "format_number",
-    "answer_complete",
+    "number_line_complete",
+    "choice_line_complete",
+    "closed_block_with_def",
 ]
 
 # A number as people write it: optional sign, optional currency, either digits grouped by
@@ -153,7 +155,7 @@ def extract_number(reply: str) -> str | None:
     ("#### 3 ... The answer is 5" -> "3"), then "The answer is"/"Answer:" over ``\\boxed{}``.
     Among markers of one kind the last counts, so a model that corrects itself is read at its
     correction ("#### 3\\n#### 5" -> "5"). A last marker without a number on its line falls
-    through to the next kind. (The decoder's stop rule, ``answer_complete``, ends a reply at
+    through to the next kind. (The decoder's stop rule, ``number_line_complete``, ends a reply at
     its first complete marker line, so two markers come from replies decoded without it.)
     """
     if not isinstance(reply, str):
@@ -331,26 +333,19 @@ _DEF = re.compile(r"^[ \t]*(?:async[ \t]+)?def[ \t]+\w", re.MULTILINE)
 _CHOICE_LINE = re.compile(r"\b(?i:answer)\s*(?:(?i:is)\s*)?:?[ \t]*\(?([A-J])\)?(?![A-Za-z0-9])[^\n]*\n")
 
 
-def answer_complete(family: str, text: str) -> bool:
-    """Whether ``text`` already ends a final answer in the format the prompts ask for.
-
-    A decoder may stop there: math once a line with a number after one of the markers that
-    ``extract_number`` reads first (``####``, "The answer is", "Answer:", ``\\boxed{``) is
-    complete, science and medicine once an "Answer: X" line is, code once a fenced block
-    holding a ``def`` is closed. A line counts as complete at its newline, so a number or a
-    letter is never cut.
-    Raises ValueError on an unknown family.
-    """
-    if family == "math":
-        return _NUMBER_LINE.search(text) is not None
-    if family in ("science", "medicine"):
-        return _CHOICE_LINE.search(text) is not None
-    if family == "code":
-        return _closed_block_with_def(text)
-    raise ValueError(f"family: expected 'math', 'science', 'medicine' or 'code', got {family!r}")
+def number_line_complete(text: str) -> bool:
+    """Whether ``text`` holds a finished math answer line: a number after one of the markers that
+    ``extract_number`` reads first (``####``, "The answer is", "Answer:", ``\\boxed{``), the
+    line ended by its newline (so a number is never cut)."""
+    return _NUMBER_LINE.search(text) is not None
 
 
-def _closed_block_with_def(text: str) -> bool:
+def choice_line_complete(text: str) -> bool:
+    """Whether ``text`` holds a finished "Answer: X" line, ended by its newline."""
+    return _CHOICE_LINE.search(text) is not None
+
+
+def closed_block_with_def(text: str) -> bool:
     """Whether a fenced block holding a ``def`` is closed, its closing fence line ended by a line break."""
     return any(
         end is not None and end < len(text) and _DEF.search(body) for body, end in _fenced_blocks(text)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from gcache.io.tasks import extract, programs
-from gcache.io.tasks.datasets import LETTERS, Item, task_family
+from gcache.io.tasks.contracts import contract
+from gcache.io.tasks.datasets import Item, task_family
 
 __all__ = ["Verdict", "score", "score_many", "run_examples", "gold_replies"]
 
@@ -42,17 +43,12 @@ def score_many(items: Sequence[Item], replies: Sequence[str], *, workers: int | 
         if not isinstance(reply, str):
             verdicts[i] = Verdict(False, None, f"reply must be a str, got {type(reply).__name__}")
             continue
-        family = task_family(item.task)
-        if family == "math":
-            prediction = extract.extract_number(reply)
-            verdicts[i] = Verdict(extract.numbers_equal(prediction, item.gold), prediction,
-                                  None if prediction is not None else "no number in the reply")
-        elif family in ("science", "medicine"):
-            prediction = extract.extract_choice(reply, item.meta.get("options", ()), LETTERS)
-            verdicts[i] = Verdict(prediction == item.gold, prediction,
-                                  None if prediction is not None else "no option letter in the reply")
-        else:
+        answer = contract(item.task)
+        if answer.runs_programs:
             code_at.append(i)
+            continue
+        prediction = answer.prediction(item, reply)
+        verdicts[i] = Verdict(answer.correct(item, prediction), prediction, None if prediction is not None else answer.missing)
     if code_at:
         from gcache.io.tasks import sandbox
 
@@ -85,7 +81,7 @@ def run_examples(item: Item, program: str) -> bool:
     forwarded to it); never raises for a bad program."""
     from gcache.io.tasks import sandbox
 
-    if task_family(item.task) != "code":
+    if not contract(item.task).runs_programs:
         raise ValueError(f"run_examples: item must be a code task, got {item.task!r}")
     code = programs.program_for(item, extract.extract_code(program))
     entry_point = item.meta["entry_point"]
