@@ -73,22 +73,27 @@ def test_log_prob_is_exact_and_sums_to_one(mode, n):
         assert lp[k].item() == pytest.approx(reference_log_prob(logits, mask, config, one), abs=1e-9)
 
 
-@pytest.mark.parametrize("mode", tp.MODES)
-def test_sampled_frequencies_match_exact_probabilities(mode):
+def frequency_fit(mode: str, mask_seed: int, logits_seed: int, sample_seed: int, samples: int = 20_000):
+    """20,000 draws of the sampler (mode ``mode``; N = 3 for debate, else 4) against the exact
+    probabilities: (chi-square p-value, draws, the support's keys, their exact probabilities)."""
     n = 3 if mode == "debate" else 4
     config = config_for(mode, n)
-    mask = tp.spatial_mask(mode, n, torch.Generator().manual_seed(7))
-    logits = random_logits(config, seed=3, spread=1.0)
+    mask = tp.spatial_mask(mode, n, torch.Generator().manual_seed(mask_seed))
+    logits = random_logits(config, seed=logits_seed, spread=1.0)
     support = enumerate_topologies(mask, config)
     probs = sm.log_prob(logits, mask, config, support).exp().tolist()
-    samples = 20_000
-    drawn = sm.sample_topology(logits, mask, config, torch.Generator().manual_seed(11), num_samples=samples)
+    drawn = sm.sample_topology(logits, mask, config, torch.Generator().manual_seed(sample_seed), num_samples=samples)
     counts = Counter(outcome_keys(drawn))
     keys = outcome_keys(support)
     assert set(counts) <= set(keys), "the sampler drew an outcome outside the enumerated support"
-    observed = [counts.get(k, 0) for k in keys]
-    expected = [samples * p for p in probs]
-    assert chi_square_p_value(observed, expected) > 1e-3
+    p_value = chi_square_p_value([counts.get(k, 0) for k in keys], [samples * q for q in probs])
+    return p_value, drawn, keys, probs
+
+
+@pytest.mark.parametrize("mode", tp.MODES)
+def test_sampled_frequencies_match_exact_probabilities(mode):
+    p_value, drawn, keys, probs = frequency_fit(mode, mask_seed=7, logits_seed=3, sample_seed=11)
+    assert p_value > 1e-3
     # The sampler's own log-prob of each draw is the exact one.
     index = {k: i for i, k in enumerate(keys)}
     first = [index[k] for k in outcome_keys(drawn)[:200]]
@@ -96,22 +101,27 @@ def test_sampled_frequencies_match_exact_probabilities(mode):
                                                                     dtype=torch.float64))
 
 
-def test_dag_marginal_frequencies_in_full_mode():
-    """Several orders give the same DAG: its marginal (summed over orders) matches its frequency."""
+def dag_marginal_fit(logits_seed: int, sample_seed: int, samples: int = 20_000) -> float:
+    """Mode full, N = 3: the chi-square p-value of 20,000 drawn DAGs against their exact marginals
+    (each summed over the orders that give it)."""
     config = tp.TopologyConfig(num_agents=3, mode="full")
     mask = tp.spatial_mask("full", 3)
-    logits = random_logits(config, seed=5, spread=1.0)
+    logits = random_logits(config, seed=logits_seed, spread=1.0)
     support = enumerate_topologies(mask, config)
     probs = sm.log_prob(logits, mask, config, support).exp()
     marginal: Counter = Counter()
     for graph, p in zip(support.spatial.reshape(-1, 9).tolist(), probs.tolist()):
         marginal[tuple(graph)] += p
     assert sum(marginal.values()) == pytest.approx(1.0, abs=1e-12)
-    samples = 20_000
-    drawn = sm.sample_topology(logits, mask, config, torch.Generator().manual_seed(2), num_samples=samples)
+    drawn = sm.sample_topology(logits, mask, config, torch.Generator().manual_seed(sample_seed), num_samples=samples)
     counts = Counter(tuple(g) for g in drawn.spatial.reshape(-1, 9).tolist())
     keys = list(marginal)
-    assert chi_square_p_value([counts.get(k, 0) for k in keys], [samples * marginal[k] for k in keys]) > 1e-3
+    return chi_square_p_value([counts.get(k, 0) for k in keys], [samples * marginal[k] for k in keys])
+
+
+def test_dag_marginal_frequencies_in_full_mode():
+    """Several orders give the same DAG: its marginal (summed over orders) matches its frequency."""
+    assert dag_marginal_fit(logits_seed=5, sample_seed=2) > 1e-3
 
 
 @pytest.mark.parametrize("mode", tp.MODES)
@@ -379,27 +389,29 @@ def test_adam_steps_at_the_product_lr_move_logits_by_about_one(seed, width):
     assert (after.order - before.order).abs().max().item() < 1.5 * steps
 
 
-def _learned_probs(params: pl.PolicyParams, task) -> torch.Tensor:
-    return pl.edge_probs(params, task_features(task), task.role_adjacency)[:, task.mask]  # [Q, candidates]
+def policy_learning(seed: int, *, steps: int, lr: float) -> dict[str, float]:
+    """REINFORCE (batch baseline, batches of 16) on the synthetic task of ``seed`` in mode full: the
+    exact expected reward before and after ``steps`` steps, and the largest learned edge probability."""
+    task = make_task(seed, mode="full")
+    result = train(seed, task, steps=steps, batch_size=16, lr=lr, baseline="batch")
+    probs = pl.edge_probs(result.params, task_features(task), task.role_adjacency)[:, task.mask]  # [Q, candidates]
+    return {"start": result.expected_rewards[0], "end": result.expected_rewards[-1], "max_prob": float(probs.max())}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_training_learns_whom_to_listen_to_at_the_product_lr(seed):
-    task = make_task(seed, mode="full")
-    result = train(seed, task, steps=40, batch_size=16, lr=PRODUCT_LR, baseline="batch")
-    start, end = result.expected_rewards[0], result.expected_rewards[-1]
-    assert start < 0.5
-    assert end >= 0.9
+    got = policy_learning(seed, steps=40, lr=PRODUCT_LR)
+    assert got["start"] < 0.5
+    assert got["end"] >= 0.9
     # Learned, not squashed: some probabilities leave G-Designer's [0.27, 0.73] for good.
-    assert _learned_probs(result.params, task).max() > 0.95
+    assert got["max_prob"] > 0.95
 
 
 def test_training_learns_at_a_smaller_lr():
     """A third of the product lr moves the policy about three times slower, and still gets there."""
-    task = make_task(0, mode="full")
-    result = train(0, task, steps=60, batch_size=16, lr=PRODUCT_LR / 3, baseline="batch")
-    assert result.expected_rewards[0] < 0.5
-    assert result.expected_rewards[-1] >= 0.9
+    got = policy_learning(0, steps=60, lr=PRODUCT_LR / 3)
+    assert got["start"] < 0.5
+    assert got["end"] >= 0.9
 
 
 # ---------------------------------------------------------------------------- bad input
