@@ -277,6 +277,10 @@ def fuser_learning(lm, train_task, held_task) -> dict:
 
 
 def test_training_lowers_the_heldout_objective_and_leaves_the_model_alone(lm, train_task, held_task):
+    """Seed study (benchmarks/seed_studies.py, study fuser_learning: the tiny model drawn with seed
+    s in 100-119, so its informed targets change too): the held-out objective fell below 0.85 x
+    its start for 20/20 seeds (highest ratio 0.797), the informed agent was preferred in 20/20 and
+    the silent agent's logit never moved."""
     saved = snapshot(lm.model)
     got = fuser_learning(lm, train_task, held_task)
     assert got["ratio"] < 0.85, got
@@ -310,6 +314,10 @@ def embedded_fuser_learning(lm, train_ids, held_ids) -> dict:
 
 @pytest.mark.slow
 def test_training_on_the_embedded_model_raises_the_heldout_likelihood_of_true_answers():
+    """Nothing here is random but the questions. Seed study (study fuser_learning_embedded: train
+    questions 4s to 4s + 3, held-out 4s + 50 to 4s + 53, s in 100-119; this test is s = 0): the
+    held-out NLL fell by more than 0.1 for 20/20 question sets (smallest fall 0.428) and the
+    informed agent was preferred in 20/20."""
     lm = load_model("smollm2-135m", dtype="float32")
     saved = snapshot(lm.model)
     got = embedded_fuser_learning(lm, range(4), range(50, 54))

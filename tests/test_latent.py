@@ -388,7 +388,11 @@ NUCLEUS_WANT = torch.tensor([0.4, 0.3, 0.15, 0, 0]) / 0.85
 
 
 def test_sample_nucleus_by_enumeration():
-    """Brute force on 5 tokens: draws land only in the smallest prefix reaching top_p, in proportion."""
+    """Brute force on 5 tokens: draws land only in the smallest prefix reaching top_p, in proportion.
+
+    Seed study (benchmarks/seed_studies.py, study nucleus_frequencies, generator seeds 100-119):
+    every frequency within 0.03 of its probability for 20/20 seeds, largest error 0.0196 (the
+    binomial standard deviation of 4000 draws is at most 0.008)."""
     counts = nucleus_frequencies(0)
     assert torch.allclose(counts, NUCLEUS_WANT, atol=0.03), counts
     assert _sample(NUCLEUS_LOGITS, 0.0, 0.5, torch.Generator().manual_seed(0)).tolist() == [0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -61,7 +63,7 @@ def test_penalize_edges():
 
 
 def estimator_agreement(seed: int) -> dict[str, float]:
-    """The mean of 40 REINFORCE estimates (64 graphs each, leave-one-out baseline) against the
+    """The mean of 160 REINFORCE estimates (64 graphs each, leave-one-out baseline) against the
     exact gradient of the expected reward (every graph enumerated), on the synthetic task of
     ``seed`` (3 agents, mode full): their cosine and the ratio of their norms."""
     task = make_task(seed, num_agents=3, mode="full", embed_dim=8)
@@ -77,7 +79,7 @@ def estimator_agreement(seed: int) -> dict[str, float]:
     exact = torch.cat([grad.flatten() for grad in grads])
 
     estimates = []
-    for _ in range(40):
+    for _ in range(160):
         topo, rewards = sample_rewards(params, task, features, 64, noise=0.0, generator=g)
         leaves = pl.PolicyParams(*(p.detach().double().requires_grad_() for p in params))
         lp = sm.log_prob(pl.policy_logits(leaves, features.double(), task.role_adjacency), task.mask,
@@ -92,7 +94,13 @@ def estimator_agreement(seed: int) -> dict[str, float]:
 
 def test_estimator_is_unbiased_against_the_exact_gradient():
     """Mean of many REINFORCE estimates (with the leave-one-out baseline) equals the exact
-    gradient of the expected reward, computed by enumerating every graph."""
+    gradient of the expected reward, computed by enumerating every graph.
+
+    Seed study (study reinforce_estimator, seeds 100-119): with 160 estimates the cosine held for
+    20/20 seeds, lowest 0.9986 against 0.95, and the norm ratio for 20/20, farthest from 1 by
+    0.089 against 0.15. With the 40 estimates this test used before, both held 20/20 but the
+    ratio came within 0.004 of its bound (1.146 at seed 115), so the mean is now over four times
+    as many."""
     got = estimator_agreement(0)
     assert got["cosine"] > 0.95
     assert got["norm_ratio"] == pytest.approx(1.0, abs=0.15)
@@ -105,9 +113,19 @@ def baseline_learning(seed: int, baseline: str) -> float:
     return result.expected_rewards[-1] - result.expected_rewards[0]
 
 
-@pytest.mark.parametrize("baseline", ["running", "none"])
-def test_training_improves_with_every_baseline(baseline):
-    assert baseline_learning(0, baseline) > 0.3
+def test_training_improves_with_a_running_baseline():
+    """Seed study (study reinforce_baselines, seeds 100-119): the rise held for 20/20 seeds,
+    smallest 0.439 against 0.3 (40/40 over seeds 100-139)."""
+    assert baseline_learning(0, "running") > 0.3
+
+
+def test_training_improves_without_a_baseline_on_most_seeds():
+    """Without a baseline every sampled graph is pushed up, and some seeds lock into wrong ones:
+    the rise exceeded 0.3 for 19/20 seeds 100-119 (seed 113: -0.327; 38/40 over 100-139, and 37/40
+    at 60 steps, so more steps do not help). The median over three consecutive seeds exceeded 0.3
+    for 20/20 windows starting at 100-119, smallest 0.498 (seeds 113-115); that is asserted, on
+    seeds 0-2."""
+    assert statistics.median(baseline_learning(seed, "none") for seed in (0, 1, 2)) > 0.3
 
 
 def test_bad_input():
