@@ -22,8 +22,9 @@ import operator
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from _common import RESULTS, machine_info
@@ -31,11 +32,11 @@ from _common import RESULTS, machine_info
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 
-import test_fusion_training as fusion_tests  # noqa: E402
-import test_latent as latent_tests  # noqa: E402
-import test_reinforce as reinforce_tests  # noqa: E402
-import test_stats as stats_tests  # noqa: E402
-import test_topology as topology_tests  # noqa: E402
+import test_fusion_training as fusion_tests
+import test_latent as latent_tests
+import test_reinforce as reinforce_tests
+import test_stats as stats_tests
+import test_topology as topology_tests
 
 OUT = RESULTS / "seed_studies.json"
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
