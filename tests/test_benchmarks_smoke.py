@@ -205,3 +205,21 @@ def test_decode_smoke_writes_its_schema(tmp_path):
     assert ops and all(0 < o["share"] <= 1 and o["ms_per_step"] >= 0 for o in ops)
     assert sum(o["share"] for o in ops) <= 1 + 1e-9
     assert report["read_bandwidth_gb_s"] > 0 and "machine" in report and "load_average_before" in report
+
+
+def test_seed_studies_smoke_writes_rates_and_worst_values(tmp_path):
+    """benchmarks/seed_studies.py on its cheapest study and two seeds: each threshold's rate and worst value."""
+    out = tmp_path / "seed_studies.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "seed_studies.py"), "--only", "stats_levels", "--seeds", "100", "101",
+         "--out", str(out)], capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    got = report["studies"]["stats_levels"]
+    assert list(report["studies"]) == ["stats_levels"] and report["machine"]["cpu"]["model"]
+    assert got["seeds"] == [r["seed"] for r in got["runs"]] == [100, 101]
+    for check in got["checks"]:
+        values = [r[check["statistic"]] for r in got["runs"]]
+        assert check["of"] == 2 and 0 <= check["held"] <= 2
+        assert check["worst"] == min(values) and check["worst_seed"] in (100, 101)

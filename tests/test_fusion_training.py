@@ -265,25 +265,37 @@ def heldout(lm, task, params, mode, edge_weights=(0.5, 0.5, 0.5)):
         return float(fuser_loss(params, lm.fns, caches, edge_weights, batch, mode=mode, sources=SOURCES))
 
 
-def test_training_lowers_the_heldout_objective_and_leaves_the_model_alone(lm, train_task, held_task):
-    saved = snapshot(lm.model)
+def fuser_learning(lm, train_task, held_task) -> dict:
+    """30 steps of the learned fuser (lr 0.1) on ``train_task``: the held-out objective before and
+    after, their ratio, the source the trained fuser prefers, and the silent agent's logit moved."""
     untrained = init_fuser(FuserConfig(lm.fns.num_layers, NUM_AGENTS))
     trained = train(lm, train_task, "learned", steps=30)
     before, after = heldout(lm, held_task, untrained, "learned"), heldout(lm, held_task, trained, "learned")
-    assert after < 0.85 * before, (before, after)
+    return {"before": before, "after": after, "ratio": after / before,
+            "preferred": int(trained.source_logits[SOURCES].argmax()),
+            "silent_moved": not torch.equal(trained.source_logits[3], untrained.source_logits[3])}  # fmt: skip
+
+
+def test_training_lowers_the_heldout_objective_and_leaves_the_model_alone(lm, train_task, held_task):
+    """Seed study (benchmarks/seed_studies.py, study fuser_learning: the tiny model drawn with seed
+    s in 100-119, so its informed targets change too): the held-out objective fell below 0.85 x
+    its start for 20/20 seeds (highest ratio 0.797), the informed agent was preferred in 20/20 and
+    the silent agent's logit never moved."""
+    saved = snapshot(lm.model)
+    got = fuser_learning(lm, train_task, held_task)
+    assert got["ratio"] < 0.85, got
     # it learned whom to trust: the agent that was told the answer
-    assert int(trained.source_logits[SOURCES].argmax()) == 0
-    assert torch.equal(trained.source_logits[3], untrained.source_logits[3])
+    assert got["preferred"] == 0
+    assert not got["silent_moved"]
     assert_same_weights(lm.model, saved)
 
 
 # ----------------------------------------------------------------------------- the embedded model (slow)
 
 
-@pytest.mark.slow
-def test_training_on_the_embedded_model_raises_the_heldout_likelihood_of_true_answers():
-    lm = load_model("smollm2-135m", dtype="float32")
-    saved = snapshot(lm.model)
+def embedded_fuser_learning(lm, train_ids, held_ids) -> dict:
+    """6 steps of the learned fuser (lr 0.3) on the embedded model, the true answers as targets:
+    the held-out answer NLL before and after, and the source the trained fuser prefers."""
 
     def task(ids):
         caches = predecessor_caches(lm, ids, latent_steps=2)
@@ -292,10 +304,23 @@ def test_training_on_the_embedded_model_raises_the_heldout_likelihood_of_true_an
         answers = [lm.tokenizer(f" {ans}")["input_ids"] for _, ans in qs]
         return caches, answer_batch(prompts, answers, pad_token_id=lm.pad_token_id)
 
-    train_set, held_set = task(range(4)), task(range(50, 54))
+    train_set, held_set = task(train_ids), task(held_ids)
     untrained = init_fuser(FuserConfig(lm.fns.num_layers, NUM_AGENTS))
     trained = train(lm, train_set, "learned", steps=6, lr=0.3)
     before, after = heldout(lm, held_set, untrained, "learned"), heldout(lm, held_set, trained, "learned")
-    assert after < before - 0.1, (before, after)
-    assert int(trained.source_logits[SOURCES].argmax()) == 0
+    return {"before": before, "after": after, "fall": before - after,
+            "preferred": int(trained.source_logits[SOURCES].argmax())}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_training_on_the_embedded_model_raises_the_heldout_likelihood_of_true_answers():
+    """Nothing here is random but the questions. Seed study (study fuser_learning_embedded: train
+    questions 4s to 4s + 3, held-out 4s + 50 to 4s + 53, s in 100-119; this test is s = 0): the
+    held-out NLL fell by more than 0.1 for 20/20 question sets (smallest fall 0.428) and the
+    informed agent was preferred in 20/20."""
+    lm = load_model("smollm2-135m", dtype="float32")
+    saved = snapshot(lm.model)
+    got = embedded_fuser_learning(lm, range(4), range(50, 54))
+    assert got["fall"] > 0.1, got
+    assert got["preferred"] == 0
     assert_same_weights(lm.model, saved)

@@ -373,16 +373,29 @@ def test_sampling_draws_like_transformers_from_the_same_seed(tiny):
         assert g.tokens[0].tolist() == want[0, ids.shape[1]:].tolist()
 
 
+NUCLEUS_LOGITS = torch.log(torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05]]))
+
+
+def nucleus_frequencies(seed: int, draws: int = 4000) -> torch.Tensor:
+    """[5] the frequency of each of 5 tokens in ``draws`` draws at top_p 0.75 (generator ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    drawn = torch.stack([_sample(NUCLEUS_LOGITS, 1.0, 0.75, g) for _ in range(draws)]).flatten()
+    return torch.bincount(drawn, minlength=5).float() / draws
+
+
+# {0.4, 0.3} has mass 0.7 < 0.75, so 0.15 joins; renormalised over 0.85
+NUCLEUS_WANT = torch.tensor([0.4, 0.3, 0.15, 0, 0]) / 0.85
+
+
 def test_sample_nucleus_by_enumeration():
-    """Brute force on 5 tokens: draws land only in the smallest prefix reaching top_p, in proportion."""
-    logits = torch.log(torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    draws = torch.stack([_sample(logits, 1.0, 0.75, g) for _ in range(4000)]).flatten()
-    counts = torch.bincount(draws, minlength=5).float() / 4000
-    # {0.4, 0.3} has mass 0.7 < 0.75, so 0.15 joins; renormalised over 0.85
-    want = torch.tensor([0.4, 0.3, 0.15, 0, 0]) / 0.85
-    assert torch.allclose(counts, want, atol=0.03), counts
-    assert _sample(logits, 0.0, 0.5, g).tolist() == [0]
+    """Brute force on 5 tokens: draws land only in the smallest prefix reaching top_p, in proportion.
+
+    Seed study (benchmarks/seed_studies.py, study nucleus_frequencies, generator seeds 100-119):
+    every frequency within 0.03 of its probability for 20/20 seeds, largest error 0.0196 (the
+    binomial standard deviation of 4000 draws is at most 0.008)."""
+    counts = nucleus_frequencies(0)
+    assert torch.allclose(counts, NUCLEUS_WANT, atol=0.03), counts
+    assert _sample(NUCLEUS_LOGITS, 0.0, 0.5, torch.Generator().manual_seed(0)).tolist() == [0]
 
 
 # --------------------------------------------------------------------------- scoring

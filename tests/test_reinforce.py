@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -60,12 +62,13 @@ def test_penalize_edges():
     torch.testing.assert_close(out, torch.tensor([1.0, 0.8]))
 
 
-def test_estimator_is_unbiased_against_the_exact_gradient():
-    """Mean of many REINFORCE estimates (with the leave-one-out baseline) equals the exact
-    gradient of the expected reward, computed by enumerating every graph."""
-    task = make_task(0, num_agents=3, mode="full", embed_dim=8)
+def estimator_agreement(seed: int) -> dict[str, float]:
+    """The mean of 160 REINFORCE estimates (64 graphs each, leave-one-out baseline) against the
+    exact gradient of the expected reward (every graph enumerated), on the synthetic task of
+    ``seed`` (3 agents, mode full): their cosine and the ratio of their norms."""
+    task = make_task(seed, num_agents=3, mode="full", embed_dim=8)
     features = task_features(task)[0]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     params = pl.init_policy(task.config, features.shape[-1], g)._replace(log_scale=torch.tensor(1.0))
     support = enumerate_topologies(task.mask, task.config)
     right = synthetic_right(support).double()
@@ -76,7 +79,7 @@ def test_estimator_is_unbiased_against_the_exact_gradient():
     exact = torch.cat([grad.flatten() for grad in grads])
 
     estimates = []
-    for _ in range(40):
+    for _ in range(160):
         topo, rewards = sample_rewards(params, task, features, 64, noise=0.0, generator=g)
         leaves = pl.PolicyParams(*(p.detach().double().requires_grad_() for p in params))
         lp = sm.log_prob(pl.policy_logits(leaves, features.double(), task.role_adjacency), task.mask,
@@ -86,15 +89,43 @@ def test_estimator_is_unbiased_against_the_exact_gradient():
         estimates.append(-torch.cat([grad.flatten() for grad in grads]))
     mean = torch.stack(estimates).mean(0)
     cosine = torch.nn.functional.cosine_similarity(mean, exact, dim=0)
-    assert cosine > 0.95
-    assert (mean.norm() / exact.norm()).item() == pytest.approx(1.0, abs=0.15)
+    return {"cosine": float(cosine), "norm_ratio": float(mean.norm() / exact.norm())}
 
 
-@pytest.mark.parametrize("baseline", ["running", "none"])
-def test_training_improves_with_every_baseline(baseline):
-    task = make_task(0, mode="mesh")
-    result = train(0, task, steps=30, batch_size=16, lr=0.1, baseline=baseline)  # the product's lr
-    assert result.expected_rewards[-1] > result.expected_rewards[0] + 0.3
+def test_estimator_is_unbiased_against_the_exact_gradient():
+    """Mean of many REINFORCE estimates (with the leave-one-out baseline) equals the exact
+    gradient of the expected reward, computed by enumerating every graph.
+
+    Seed study (study reinforce_estimator, seeds 100-119): with 160 estimates the cosine held for
+    20/20 seeds, lowest 0.9986 against 0.95, and the norm ratio for 20/20, farthest from 1 by
+    0.089 against 0.15. With the 40 estimates this test used before, both held 20/20 but the
+    ratio came within 0.004 of its bound (1.146 at seed 115), so the mean is now over four times
+    as many."""
+    got = estimator_agreement(0)
+    assert got["cosine"] > 0.95
+    assert got["norm_ratio"] == pytest.approx(1.0, abs=0.15)
+
+
+def baseline_learning(seed: int, baseline: str) -> float:
+    """The rise of the exact expected reward over 30 REINFORCE steps (batches of 16, the product's
+    lr 0.1) on the synthetic task of ``seed`` in mode mesh, under ``baseline``."""
+    result = train(seed, make_task(seed, mode="mesh"), steps=30, batch_size=16, lr=0.1, baseline=baseline)
+    return result.expected_rewards[-1] - result.expected_rewards[0]
+
+
+def test_training_improves_with_a_running_baseline():
+    """Seed study (study reinforce_baselines, seeds 100-119): the rise held for 20/20 seeds,
+    smallest 0.439 against 0.3 (40/40 over seeds 100-139)."""
+    assert baseline_learning(0, "running") > 0.3
+
+
+def test_training_improves_without_a_baseline_on_most_seeds():
+    """Without a baseline every sampled graph is pushed up, and some seeds lock into wrong ones:
+    the rise exceeded 0.3 for 19/20 seeds 100-119 (seed 113: -0.327; 38/40 over 100-139, and 37/40
+    at 60 steps, so more steps do not help). The median over three consecutive seeds exceeded 0.3
+    for 20/20 windows starting at 100-119, smallest 0.498 (seeds 113-115); that is asserted, on
+    seeds 0-2."""
+    assert statistics.median(baseline_learning(seed, "none") for seed in (0, 1, 2)) > 0.3
 
 
 def test_bad_input():
