@@ -56,6 +56,8 @@ class ModelFns(NamedTuple):
         attention_mask None means every position is real, position_ids None means the
         new positions continue at the state's length (both only when that is true)
     logits(hidden [..., d]) -> [..., V]
+    forward's hidden states and logits' result are on ``device`` (the core keeps masks, positions,
+        tokens and the realignment there), whichever devices the model's layers are spread over
     to_state(cache: KVCache | None) -> state (None: an empty state); may share the cache's storage
         but must never write into it
     from_state(state, mask [B, T'] bool, next_pos [B]) -> KVCache of the state's last T' positions

@@ -154,7 +154,7 @@ def static_fns(model: PreTrainedModel, *, compile: bool = False) -> StaticFns:
 
     def step(embeds: Tensor, mask: Tensor, position_ids: Tensor, state: StaticCache) -> tuple[Tensor, StaticCache]:
         out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, cache=state, use_cache=True)
-        return out.last_hidden_state, out.cache
+        return out.last_hidden_state.to(home), out.cache  # see model_fns: the backbone's output is on its last layer's device
 
     def to_cache(state: StaticCache, mask: Tensor, next_pos: Tensor) -> KVCache:
         width = mask.shape[1]
@@ -190,12 +190,16 @@ def model_fns(model: PreTrainedModel, *, static: bool = False, compile: bool = F
     def embed(input_ids: Tensor) -> Tensor:  # [B, S] -> [B, S, d]
         return embedding(input_ids)
 
+    # Under a device map, accelerate moves a module's output back only at the top-level model, whose
+    # forward these functions skip: the backbone's output stays on its last layer's device and the
+    # lm_head's on the lm_head's. Both come back to the embedding's device, where the core keeps
+    # masks, positions, tokens and the realignment (a no-op on one device).
     def forward(embeds: Tensor, mask: Tensor, position_ids: Tensor, state: DynamicCache) -> tuple[Tensor, DynamicCache]:
         out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, cache=state, use_cache=True)
-        return out.last_hidden_state, out.cache
+        return out.last_hidden_state.to(device), out.cache
 
     def logits(hidden: Tensor) -> Tensor:  # [..., d] -> [..., V]
-        return lm_head(hidden)
+        return lm_head(hidden).to(device)
 
     def to_state(cache: KVCache | None) -> DynamicCache:
         if cache is None:
