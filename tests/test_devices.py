@@ -48,3 +48,25 @@ def test_static_step_comes_back_to_the_embedding_device():
         mask = torch.tensor([[True, True, True, False]])
         hidden, _ = fns.static.forward(torch.randn(1, 1, fns.hidden_size), mask, torch.tensor([[2]]), state)
     assert hidden.device == fns.device
+
+
+def test_the_fusers_reference_batch_is_on_the_models_device(monkeypatch):
+    """--reward accuracy with a mixing fuser: the reference answer's batch goes to the model's device."""
+    import dataclasses
+
+    from gcache.core.fusion import FuserConfig
+    from gcache.io.runner import learner as learner_module
+    from gcache.io.runner.communication import Context, FusionInputs
+    from gcache.io.tasks.datasets import Item
+
+    local = tiny_model("llama")
+    away = dataclasses.replace(local, device=torch.device("meta"))  # stands in for a GPU
+    real_encode = learner_module.encode_chat
+    monkeypatch.setattr(learner_module, "encode_chat", lambda _model, conversations: real_encode(local, conversations))
+    config = FuserConfig(num_layers=2, num_agents=2, mode="weighted")
+    learner = learner_module.Learner(lr=1e-3, seed=0, graph=None, fuser=config, local=away, fuser_target="reference")
+    fusion = FusionInputs((), torch.ones(1), torch.zeros(1, dtype=torch.long))
+    context = Context([{"role": "user", "content": "2+2?"}], None, None, fusion)
+    item = Item("gsm8k/test/0", "gsm8k", 0, "2+2?", "4")
+    example = learner._fuser_example(item, context)
+    assert all(t.device == torch.device("meta") for t in example.answer)
