@@ -223,3 +223,29 @@ def test_seed_studies_smoke_writes_rates_and_worst_values(tmp_path):
         values = [r[check["statistic"]] for r in got["runs"]]
         assert check["of"] == 2 and 0 <= check["held"] <= 2
         assert check["worst"] == min(values) and check["worst_seed"] in (100, 101)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py --cpu: the accuracy checks hold (the 'device' is the CPU again, so float32
+    agrees exactly) and every part of the Qwen3-8B section reports, at tiny sizes (~30-60 s)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    report = json.loads((tmp_path / "gpu_cpu.json").read_text())
+    assert report["cpu_mode"] is True and report["accuracy_ok"] is True
+    checks = report["accuracy"]["float32"]["checks"]
+    assert all(c["value"] == 0 for c in checks.values()), "the same kernels on the same weights agree exactly"
+    assert report["accuracy"]["bfloat16"]["checks"]["answer_logprob"]["ok"] is True
+    section = report["qwen3_8b"]
+    assert set(section["latent_step"]) >= {"64", "256", "memory"}
+    decode = section["decode"]
+    for rows in ("1", "8"):
+        for variant in ("eager", "static", "compiled"):
+            step = decode[rows][variant]
+            assert step["ms_per_token"] > 0 and math.isclose(step["roofline_share"], decode[rows]["roofline_ms"] / step["ms_per_token"], rel_tol=0.01)
+    assert section["e2e"]["agents"] == 4 and section["e2e"]["seconds"] > 0
+    for part in ("load", "latent_step", "decode", "e2e"):
+        memory = section[part] if part == "load" else section[part]["memory"]
+        assert memory["estimate_gib"] > 0 and memory["peak_allocated_gib"] is None  # no allocator to ask on the CPU
+    assert "[memory] e2e: estimate" in proc.stdout, "the estimate is printed before the part runs"

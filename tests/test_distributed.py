@@ -116,12 +116,27 @@ def test_shards_are_disjoint_cover_the_batch_and_interleave_back(items, size):
 def test_each_rank_gets_its_device_and_a_share_of_the_cores():
     two = World(1, 4, 1, 2)
     assert rank_device("cuda", two) == "cuda:1" and rank_device("cpu", two) == "cpu"
-    assert rank_device("cuda:0", two) == "cuda:0", "an explicit device is the user's choice"
+    assert rank_device("cuda:1", World(1, 2, 0, 1)) == "cuda:1", "one rank per node: an explicit device is the user's choice"
+    with pytest.raises(ValueError, match="--device cuda:0 puts every rank"):
+        rank_device("cuda:0", two)  # every rank of the node would load its model on GPU 0
     assert rank_device("auto", World(1, 2, 0, 1)) == "auto", "auto spreads a model over a node's GPUs, one rank per node"
     with pytest.raises(ValueError, match="--device auto"):
         rank_device("auto", two)
     assert rank_threads(None, two, cpus=16) == 8 and rank_threads(None, World(0, 8, 0, 8), cpus=2) == 1
     assert rank_threads(3, two, cpus=16) == 3
+
+
+def test_a_rank_aborted_by_nccl_says_why():
+    """Under nccl a collective timeout aborts the process (SIGABRT) rather than raising LostRank."""
+    import signal
+    from types import SimpleNamespace
+
+    from gcache.io.runner.launcher import _failure_line
+
+    line, code = _failure_line({1: SimpleNamespace(exitcode=-signal.SIGABRT, pid=7)}, 2)
+    assert "SIGABRT" in line and "nccl" in line and "GCACHE_DIST_TIMEOUT" in line and code == 128 + signal.SIGABRT
+    line, _ = _failure_line({1: SimpleNamespace(exitcode=-signal.SIGKILL, pid=7)}, 2)
+    assert "nccl" not in line
 
 
 def test_differing_settings_are_named_with_their_ranks():

@@ -311,13 +311,18 @@ def _mix(caches: list[KVCache], w: Tensor, g: Tensor, present: Tensor) -> KVCach
         step = wv / wv.sum(0, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) - u
         a = rearrange(u, "k b t -> k 1 b t") + rearrange(g, "l -> 1 l 1 1") * rearrange(step, "k b t -> k 1 b t")
         a = rearrange(a, "k l b t -> k l b 1 t 1")  # one coefficient for every head and channel
-    a = a.to(first.keys.dtype)  # [k, L, B, H or 1, T or 1, D or 1], broadcast against each cache
+    # Coefficients and sums stay in float32 (or wider) and the result is rounded once: rounded to
+    # bf16 first, the coefficients would no longer sum to 1. A no-op for float32 caches.
+    dtype = first.keys.dtype
+    wide = torch.promote_types(dtype, torch.float32)
+    a = a.to(wide)  # [k, L, B, H or 1, T or 1, D or 1], broadcast against each cache
 
-    keys = first.keys * a[0]
-    values = first.values * a[0]
+    keys = first.keys.to(wide) * a[0]
+    values = first.values.to(wide) * a[0]
     for i, c in enumerate(caches[1:], start=1):
-        keys = torch.addcmul(keys, c.keys, a[i])
-        values = torch.addcmul(values, c.values, a[i])
+        keys = torch.addcmul(keys, c.keys.to(wide), a[i])
+        values = torch.addcmul(values, c.values.to(wide), a[i])
+    keys, values = keys.to(dtype), values.to(dtype)
 
     low = torch.iinfo(torch.long).min
     next_pos = torch.stack([torch.where(present[i], c.next_pos, low) for i, c in enumerate(caches)]).amax(0)

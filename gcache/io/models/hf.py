@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from gcache.core.cache import KVCache
 from gcache.core.latent import ModelFns, StaticFns
+
+FLOAT_LOGITS_CHUNK = 2**25  # lm_head elements widened to float32 at once (128 MiB)
 
 
 def to_dynamic_cache(cache: KVCache) -> DynamicCache:
@@ -154,7 +157,7 @@ def static_fns(model: PreTrainedModel, *, compile: bool = False) -> StaticFns:
 
     def step(embeds: Tensor, mask: Tensor, position_ids: Tensor, state: StaticCache) -> tuple[Tensor, StaticCache]:
         out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, cache=state, use_cache=True)
-        return out.last_hidden_state, out.cache
+        return out.last_hidden_state.to(home), out.cache  # see model_fns: the backbone's output is on its last layer's device
 
     def to_cache(state: StaticCache, mask: Tensor, next_pos: Tensor) -> KVCache:
         width = mask.shape[1]
@@ -190,12 +193,30 @@ def model_fns(model: PreTrainedModel, *, static: bool = False, compile: bool = F
     def embed(input_ids: Tensor) -> Tensor:  # [B, S] -> [B, S, d]
         return embedding(input_ids)
 
+    # Under a device map, accelerate moves a module's output back only at the top-level model, whose
+    # forward these functions skip: the backbone's output stays on its last layer's device and the
+    # lm_head's on the lm_head's. Both come back to the embedding's device, where the core keeps
+    # masks, positions, tokens and the realignment (a no-op on one device).
     def forward(embeds: Tensor, mask: Tensor, position_ids: Tensor, state: DynamicCache) -> tuple[Tensor, DynamicCache]:
         out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, cache=state, use_cache=True)
-        return out.last_hidden_state, out.cache
+        return out.last_hidden_state.to(device), out.cache
 
     def logits(hidden: Tensor) -> Tensor:  # [..., d] -> [..., V]
-        return lm_head(hidden)
+        return lm_head(hidden).to(device)
+
+    def float_logits(hidden: Tensor) -> Tensor:  # [N, d] -> [N, V] float32
+        weight, bias = lm_head.weight, lm_head.bias
+        h = hidden.to(weight.device, torch.float32)
+        chunk = max(1, FLOAT_LOGITS_CHUNK // weight.shape[1])  # vocabulary rows widened to float32 at a time
+
+        def part(h: Tensor, lo: int) -> Tensor:
+            out = h @ weight[lo : lo + chunk].float().T
+            return out if bias is None else out + bias[lo : lo + chunk].float()
+
+        # Recomputed in the backward pass, so no float32 copy of the lm_head is kept for it.
+        keep = torch.is_grad_enabled() and h.requires_grad
+        parts = [checkpoint(part, h, lo, use_reentrant=False) if keep else part(h, lo) for lo in range(0, weight.shape[0], chunk)]
+        return torch.cat(parts, dim=-1).to(device)
 
     def to_state(cache: KVCache | None) -> DynamicCache:
         if cache is None:
@@ -224,4 +245,5 @@ def model_fns(model: PreTrainedModel, *, static: bool = False, compile: bool = F
         dtype=embedding.weight.dtype,
         device=device,
         static=static_fns(model, compile=compile) if static or compile else None,
+        float_logits=float_logits if type(lm_head) is torch.nn.Linear and lm_head.weight.dtype != torch.float32 else None,
     )

@@ -120,10 +120,16 @@ def rank_device(device: str, world: World) -> str:
     """The device of a rank: ``cuda`` -> ``cuda:LOCAL_RANK``; ``cpu`` and ``cuda:N`` as given.
 
     Raises ValueError for ``auto`` with several ranks on a node (each would spread its model
-    over every GPU of the node): run one rank per node, or use ``--device cuda``.
+    over every GPU of the node) and for ``cuda:N`` there (every rank would land on GPU N): run
+    one rank per node, or use ``--device cuda``.
     """
     if device == "cuda":
         return f"cuda:{world.local_rank}"
+    if device.startswith("cuda:") and world.local_size > 1:
+        raise LaunchError(
+            f"--device {device} puts every rank of this node's {world.local_size} on the same GPU: "
+            "use --device cuda (rank r of a node on cuda:r) or run one rank per node (--nproc-per-node 1)"
+        )
     if device == "auto" and world.local_size > 1:
         raise LaunchError(
             f"--device auto spreads one model over every GPU of a node, and this node runs {world.local_size} "

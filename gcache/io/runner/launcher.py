@@ -82,8 +82,14 @@ def _failure_line(failures: Mapping[int, Any], nproc: int) -> tuple[str | None, 
             name = signal.Signals(-failure.exitcode).name
         except ValueError:
             name = f"signal {-failure.exitcode}"
+        # nccl's watchdog aborts a rank whose collective waited past the timeout instead of raising,
+        # so a hung or lost peer shows up as SIGABRT, not as the lost-contact line below.
+        nccl = (
+            f" (under nccl, a rank whose collective waits past {TIMEOUT_VAR} seconds, because another rank died "
+            "or hung, is aborted so)" if name == "SIGABRT" else ""
+        )  # fmt: skip
         return (
-            f"rank {rank} of {nproc} (pid {failure.pid}) was killed by {name}; the finished questions are kept "
+            f"rank {rank} of {nproc} (pid {failure.pid}) was killed by {name}{nccl}; the finished questions are kept "
             "in the run folder: continue with --resume",
             128 - failure.exitcode,
         )

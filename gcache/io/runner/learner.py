@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gcache.core.fusion import FuserConfig, FuserParams, init_fuser
-from gcache.core.objectives import answer_batch
+from gcache.core.objectives import AnswerBatch, answer_batch
 from gcache.core.optim import adam
 from gcache.core.policy import init_policy
 from gcache.core.reinforce import init_baseline
@@ -127,6 +127,7 @@ class Learner:
             answer = tok.encode(reference_text(item), add_special_tokens=False)[:REFERENCE_TOKENS]
             answer += list(self.local.eos_token_ids[:1])
             batch = answer_batch([prompt], [answer], pad_token_id=tok.pad_token_id or 0)
+            batch = AnswerBatch(*(t.to(self.local.device) for t in batch))  # built on the CPU, read on the model's
         return FuserExample(context.fusion.caches, context.fusion.weights, context.fusion.sources, batch)
 
     def update(
