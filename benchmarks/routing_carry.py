@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny random model, two worlds")
+    parser.add_argument("--settings", type=int, nargs="*", default=None,
+                        help="indices of SETTINGS to measure (default: all), with concat fusion only when given")
     parser.add_argument("--out", type=Path, default=_common.RESULTS)
     args = parser.parse_args()
     if args.threads:
@@ -104,8 +106,9 @@ def main() -> None:
     fuser = init_fuser(FuserConfig(num_layers=local.fns.num_layers, num_agents=k, mode="learned"))
     all_agents = graph(k, list(range(k)))
 
+    settings = SETTINGS if args.settings is None else [SETTINGS[i][:4] + (("concat",),) for i in args.settings]
     conditions = ["no agents"]
-    for name, _, _, _, fusions in SETTINGS:
+    for name, _, _, _, fusions in settings:
         conditions.append(f"oracle | {name}")
         conditions += [f"all agents, {f} | {name}" for f in fusions]
     values = {c: {"logprob": [], "margin": []} for c in conditions}
@@ -128,7 +131,7 @@ def main() -> None:
                 }  # fmt: skip
             oracle = graph(k, [item.meta["informed"]])
             contexts = {"no agents": comm["concat"].context(item, all_agents, {}, DECISION)}
-            for name, latent_only, steps, sinks, fusions in SETTINGS:
+            for name, latent_only, steps, sinks, fusions in settings:
                 passed = {n: o._replace(cache=passed_on(o.cache, latent_only, steps, sinks)) for n, o in outs.items()}
                 contexts[f"oracle | {name}"] = comm["concat"].context(item, oracle, passed, DECISION)
                 for f in fusions:
@@ -145,6 +148,7 @@ def main() -> None:
                     values[c]["logprob"].append(lp)
                     values[c]["margin"].append(m)
             bar.update(task, advance=1, status=f"{time.perf_counter() - started:.0f} s")
+            print(f"world {w + 1}/{len(items)}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
     rows = []
     for c in conditions:
