@@ -22,7 +22,7 @@ RUN_FAILED = 5  # the work raised (a numerical or model error): not bad usage
 
 @app.command("run")
 def run(
-    task: str = typer.Argument(..., help="gsm8k, gpqa, medqa, humaneval or mbppplus."),
+    task: str = typer.Argument(..., help="gsm8k, gpqa, medqa, humaneval, mbppplus or routing (generated from the seed)."),
     method: Optional[str] = typer.Option(None, help=f"single, text-mas, latent-mas or gcache (default: {_D.method})."),
     generation_mode: Optional[str] = typer.Option(
         None, help="local, api_hint, hybrid or api (text only) (default: local)."
@@ -58,7 +58,12 @@ def run(
         None,
         help="The policy's reward: accuracy (1 if the decoded answer is right), likelihood (the reference answer's "
         "mean log-probability per token under the decision context; trains without decoding) or mixed "
-        f"(accuracy + exp(log-probability)) (default: {_D.reward}; accuracy with --generation-mode api).",
+        f"(accuracy + exp(log-probability)) or margin (routing only: the gold number's log-probability minus the "
+        f"best distractor's) (default: {_D.reward}; margin for routing; accuracy with --generation-mode api).",
+    ),
+    routing_variant: Optional[str] = typer.Option(
+        None, help="routing worlds: topics (one keeper per topic) or unreliable (plus a rumor monger claiming the "
+        "asked topic with a wrong number) (default: topics)."
     ),
     limit: Optional[int] = typer.Option(None, help="Evaluate on the first N test questions (default: all)."),
     question_id: Optional[int] = typer.Option(None, help="Evaluate on this one test question only."),

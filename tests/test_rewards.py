@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gcache.core.rewards import LOGPROB_FLOOR, REWARDS, clip_logprob, reward
+from gcache.core.rewards import LOGPROB_FLOOR, MARGIN_BOUND, REWARDS, clip_logprob, reward
 from gcache.io.models.local import tiny_model
 from gcache.io.runner.answers import answer_logprobs
 from gcache.io.runner.prompts import decision_messages
@@ -16,12 +16,12 @@ from gcache.io.tasks.datasets import Item
 from gcache.io.tasks.scoring import score
 
 ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True)
-BOUNDS = {"accuracy": (0.0, 1.0), "likelihood": (LOGPROB_FLOOR, 0.0), "mixed": (0.0, 2.0)}
+BOUNDS = {"accuracy": (0.0, 1.0), "likelihood": (LOGPROB_FLOOR, 0.0), "mixed": (0.0, 2.0), "margin": (-MARGIN_BOUND, MARGIN_BOUND)}
 
 
-@given(kind=st.sampled_from(REWARDS), correct=st.booleans(), logprob=ANY_FLOAT)
-def test_every_reward_is_finite_and_within_its_bounds(kind, correct, logprob):
-    r = reward(kind, correct, logprob)
+@given(kind=st.sampled_from(REWARDS), correct=st.booleans(), logprob=ANY_FLOAT, margin=ANY_FLOAT)
+def test_every_reward_is_finite_and_within_its_bounds(kind, correct, logprob, margin):
+    r = reward(kind, correct, logprob, margin=margin)
     low, high = BOUNDS[kind]
     assert math.isfinite(r) and low <= r <= high
 
@@ -47,12 +47,23 @@ def test_documented_values():
     assert reward("likelihood", None, 0.3) == 0.0  # a mean log-probability is <= 0; round-off is clipped
     assert math.isclose(reward("mixed", True, math.log(0.25)), 1.25)
     assert math.isclose(reward("mixed", False, math.log(0.25)), 0.25)
+    assert reward("margin", None, None, margin=0.7) == 0.7 and reward("margin", False, -3.0, margin=-0.2) == -0.2
+    assert reward("margin", None, None, margin=float("nan")) == -MARGIN_BOUND
+    assert reward("margin", None, None, margin=float("inf")) == MARGIN_BOUND
+
+
+@given(a=ANY_FLOAT, b=ANY_FLOAT)
+def test_the_margin_reward_rises_with_the_margin(a, b):
+    ra, rb = reward("margin", None, None, margin=a), reward("margin", None, None, margin=b)
+    if not (math.isnan(a) or math.isnan(b)) and a <= b:
+        assert ra <= rb
 
 
 @pytest.mark.parametrize(
     "kind, correct, logprob, error, match",
     [
-        ("accuarcy", True, -1.0, ValueError, "reward: expected one of accuracy, likelihood, mixed, got 'accuarcy'"),
+        ("accuarcy", True, -1.0, ValueError, "reward: expected one of accuracy, likelihood, mixed, margin, got 'accuarcy'"),
+        ("margin", None, -1.0, ValueError, "margin: the margin reward needs the question's contrastive margin"),
         ("accuracy", None, -1.0, ValueError, "correct: the accuracy reward needs a decoded answer"),
         ("mixed", True, None, ValueError, "answer_logprob: the mixed reward needs"),
         ("likelihood", None, None, ValueError, "answer_logprob: the likelihood reward needs"),
@@ -81,6 +92,6 @@ def test_rewards_of_an_empty_and_an_overlong_answer_are_finite_and_bounded():
     for lp in lps:
         assert math.isfinite(lp)
         for kind in REWARDS:
-            r = reward(kind, correct, lp)
+            r = reward(kind, correct, lp, margin=lp)
             low, high = BOUNDS[kind]
             assert math.isfinite(r) and low <= r <= high

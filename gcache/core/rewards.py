@@ -12,6 +12,11 @@ Three kinds (``REWARDS``), chosen with ``--reward``:
   above a wrong one (1 + p > p'), and among answers equally right or wrong, the graph that
   makes the reference more likely wins. Accuracy alone is 0 for almost every question of a
   small model; the likelihood term keeps those questions' advantages non-zero.
+- ``margin``: the contrastive margin (the gold answer's mean log-probability per token minus the
+  highest of the question's distractors', ``gcache.io.runner.margin``), clipped to
+  ``[-MARGIN_BOUND, MARGIN_BOUND]``. It needs questions that name their wrong answers (the
+  routing task's): it rewards a graph for favouring the right answer over the wrong ones the
+  agents state, where the likelihood also rewards contexts that merely prime the answer format.
 
 REINFORCE subtracts a baseline (a mean of other rewards), so only differences between rewards
 matter, not their scale or offset. Every reward is finite and bounded, whatever the measured
@@ -26,12 +31,14 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-REWARDS = ("accuracy", "likelihood", "mixed")
+REWARDS = ("accuracy", "likelihood", "mixed", "margin")
 
 # A mean log-probability per token of -20 is far below a uniform guess over any real
 # vocabulary (log(1 / 49152) = -10.8 for SmolLM2): values under it carry no ranking worth a
 # gradient, and clipping keeps one pathological row from dominating a batch.
 LOGPROB_FLOOR = -20.0
+# The margin is a difference of two such means: the same bound on either side.
+MARGIN_BOUND = 20.0
 
 
 def clip_logprob(answer_logprob: float) -> float:
@@ -46,18 +53,27 @@ def clip_logprob(answer_logprob: float) -> float:
     return min(0.0, max(LOGPROB_FLOOR, value))
 
 
-def reward(kind: str, correct: bool | None, answer_logprob: float | None) -> float:
+def reward(kind: str, correct: bool | None, answer_logprob: float | None, *, margin: float | None = None) -> float:
     """The reward of one question under ``kind`` (one of ``REWARDS``; see the module docstring).
 
     correct: whether the decoded answer was right (None when nothing was decoded: only the
     likelihood reward does without it); answer_logprob: the reference answer's mean
     log-probability per token (None when it was not measured: only the accuracy reward does
-    without it). Bounds: accuracy in {0, 1}, likelihood in [LOGPROB_FLOOR, 0], mixed in [0, 2].
+    without it); margin: the contrastive margin (only the margin reward reads it, and needs it).
+    Bounds: accuracy in {0, 1}, likelihood in [LOGPROB_FLOOR, 0], mixed in [0, 2], margin in
+    [-MARGIN_BOUND, MARGIN_BOUND] (NaN maps to the lower bound).
     Raises ValueError for an unknown kind or a missing input the kind needs, TypeError for
     inputs of the wrong type.
     """
     if kind not in REWARDS:
         raise ValueError(f"reward: expected one of {', '.join(REWARDS)}, got {kind!r}")
+    if kind == "margin":
+        if margin is None:
+            raise ValueError("margin: the margin reward needs the question's contrastive margin (a question with distractors), got None")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise TypeError(f"margin: expected a float, got {type(margin).__name__}")
+        value = float(margin)
+        return -MARGIN_BOUND if math.isnan(value) else min(MARGIN_BOUND, max(-MARGIN_BOUND, value))
     if kind != "likelihood":
         if correct is None:
             raise ValueError(f"correct: the {kind} reward needs a decoded answer's verdict, got None")
@@ -85,4 +101,4 @@ def rewards_of(kind: str, correct: Sequence[bool | None] | None, answer_logprobs
     return torch.tensor([reward(kind, c, lp) for c, lp in zip(verdicts, values)], dtype=torch.float32)
 
 
-__all__ = ["LOGPROB_FLOOR", "REWARDS", "clip_logprob", "reward", "rewards_of"]
+__all__ = ["LOGPROB_FLOOR", "MARGIN_BOUND", "REWARDS", "clip_logprob", "reward", "rewards_of"]

@@ -164,7 +164,8 @@ def _truncate_to_complete_lines(path: Path) -> None:
 def summarize(records: Iterable[dict]) -> dict:
     """Accuracy, token totals, seconds and errors over the lines of one phase, and the mean
     answer log-probability with its 95% bootstrap interval (gcache.io.records.stats.mean_ci) over the
-    questions that carry a finite ``answer_logprob`` (None when none does).
+    questions that carry a finite ``answer_logprob`` (None when none does), and likewise the mean
+    contrastive ``margin`` (routing questions; None when none carries one).
 
     Each question counts once, by its latest line; ``retries`` is the number of earlier
     lines (errored attempts that a later line replaced).
@@ -179,6 +180,7 @@ def summarize(records: Iterable[dict]) -> dict:
     decoded = [r for r in records if r.get("correct") is not None]  # correct is None: not decoded
     correct = sum(bool(r["correct"]) for r in decoded)
     logprobs = [float(v) for v in (r.get("answer_logprob") for r in records) if _finite(v)]
+    margins = [float(v) for v in (r.get("margin") for r in records) if _finite(v)]
     return {
         "n": n,
         "accuracy": correct / len(decoded) if decoded else None,
@@ -188,6 +190,7 @@ def summarize(records: Iterable[dict]) -> dict:
         "errors": sum(r.get("error") is not None for r in records),
         "retries": len(lines) - n,
         "answer_logprob": mean_ci(logprobs).as_dict() if logprobs else None,
+        "margin": mean_ci(margins).as_dict() if margins else None,
     }
 
 

@@ -34,7 +34,7 @@ from gcache.core.graph import DECISION, Node, Schedule
 from gcache.core.latent import rollout
 from gcache.io.models.generation import CacheInfo
 from gcache.io.models.local import LocalModel, encode_chat
-from gcache.io.runner.prompts import Role, agent_messages, decision_messages
+from gcache.io.runner.prompts import Role, agent_messages, decision_messages, item_roles
 from gcache.io.tasks.datasets import Item
 
 
@@ -145,7 +145,7 @@ class LatentCaches:
         if node == DECISION:
             conversation = decision_messages(self.task, item.question, latent=latent)
         else:
-            conversation = agent_messages(self.task, self.roles[node[1]], item.question, latent=latent)
+            conversation = agent_messages(self.task, item_roles(item, self.roles)[node[1]], item.question, latent=latent)
         info = CacheInfo(len(schedule.inputs[node]), 0 if cache is None else cache.seq_len, self.latent_steps)
         return Context(conversation, cache, info, inputs)
 
@@ -178,14 +178,17 @@ class LatentCaches:
         inputs = tuple((outputs[e.src].key, e.src[1], float(e.weight)) for e in edges)
         settings = (self.latent_steps, self.latent_only, self.sink_positions)
         mixing = (self.fusion, digest) if inputs else None  # how the inputs were fused (no inputs: nothing)
-        return (id(self.local), self.task, item.id, item.question, self.roles[node[1]], settings, inputs, mixing)
+        role = item_roles(item, self.roles)[node[1]]
+        return (id(self.local), self.task, item.id, item.question, role, settings, inputs, mixing)
 
     def _think(self, rows, fuser: FuserParams | None, keys: Sequence[Hashable]) -> list[NodeOut]:
         started = time.perf_counter()
-        conversations, caches = [], []
+        conversations, caches, names = [], [], []
         for item, schedule, outputs, node in rows:
+            role = item_roles(item, self.roles)[node[1]]
+            names.append(role.name)
             # A thinking agent is told that caches precede its prompt even when none does (as LatentMAS).
-            conversations.append(agent_messages(self.task, self.roles[node[1]], item.question, latent=True))
+            conversations.append(agent_messages(self.task, role, item.question, latent=True))
             caches.append(self._fused(schedule, outputs, node, fuser)[0])
         ids, mask = encode_chat(self.local, conversations)  # [B, S], [B, S]
         out = rollout(
@@ -193,14 +196,14 @@ class LatentCaches:
             cache=stack_contexts(self.local, caches), latent_steps=self.latent_steps,
         )  # fmt: skip
         seconds = (time.perf_counter() - started) / len(rows)
-        return [self._passed_on(out, i, node, seconds, key) for i, ((*_, node), key) in enumerate(zip(rows, keys))]
+        return [self._passed_on(out, i, name, seconds, key) for i, (name, key) in enumerate(zip(names, keys))]
 
-    def _passed_on(self, out, row: int, node: Node, seconds: float, key: Hashable) -> NodeOut:
+    def _passed_on(self, out, row: int, name: str, seconds: float, key: Hashable) -> NodeOut:
         cache = kv.trim_padding(kv.select_rows(out.cache, [row]))
         if self.latent_only:
             cache = kv.latent_part(cache, self.latent_steps, self.sink_positions)
         tokens = {"prompt": int(out.prompt_tokens[row]), "latent": out.latent_tokens, "generated": 0}
-        return NodeOut(self.roles[node[1]].name, cache, None, tokens, seconds, key)
+        return NodeOut(name, cache, None, tokens, seconds, key)
 
 
 class TextMessages:
@@ -220,7 +223,7 @@ class TextMessages:
         if node == DECISION:
             conversation = decision_messages(self.task, item.question, predecessor_texts=texts)
         else:
-            conversation = agent_messages(self.task, self.roles[node[1]], item.question, predecessor_texts=texts)
+            conversation = agent_messages(self.task, item_roles(item, self.roles)[node[1]], item.question, predecessor_texts=texts)
         return Context(conversation, None, None, None)
 
     def think(self, rows: Sequence[tuple[Item, Schedule, Outputs, Node]], fuser: FuserParams | None = None) -> list[NodeOut]:

@@ -21,6 +21,7 @@ from gcache.io.runner.decision import NAMES as DECISIONS
 from gcache.io.runner.prompts import AGENT_SETS
 from gcache.io.tasks.contracts import contract
 from gcache.io.tasks.datasets import TASKS
+from gcache.io.tasks.routing import RoutingOptions
 
 METHODS = ("single", "text-mas", "latent-mas", "gcache")
 # Seeded random models with the embedded tokenizer, for smoke tests (``--model tiny-llama``).
@@ -44,6 +45,7 @@ _COMMON_FLAGS = {
     "task", "method", "generation_mode", "batch_size", "limit", "question_id", "model", "device",
     "dtype", "weights", "threads", "compile", "api_model", "base_url", "api_timeout", "api_max_retries", "api_concurrency",
     "api_outage_after", "max_new_tokens", "temperature", "seed", "out", "resume", "retry_errors", "stop_at_answer",
+    "routing_variant",
 }
 # How the run talks to the API, not what it computes: a resumed run may change them.
 API_HTTP_FLAGS = ("api_timeout", "api_max_retries", "api_concurrency", "api_outage_after")
@@ -104,6 +106,7 @@ class RunConfig:
     resume: bool = False
     retry_errors: bool = True  # --resume answers again the questions whose latest line holds an error
     params: str | None = None
+    routing_variant: str = "topics"  # the routing task's worlds (gcache.io.tasks.routing.VARIANTS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +128,9 @@ class RunConfig:
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / f"{self.task}-{self.method}"
 
+
+# The routing task's default reward (README, "Routing: what carries information").
+ROUTING_REWARD = "margin"
 
 # LatentMAS's sequential chain: three thinking agents, then the judger decodes.
 LATENT_MAS_DEFAULTS = dict(num_agents=3, topology="chain", optimize_spatial=False, fusion="concat", latent_only=False)
@@ -158,6 +164,8 @@ def build_config(explicit: dict[str, Any]) -> RunConfig:
         base = replace(base, fusion="concat")
     if explicit.get("generation_mode") == "api":
         base = replace(base, reward="accuracy")  # text only: no local model to read a likelihood
+    elif explicit.get("task") == "routing" and method != "single":
+        base = replace(base, reward=ROUTING_REWARD)
     config = replace(base, **explicit)
     validate(config, explicit)
     return config
@@ -213,6 +221,16 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
         raise ValueError(f"--temperature: expected a value >= 0, got {config.temperature}")
     if not config.lr > 0:
         raise ValueError(f"--lr: expected a positive learning rate, got {config.lr}")
+    if "routing_variant" in explicit and config.task != "routing":
+        raise ValueError(f"--routing-variant applies to the routing task, not {config.task}")
+    if config.reward == "margin" and config.task != "routing":
+        raise ValueError(f"--reward margin contrasts the gold answer with the question's distractors: "
+                         f"only the routing task has them, not {config.task}")
+    if config.task == "routing":
+        if config.method == "single":
+            raise ValueError("--method single: a routing world needs at least 2 agents (one informed, the others "
+                             "distractors); use gcache, latent-mas or text-mas")
+        routing_options(config)  # raises naming --routing-variant or --agent-nums
     if config.decision == "code" and config.task in TASKS and not contract(config.task).runs_programs:
         programs = " and ".join(t for t in TASKS if contract(t).runs_programs)
         raise ValueError(f"--decision code runs programs: it applies to {programs}, not {config.task}")
@@ -224,6 +242,11 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
         raise ValueError(f"--params: no such file {config.params}")
     if config.question_id is not None and config.limit is not None:
         raise ValueError("--question-id selects one question: do not combine it with --limit")
+
+
+def routing_options(config: RunConfig) -> RoutingOptions:
+    """The routing worlds of a run: its variant, and one agent per slot of the run's graph."""
+    return RoutingOptions(variant=config.routing_variant, num_agents=config.num_agents)
 
 
 def api_config(config: RunConfig) -> ApiConfig:

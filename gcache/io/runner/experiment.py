@@ -39,7 +39,7 @@ from gcache.io.models.apiconfig import require_api
 from gcache.io.records.report import learning_line
 from gcache.io.records.runlog import CONFIG, RESULTS, SUMMARY, RunLog, read_records, summarize, write_json_atomic
 from gcache.io.records.stats import format_interval
-from gcache.io.runner.config import API_HTTP_FLAGS, RunConfig, api_config, resume_command, with_api_settings
+from gcache.io.runner.config import API_HTTP_FLAGS, RunConfig, api_config, resume_command, routing_options, with_api_settings
 from gcache.io.tasks.datasets import TASKS, load_items
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,13 @@ def check_before_loading(config: RunConfig) -> None:
 def split_items(config: RunConfig) -> tuple[list, list]:
     """The train items (seeded order, ``train_size`` of them) and the selected test items."""
     train: list = []
+    routing = routing_options(config) if config.task == "routing" else None
     if config.learns and config.num_iterations > 0 and config.params is None:
-        train = load_items(config.task, "train", seed=config.seed)
+        train = load_items(config.task, "train", seed=config.seed, routing=routing)
         if config.train_size is not None:
             train = train[: config.train_size]
-    test = load_items(config.task, "test", limit=config.limit, question_id=config.question_id, seed=config.seed)
+    test = load_items(config.task, "test", limit=config.limit, question_id=config.question_id, seed=config.seed,
+                      routing=routing)  # fmt: skip
     return train, test
 
 
@@ -286,6 +288,7 @@ def _summary(config: RunConfig, runlog: RunLog, test: Sequence, wall: float, pip
         "remaining": remaining,
         "accuracy": evals["accuracy"],
         "answer_logprob": evals["answer_logprob"],
+        "margin": evals["margin"],
         "tokens": evals["tokens"],
         "api_tokens": pipeline.api_tokens(),
         "wall_seconds": wall,
@@ -305,7 +308,8 @@ def _summary_line(summary: dict) -> str:
         f"[bold]{summary['task']} / {summary['method']} ({summary['generation_mode']})[/]: "
         f"accuracy {acc if acc is None else f'{acc:.3f}'} on {summary['n']} questions, "
         f"mean answer log-prob {format_interval(summary.get('answer_logprob'))}, "
-        f"tokens prompt {t['prompt']} / latent {t['latent']} / generated {t['generated']}, "
+        + (f"mean margin {format_interval(summary['margin'])}, " if summary.get("margin") else "")
+        + f"tokens prompt {t['prompt']} / latent {t['latent']} / generated {t['generated']}, "
         f"{summary['wall_seconds']:.1f} s, errors {summary['errors']}, retries {summary['retries']}"
     )
 

@@ -36,7 +36,6 @@ from gcache.io.models.api import ApiClient, ApiOutageError
 from gcache.io.models.embed import load_encoder
 from gcache.io.models.generation import Answer, answer_stop, generate_answer
 from gcache.io.models.local import LocalModel, load_model, tiny_model
-from gcache.io.runner.answers import answer_logprobs
 from gcache.io.runner.communication import (
     Communication,
     Context,
@@ -49,8 +48,9 @@ from gcache.io.runner.communication import (
 from gcache.io.runner.config import TINY_MODELS, RunConfig, api_config
 from gcache.io.runner.decision import DECISIONS, Decision
 from gcache.io.runner.learner import Learner, Team
+from gcache.io.runner.margin import answer_scores, has_distractors
 from gcache.io.runner.planner import FixedGraph, LearnedGraph, Plan, Planner, candidate_mask
-from gcache.io.runner.prompts import Role, agent_roles, latent_mas_roles
+from gcache.io.runner.prompts import Role, agent_roles, item_roles, latent_mas_roles
 from gcache.io.tasks.datasets import Item, task_family
 from gcache.io.tasks.scoring import Verdict, score_many
 
@@ -135,24 +135,26 @@ class Pipeline:
             return []
         started = time.perf_counter()
         plans = [self._plan(item, train=True, seed=_seed(self.config.seed, "train", step, item.id)) for item in items]
-        decode = self.config.reward != "likelihood"
+        decode = self.config.reward not in ("likelihood", "margin")
         shared: set[int] = set()  # rows whose answer log-probability the learner's own forward measures
+        # The learner's forward reads no distractors: questions that have them are measured here.
+        contrasted = any(has_distractors(p.item) for p in plans)
         try:
             outs = self._answer(plans, step=step, decode=decode)
-            if self.learner is not None and self.learner.measures_answers:
+            if self.learner is not None and self.learner.measures_answers and not contrasted:
                 shared = set(self.learner.fused_rows([o.judged for o in outs]))
-            logprobs = self._answer_logprobs(plans, outs, skip=shared)
+            logprobs, margins = self._answer_logprobs(plans, outs, skip=shared)
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
             log.warning("train step %d failed: %s", step, e)
-            outs, logprobs = [_failed(e) for _ in plans], [None] * len(plans)
+            outs, logprobs, margins = [_failed(e) for _ in plans], [None] * len(plans), [None] * len(plans)
         verdicts = self._verdicts(plans, outs, decode)
         correct = [v.correct if decode else None for v in verdicts]
         failed = any(o.error for o in outs)
         rewards: list[float | None] = [None] * len(plans)
         if not failed:  # the rows the step measures get their rewards from it
             rewards = [
-                None if q in shared else reward(self.config.reward, c, lp)
-                for q, (c, lp) in enumerate(zip(correct, logprobs))
+                None if q in shared else reward(self.config.reward, c, lp, margin=m)
+                for q, (c, lp, m) in enumerate(zip(correct, logprobs, margins))
             ]  # fmt: skip
         losses: dict[str, float] = {}
         if self.learner is not None:
@@ -167,9 +169,9 @@ class Pipeline:
             losses = {k: done.stats[k] for k in LOSSES if k in done.stats}
         seconds = (time.perf_counter() - started) / len(items)
         return [
-            self._record("train", f"{step}:{p.item.id}", p, o, v, seconds, decode, step=step, answer_logprob=lp, reward=r,
-                         **losses)
-            for p, o, v, lp, r in zip(plans, outs, verdicts, logprobs, rewards)
+            self._record("train", f"{step}:{p.item.id}", p, o, v, seconds, decode, step=step, answer_logprob=lp, margin=m,
+                         reward=r, **losses)
+            for p, o, v, lp, m, r in zip(plans, outs, verdicts, logprobs, margins, rewards)
         ]  # fmt: skip
 
     def evaluate(self, items: Sequence[Item], *, decode: bool = True) -> list[dict]:
@@ -181,19 +183,19 @@ class Pipeline:
         plans = [self._plan(item, train=False, seed=_seed(self.config.seed, "eval", item.id)) for item in items]
         try:
             outs = self._answer(plans, step=0, decode=decode)
-            logprobs = self._answer_logprobs(plans, outs)
+            logprobs, margins = self._answer_logprobs(plans, outs)
         except Exception as e:  # noqa: BLE001 - isolate the failing question, keep the others
             # With the endpoint held for down, retrying question by question only repeats the local work.
             if len(items) > 1 and not isinstance(e, ApiOutageError):
                 log.warning("a batch failed (%s); answering its questions one by one", e)
                 return [r for item in items for r in self.evaluate([item], decode=decode)]
             log.warning("%s failed: %s", ", ".join(str(item.id) for item in items), e)
-            outs, logprobs = [_failed(e) for _ in items], [None] * len(items)
+            outs, logprobs, margins = [_failed(e) for _ in items], [None] * len(items), [None] * len(items)
         verdicts = self._verdicts(plans, outs, decode)
         seconds = (time.perf_counter() - started) / len(items)
         return [
-            self._record("eval", p.item.id, p, o, v, seconds, decode, answer_logprob=lp)
-            for p, o, v, lp in zip(plans, outs, verdicts, logprobs)
+            self._record("eval", p.item.id, p, o, v, seconds, decode, answer_logprob=lp, margin=m)
+            for p, o, v, lp, m in zip(plans, outs, verdicts, logprobs, margins)
         ]
 
     @staticmethod
@@ -279,7 +281,7 @@ class Pipeline:
         answers = self.speaker.write(read, seed=_seed(self.config.seed, "decode", step, key))
         seconds = (time.perf_counter() - started) / len(rows)
         for (q, n), a, c in zip(rows, answers, read):
-            outputs[q][n] = NodeOut(self.roles[n[1]].name, None, a.text, dict(a.tokens), seconds)
+            outputs[q][n] = NodeOut(item_roles(plans[q].item, self.roles)[n[1]].name, None, a.text, dict(a.tokens), seconds)
             contexts[q][n] = c
 
     def _judge(
@@ -304,24 +306,26 @@ class Pipeline:
 
     def _answer_logprobs(
         self, plans: Sequence[Plan], outs: Sequence[QuestionOut], *, skip: set[int] = frozenset()
-    ) -> list[float | None]:  # fmt: skip
+    ) -> tuple[list[float | None], list[float | None]]:  # fmt: skip
         """Per question, the reference answer's mean log-probability per token under the context the
-        answer was (or would be) decoded from (gcache.io.runner.answers), in one batched forward with no
+        answer was (or would be) decoded from (gcache.io.runner.answers), and its contrastive margin over the
+        item's distractors (gcache.io.runner.margin; None for items without), in one batched forward with no
         gradient; None where there is no context (a failed question), no local model (API text),
         or the row is in ``skip`` (measured elsewhere)."""
         local = self.speaker.local
         rows = [q for q, o in enumerate(outs) if o.context is not None and o.error is None and q not in skip]
         found: list[float | None] = [None] * len(outs)
+        margins: list[float | None] = [None] * len(outs)
         if local is None or not rows:
-            return found
+            return found, margins
         with torch.no_grad():
-            values = answer_logprobs(
+            values, contrasts = answer_scores(
                 local, [outs[q].context.conversation for q in rows], [outs[q].context.cache for q in rows],
                 [plans[q].item for q in rows],
-            ).tolist()  # fmt: skip
-        for q, v in zip(rows, values):
-            found[q] = float(v)
-        return found
+            )  # fmt: skip
+        for q, v, m in zip(rows, values.tolist(), contrasts):
+            found[q], margins[q] = float(v), m
+        return found, margins
 
     # ---------------------------------------------------------------- records
 
@@ -364,7 +368,8 @@ class Pipeline:
     def _edges(self, plan: Plan) -> list[dict]:
         """Every taken edge and every edge the policy gives a probability, with that probability."""
         n = plan.schedule.num_agents
-        name = lambda j: f"{j}:{self.roles[j].name}"  # noqa: E731
+        roles = item_roles(plan.item, self.roles)
+        name = lambda j: f"{j}:{roles[j].name}"  # noqa: E731
         kinds = [("spatial", plan.topology.spatial, plan.spatial_probs)]
         if plan.schedule.num_rounds > 1:
             kinds.append(("temporal", plan.topology.temporal, plan.temporal_probs))

@@ -57,16 +57,25 @@ class LearnedGraph:
         self.role_embeddings = role_embeddings(list(profiles), encoder=encoder)  # [N, E]
         self.role_adjacency = torch.ones(config.num_agents, config.num_agents)  # [N, N] the GCN's prior
         self._questions: dict[str, Tensor] = {}
+        self._worlds: dict[tuple[str, ...], Tensor] = {}  # a routing world's profiles -> their embeddings
 
     @property
     def feature_dim(self) -> int:
         return 2 * self.role_embeddings.shape[-1]
 
     def features(self, item: Item) -> Tensor:
-        """[N, F] role embeddings ++ the question's embedding (cached per question)."""
+        """[N, F] role embeddings (the item's own roles where it has them) ++ the question's
+        embedding (cached per question)."""
         if item.id not in self._questions:
             self._questions[item.id] = embed_texts([item.question], encoder=self.encoder)[0]
-        return node_features(self.role_embeddings, self._questions[item.id])
+        roles = self.role_embeddings
+        own = (item.meta or {}).get("roles")
+        if own is not None:
+            profiles = tuple(r.profile for r in own)
+            if profiles not in self._worlds:
+                self._worlds[profiles] = role_embeddings(list(profiles), encoder=self.encoder)
+            roles = self._worlds[profiles]
+        return node_features(roles, self._questions[item.id])
 
     def plan(self, item: Item, params: Any, *, train: bool, seed: int) -> Plan:
         """A sampled graph (``train``, drawn from ``seed``) or the deterministic one, with no gradient."""

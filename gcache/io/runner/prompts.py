@@ -18,9 +18,9 @@ from typing import Sequence
 
 from gcache.core.checks import check_int
 from gcache.io.tasks.contracts import contract
-from gcache.io.tasks.datasets import task_family
+from gcache.io.tasks.datasets import Item, task_family
 
-__all__ = ["Role", "ROLES", "MAIN_ROLE", "AGENT_SETS", "agent_roles", "latent_mas_roles", "answer_format", "agent_messages", "decision_messages"]
+__all__ = ["Role", "ROLES", "MAIN_ROLE", "AGENT_SETS", "agent_roles", "item_roles", "latent_mas_roles", "answer_format", "agent_messages", "decision_messages"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,18 @@ def agent_roles(task: str, agents: str = "diverse", n: int = 4) -> list[Role]:
         main = next(r for r in roles if r.name == MAIN_ROLE[family])
         return [main] * n
     return [roles[i % len(roles)] for i in range(n)]
+
+
+def item_roles(item: Item, roles: Sequence[Role]) -> Sequence[Role]:
+    """The roles of ``item``'s agents: its own (``meta["roles"]``, as a routing world gives every
+    question its keepers) or else the run's ``roles``. Raises ValueError when the item's roles are
+    not one per agent."""
+    own = (item.meta or {}).get("roles")
+    if own is None:
+        return roles
+    if len(own) != len(roles):
+        raise ValueError(f"item {item.id}: its world has {len(own)} agents but the run has {len(roles)} (--agent-nums)")
+    return own
 
 
 LATENT_MAS_ROLES: tuple[Role, ...] = (

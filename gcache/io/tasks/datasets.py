@@ -4,7 +4,8 @@ Scoring lives in `gcache.io.tasks.scoring`, how code items become sandbox jobs i
 `gcache.io.tasks.programs`.
 
 Tasks: gsm8k (math), gpqa (science), medqa (medicine), humaneval and mbppplus (code).
-The datasets ship inside the package (gcache/data, provenance in its README.md).
+The datasets ship inside the package (gcache/data, provenance in its README.md). routing (scored
+as math) has no data file: its questions are generated from the seed (gcache.io.tasks.routing).
 
 Splits. GSM8K: "train" is the official train file (7473 rows), "test" the official test file
 (1319 rows). Every other task splits its one file with a seeded permutation of the row
@@ -50,8 +51,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TASKS = ("gsm8k", "gpqa", "medqa", "humaneval", "mbppplus")
-FAMILIES = {"gsm8k": "math", "gpqa": "science", "medqa": "medicine", "humaneval": "code", "mbppplus": "code"}
+TASKS = ("gsm8k", "gpqa", "medqa", "humaneval", "mbppplus", "routing")
+FAMILIES = {"gsm8k": "math", "gpqa": "science", "medqa": "medicine", "humaneval": "code", "mbppplus": "code",
+            "routing": "math"}
 TRAIN_FRACTION = 0.2
 LETTERS = "ABCD"
 
@@ -338,11 +340,13 @@ def load_items(
     limit: int | None = None,
     question_id: int | str | None = None,
     seed: int = 0,
+    routing: Any = None,
 ) -> list[Item]:
     """The items of `task`'s `split` ("train" | "test"), in file order.
 
     question_id: an int selects the row with that number in the source file (it must belong
     to the split), a str selects the item with that id; limit: keep the first `limit` items.
+    routing: the ``gcache.io.tasks.routing.RoutingOptions`` of the routing task (None: its defaults).
     Malformed rows are skipped with a logged warning. Raises ValueError for an unknown task or
     split, a question_id that is out of range or in the other split, or a non-positive limit.
     """
@@ -353,6 +357,14 @@ def load_items(
         check_int(limit, "limit")
     if not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if task == "routing":
+        # Imported here: gcache.io.tasks.routing builds Roles (gcache.io.runner.prompts), which import this module.
+        from gcache.io.tasks import routing as routing_task
+
+        options = routing_task.RoutingOptions() if routing is None else routing
+        return routing_task.load_items(split, limit=limit, question_id=question_id, seed=seed, options=options)
+    if routing is not None:
+        raise ValueError(f"routing: routing options apply to the routing task, not {task}")
     filename = _FILES[(task, split)] if task == "gsm8k" else _FILES[(task, None)]
     rows = _raw_rows(filename)
     indices = _split_indices(task, split, len(rows), seed)
