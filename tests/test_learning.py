@@ -96,7 +96,7 @@ def test_custom_roles_replace_the_agents_and_bad_ones_are_named():
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--reward", "accuarcy"], "--reward: expected one of accuracy, likelihood, mixed, got 'accuarcy'"),
+        (["--reward", "accuarcy"], "--reward: expected one of accuracy, likelihood, mixed, margin, got 'accuarcy'"),
         (["--method", "single", "--reward", "likelihood"], "--reward does not apply to --method single"),
         (["--method", "text-mas", "--generation-mode", "api", "--reward", "likelihood"],
          "--reward likelihood reads the answer's likelihood through the local model"),
@@ -158,13 +158,13 @@ def test_the_reward_is_read_from_the_fusers_own_forward_and_equals_a_separate_on
                            **TINY})  # fmt: skip
     items = load_items("gsm8k", "train", limit=3)
     measured_rows = []
-    real = pipeline_module.answer_logprobs
+    real = pipeline_module.answer_scores
 
     def spy(local, conversations, caches, batch_items):
         measured_rows.append(len(conversations))
         return real(local, conversations, caches, batch_items)
 
-    monkeypatch.setattr(pipeline_module, "answer_logprobs", spy)
+    monkeypatch.setattr(pipeline_module, "answer_scores", spy)
     shared = build_pipeline(config)
     assert shared.learner.measures_answers
     together = shared.train_step(items, 0)
