@@ -249,3 +249,22 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
         memory = section[part] if part == "load" else section[part]["memory"]
         assert memory["estimate_gib"] > 0 and memory["peak_allocated_gib"] is None  # no allocator to ask on the CPU
     assert "[memory] e2e: estimate" in proc.stdout, "the estimate is printed before the part runs"
+
+
+def test_routing_smoke_writes_its_schema(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "routing_unreliable.json").read_text())
+    assert report["smoke"] is True and report["model"] == "tiny-llama"
+    names = {"learned", "chain", "star", "mesh", "layered", "random", "full (untrained)", "oracle", "latent-mas"}
+    assert set(report["methods"]) == names
+    for name, row in report["methods"].items():
+        assert row["n"] == report["settings"]["test_size"]
+        assert math.isfinite(row["margin"]["mean"]) and math.isfinite(row["answer_logprob"]["mean"])
+        assert (name == "learned") == ("learned_minus_margin" not in row)
+    assert report["methods"]["oracle"]["decision_inputs"] == 1 and report["methods"]["oracle"]["agent_edges"] == 0
+    assert 0.0 <= report["routing_accuracy"]["accuracy"] <= 1.0
+    assert (tmp_path / "routing_unreliable.md").exists() and (tmp_path / "routing_unreliable.png").exists()
