@@ -31,6 +31,7 @@ from _common import RESULTS, machine_info
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS.parent))  # the test modules import their helpers as tests._name
 
 import test_fusion_training as fusion_tests
 import test_latent as latent_tests
