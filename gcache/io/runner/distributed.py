@@ -353,22 +353,26 @@ def start(config: RunConfig, world: World, *, num_questions: Callable[[], int]) 
     torch.set_num_threads(rank_threads(config.threads, world))
     team = Team(world, here)
     team._collective(lambda: dist.init_process_group("nccl" if gpu else "gloo", timeout=timeout))
-    try:
-        rank_device(config.device, world)
-        count = num_questions() if world.leader else None
-    except Exception as e:  # noqa: BLE001 - said by every rank
-        team.exchange(None, e)
-    configs = team.exchange(({**config.to_dict(), "source": source_hash()}, count))
-    differs = config_differences([c for c, _ in configs])
-    if differs is not None:
-        raise RankFailed(differs, 2)
-    count = configs[0][1]
-    if count < world.size:
-        raise RankFailed(
-            f"the run has {count} test question{'s' if count != 1 else ''} for {world.size} ranks: "
-            f"launch at most {count} rank{'s' if count != 1 else ''} (--nproc-per-node x --nnodes) or select more questions",
-            2,
-        )
+    try:  # a launch refused here ends the process group too: left open, gloo's threads abort the exit
+        try:
+            rank_device(config.device, world)
+            count = num_questions() if world.leader else None
+        except Exception as e:  # noqa: BLE001 - said by every rank
+            team.exchange(None, e)
+        configs = team.exchange(({**config.to_dict(), "source": source_hash()}, count))
+        differs = config_differences([c for c, _ in configs])
+        if differs is not None:
+            raise RankFailed(differs, 2)
+        count = configs[0][1]
+        if count < world.size:
+            raise RankFailed(
+                f"the run has {count} test question{'s' if count != 1 else ''} for {world.size} ranks: "
+                f"launch at most {count} rank{'s' if count != 1 else ''} (--nproc-per-node x --nnodes) or select more questions",
+                2,
+            )
+    except BaseException:
+        team.close()
+        raise
     log.info("%s on %s, %d threads, backend %s", world, here, torch.get_num_threads(), dist.get_backend())
     return team
 
