@@ -1,21 +1,32 @@
 """Summaries and report pieces over results.jsonl records: the mean answer log-probability with
 its interval, the learning curve per training step, the learned graph's table, the PNG."""
 
+import csv
+import io
+import json
 import math
 
 from rich.console import Console
+from typer.testing import CliRunner
 
 from gcache.io.records.report import (
+    COMPARE_COLUMNS,
+    COMPARE_FIELDS,
+    PHASE_COLUMNS,
+    compare_row,
     curve_table,
     edge_matrix,
     edge_table,
+    fit_tables,
     learning_curve,
     learning_line,
+    measures,
     plot_learning_curve,
     records_table,
 )
-from gcache.io.records.runlog import summarize
+from gcache.io.records.runlog import read_records, summarize
 from gcache.io.records.stats import format_interval, mean_ci
+from gcache_cli.main import app
 
 
 def record(i, phase="eval", *, logprob=None, reward=None, step=None, correct=False):
@@ -107,3 +118,93 @@ def test_the_learning_line_gives_first_and_last_rewards_and_the_learned_edges_on
     assert "0.30-0.60 over 2 edges, most likely 0->1 0.60, 1->2 0.30" in line
     assert learning_line([record("x")]) is None
     assert "edge" not in learning_line(records[:3])
+
+
+def _run_folder(folder, *, method="gcache", n=3):
+    """A finished run's folder with wide numbers: long token counts, negative log-probabilities."""
+    folder.mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        lines.append({**record(f"t{i}", "train", logprob=-123.4567 - i, reward=-123.4567 - i, step=i // 2),
+                      "tokens": {"prompt": 123456789, "latent": 98765, "generated": 4321}, "seconds": 1234.5, "correct": None})
+        lines.append({**record(f"e{i}", logprob=-12.25 - i, correct=i == 0),
+                      "tokens": {"prompt": 987654321, "latent": 56789, "generated": 8765}, "seconds": 2345.6})
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = {"task": "gsm8k", "method": method, "generation_mode": "hybrid", "status": "complete", "total": n, "remaining": 0,
+               **summarize(r for r in lines if r["phase"] == "eval")}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def _shown(summary):
+    """The cells of a summary that a table must show in full."""
+    lp, t = summary["answer_logprob"], summary["tokens"]
+    accuracy = "not decoded" if summary["accuracy"] is None else f"{summary['accuracy']:.3f}"
+    return [accuracy, f"{lp['mean']:.3f}", f"[{lp['low']:.3f}, {lp['high']:.3f}]",
+            str(t["prompt"]), str(t["latent"]), str(t["generated"]), f"{summary['seconds'] / summary['n']:.2f}"]
+
+
+def test_compare_and_report_show_every_number_in_full_in_80_columns(tmp_path):
+    summaries = [_run_folder(tmp_path / name, method=m)
+                 for name, m in (("gsm8k-gcache-learned-graph", "gcache"), ("gsm8k-latent-mas", "latent-mas"))]
+    runner = CliRunner(env={"COLUMNS": "80"})
+    result = runner.invoke(app, ["compare", str(tmp_path / "gsm8k-gcache-learned-graph"), str(tmp_path / "gsm8k-latent-mas")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in result.output
+    for summary in summaries:
+        for cell in _shown(summary):
+            assert any(cell in line for line in lines), cell
+    assert all(any(name in line for line in lines) for name in ("gsm8k-gcache-learned-graph", "gsm8k-latent-mas"))
+
+    result = runner.invoke(app, ["report", str(tmp_path / "gsm8k-gcache-learned-graph"), "--no-png"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in result.output
+    train = summarize(r for r in read_records(tmp_path / "gsm8k-gcache-learned-graph" / "results.jsonl")
+                      if r["phase"] == "train")
+    for cell in _shown(summaries[0]) + _shown(train) + ["-123.957", "-125.457"]:  # the curve: steps (t0, t1), (t2)
+        assert any(cell in line for line in lines), cell
+
+
+def test_fit_tables_folds_whole_columns_led_by_the_row_names():
+    rows = [{"phase": "eval", **measures({"n": 2, "accuracy": 0.5, "answer_logprob": {"mean": -1.0, "low": -2.0,
+                                                                                        "high": -0.5},
+                                           "tokens": {"prompt": 1, "latent": 2, "generated": 3}, "seconds": 4.0,
+                                           "errors": 0, "retries": 1})}]
+    wide = fit_tables(PHASE_COLUMNS, rows, 500)
+    assert len(wide) == 1 and [c.header for c in wide[0].columns] == [c.header for c in PHASE_COLUMNS]
+    bands = fit_tables(PHASE_COLUMNS, rows, 60)
+    assert len(bands) > 1 and all(b.columns[0].header == "phase" for b in bands)
+    assert [c.header for b in bands for c in b.columns[1:]] == [c.header for c in PHASE_COLUMNS[1:]]
+
+
+def test_the_formats_for_scripts_parse_back(tmp_path):
+    summary = _run_folder(tmp_path / "a")
+    runner = CliRunner()
+    result = runner.invoke(app, ["compare", str(tmp_path / "a"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert row == compare_row("a", summary) and row["answer_logprob_low"] == summary["answer_logprob"]["low"]
+
+    result = runner.invoke(app, ["compare", str(tmp_path / "a"), "--format", "csv"])
+    (parsed,) = list(csv.DictReader(io.StringIO(result.output)))
+    assert list(parsed) == list(COMPARE_FIELDS)
+    assert {k: str(v) for k, v in row.items()} == parsed
+
+    result = runner.invoke(app, ["compare", str(tmp_path / "a"), "--format", "markdown"])
+    header, rule, line = result.output.strip().splitlines()
+    cells = lambda text: [c.strip() for c in text.strip().strip("|").split("|")]  # noqa: E731
+    assert cells(header) == [c.header for c in COMPARE_COLUMNS]
+    assert cells(line) == [c.cell(row) for c in COMPARE_COLUMNS] and set(rule) <= set("|:-")
+
+    result = runner.invoke(app, ["report", str(tmp_path / "a"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert [r["phase"] for r in doc["phases"]] == ["train", "eval"] and doc["summary"] == summary
+    assert [c["step"] for c in doc["curve"]] == [0, 1]
+    assert not (tmp_path / "a" / "topology.png").exists()  # no plots unless asked, outside --format text
+    result = runner.invoke(app, ["report", str(tmp_path / "a"), "--format", "csv"])
+    assert [r["phase"] for r in csv.DictReader(io.StringIO(result.output))] == ["train", "eval"]
+    result = runner.invoke(app, ["compare", str(tmp_path / "a"), "--format", "xml"])
+    assert result.exit_code == 2 and "--format" in result.output

@@ -1,43 +1,160 @@
-"""Tables and the topology figure of a run, from its results.jsonl records."""
+"""Tables and the topology figure of a run, from its results.jsonl records.
+
+A table is rows of raw values (dicts, the JSON and CSV form) read through columns (a header and
+how a row reads in it): printed with rich, folded into bands that fit a narrow terminal, or as
+markdown."""
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from gcache.io.records.runlog import summarize
-from gcache.io.records.stats import format_interval
 
 
-def records_table(summary: dict, records: list[dict]) -> Table:
-    """One row per phase: questions, accuracy, mean answer log-probability [95% CI], tokens,
-    seconds per question, errors, retries.
+class Column(NamedTuple):
+    """One column of a printed table: its header and how a row (a dict of raw values) reads in it."""
+
+    header: str
+    cell: Callable[[dict], str]
+    left: bool = False  # names align left, numbers right
+
+
+def _num(key: str, digits: int = 3) -> Callable[[dict], str]:
+    return lambda row: "-" if row.get(key) is None else f"{row[key]:.{digits}f}"
+
+
+def _int(key: str) -> Callable[[dict], str]:
+    return lambda row: "-" if row.get(key) is None else str(row[key])
+
+
+def _ci(row: dict) -> str:
+    low, high = row.get("answer_logprob_low"), row.get("answer_logprob_high")
+    return "-" if low is None or high is None else f"[{low:.3f}, {high:.3f}]"
+
+
+# the columns a run's numbers read in, after the columns that name the row (phase, or run/task/...)
+_MEASURES = (
+    Column("accuracy", lambda row: "not decoded" if row.get("accuracy") is None and row.get("n") else
+           _num("accuracy")(row)),
+    Column("logprob", _num("answer_logprob")),
+    Column("95% CI", _ci),
+    Column("prompt tok", _int("prompt_tokens")),
+    Column("latent tok", _int("latent_tokens")),
+    Column("gen tok", _int("generated_tokens")),
+    Column("s/question", _num("seconds_per_question", 2)),
+    Column("errors", _int("errors")),
+    Column("retries", _int("retries")),
+)
+PHASE_COLUMNS = (Column("phase", _int("phase"), left=True), Column("n", _int("n")), *_MEASURES)
+COMPARE_COLUMNS = (
+    Column("run", _int("run"), left=True), Column("task", _int("task"), left=True),
+    Column("method", _int("method"), left=True), Column("mode", _int("generation_mode"), left=True),
+    Column("n", _int("n")), *_MEASURES,
+)
+
+
+MEASURE_FIELDS = ("n", "accuracy", "answer_logprob", "answer_logprob_low", "answer_logprob_high", "prompt_tokens",
+                  "latent_tokens", "generated_tokens", "seconds_per_question", "errors", "retries")
+PHASE_FIELDS = ("phase", *MEASURE_FIELDS)
+COMPARE_FIELDS = ("run", "task", "method", "generation_mode", *MEASURE_FIELDS)
+
+
+def measures(summary: dict) -> dict:
+    """A summary's numbers as one flat row of raw values (None where absent), in MEASURE_FIELDS order:
+    a summary of gcache.io.records.runlog.summarize, or summary.json."""
+    n = summary.get("n") or 0
+    tokens = summary.get("tokens") or {}
+    interval = summary.get("answer_logprob") or {}
+    seconds = summary.get("seconds")
+    return {
+        "n": n, "accuracy": summary.get("accuracy"), "answer_logprob": interval.get("mean"),
+        "answer_logprob_low": interval.get("low"), "answer_logprob_high": interval.get("high"),
+        "prompt_tokens": tokens.get("prompt"), "latent_tokens": tokens.get("latent"),
+        "generated_tokens": tokens.get("generated"),
+        "seconds_per_question": seconds / n if n and seconds is not None else None,
+        "errors": summary.get("errors"), "retries": summary.get("retries"),
+    }  # fmt: skip
+
+
+def phase_rows(records: list[dict]) -> list[dict]:
+    """One row (PHASE_FIELDS) per phase that has questions, train before eval.
 
     Each question counts once, by its latest line in ``records`` (every line of results.jsonl);
     ``retries`` counts the earlier, errored lines that a retry replaced.
     """
-    table = Table(title=f"{summary.get('task')} / {summary.get('method')} ({summary.get('generation_mode')})")
-    columns = ("phase", "n", "accuracy", "answer logprob [95% CI]", "prompt tok", "latent tok", "generated tok",
-               "s / question", "errors", "retries")
-    for col in columns:
-        table.add_column(col, justify="left" if col == "phase" else "right")
+    rows = []
     for phase in ("train", "eval"):
         s = summarize(r for r in records if r["phase"] == phase)
-        if not s["n"]:
-            continue
-        t = s["tokens"]
-        table.add_row(
-            phase, str(s["n"]), _accuracy(s["accuracy"]), format_interval(s["answer_logprob"]),
-            str(t["prompt"]), str(t["latent"]), str(t["generated"]), f"{s['seconds'] / s['n']:.2f}", str(s["errors"]),
-            str(s["retries"]),
-        )
-    return table
+        if s["n"]:
+            rows.append({"phase": phase, **measures(s)})
+    return rows
 
 
-def _accuracy(value: float | None) -> str:
-    return "not decoded" if value is None else f"{value:.3f}"
+def compare_row(run: str, summary: dict) -> dict:
+    """One run's row (COMPARE_FIELDS) of ``gcache compare``, from its summary.json."""
+    return {"run": run, "task": summary.get("task"), "method": summary.get("method"),
+            "generation_mode": summary.get("generation_mode"), **measures(summary)}
+
+
+def table(columns: Sequence[Column], rows: list[dict], *, title: str | None = None) -> Table:
+    """One rich table of ``rows``; number columns never wrap, so rich narrows the name columns first."""
+    out = Table(title=title)
+    for c in columns:
+        out.add_column(c.header, justify="left" if c.left else "right", no_wrap=not c.left, overflow="fold")
+    for row in rows:
+        out.add_row(*(c.cell(row) for c in columns))
+    return out
+
+
+def fit_tables(
+    columns: Sequence[Column], rows: list[dict], width: int, *, keys: int = 1, title: str | None = None
+) -> list[Table]:
+    """The table folded into bands of whole columns, each led by the first ``keys`` columns (what
+    names a row) and no wider than ``width`` where that is possible, so that every number is shown
+    in full in a narrow terminal; one table when everything fits."""
+    console = Console(width=max(width, 1 << 14))
+    natural = lambda cols: Measurement.get(console, console.options, table(cols, rows, title=title)).maximum  # noqa: E731
+    lead, bands = list(columns[:keys]), [[]]
+    for c in columns[keys:]:
+        if bands[-1] and natural(lead + bands[-1] + [c]) > width:
+            bands.append([])
+        bands[-1].append(c)
+    return [table(lead + band, rows, title=title if i == 0 else None) for i, band in enumerate(bands)]
+
+
+def markdown_table(columns: Sequence[Column], rows: list[dict]) -> str:
+    """The table as GitHub markdown, the cells as printed."""
+    esc = lambda text: text.replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(esc(c.header) for c in columns) + " |",
+             "|" + "|".join(":---" if c.left else "---:" for c in columns) + "|"]
+    lines += ["| " + " | ".join(esc(c.cell(row)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def csv_text(fields: Sequence[str], rows: list[dict]) -> str:
+    """The rows' raw values as CSV with a header line (None as an empty field)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in fields} for row in rows)
+    return buf.getvalue()
+
+
+def records_table(summary: dict, records: list[dict]) -> Table:
+    """One row per phase (PHASE_COLUMNS), titled by the run's task, method and generation mode."""
+    return table(PHASE_COLUMNS, phase_rows(records), title=run_title(summary))
+
+
+def run_title(summary: dict) -> str:
+    return f"{summary.get('task')} / {summary.get('method')} ({summary.get('generation_mode')})"
 
 
 def learning_curve(records: list[dict]) -> list[dict]:
@@ -63,28 +180,31 @@ def _mean(values) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
+CURVE_COLUMNS = (
+    Column("step", _int("step")), Column("n", _int("n")), Column("reward", _num("reward")),
+    Column("answer logprob", _num("answer_logprob")), Column("policy loss", _num("policy_loss")),
+    Column("fuser loss", _num("fuser_loss")),
+)
+EDGE_COLUMNS = (Column("from", _int("from"), left=True), Column("to", _int("to"), left=True),
+                Column("mean p", _num("p")), Column("taken", _int("taken")))
+
+
 def curve_table(curve: list[dict]) -> Table:
     """The learning curve as a table: step, questions, mean reward, mean answer log-probability,
     the step's policy and fuser losses."""
-    table = Table(title="learning curve (train)")
-    for col in ("step", "n", "reward", "answer logprob", "policy loss", "fuser loss"):
-        table.add_column(col, justify="right")
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for c in curve:
-        table.add_row(str(c["step"]), str(c["n"]), fmt(c["reward"]), fmt(c["answer_logprob"]),
-                      fmt(c.get("policy_loss")), fmt(c.get("fuser_loss")))
-    return table
+    return table(CURVE_COLUMNS, curve, title="learning curve (train)")
+
+
+def edge_rows(names: list[str], probs: np.ndarray, counts: np.ndarray) -> list[dict]:
+    """Every edge with a positive mean probability, most likely first: {"from", "to", "p", "taken"}."""
+    edges = [(probs[i, j], i, j) for i in range(len(names)) for j in range(len(names)) if probs[i, j] > 0]
+    return [{"from": names[i], "to": names[j], "p": float(p), "taken": int(counts[i, j])}
+            for p, i, j in sorted(edges, reverse=True)]
 
 
 def edge_table(names: list[str], probs: np.ndarray, counts: np.ndarray) -> Table:
     """The learned graph: every edge with a positive mean probability, most likely first."""
-    table = Table(title="learned graph (eval): edge probabilities")
-    for col in ("from", "to", "mean p", "taken"):
-        table.add_column(col, justify="left" if col in ("from", "to") else "right")
-    edges = [(probs[i, j], i, j) for i in range(len(names)) for j in range(len(names)) if probs[i, j] > 0]
-    for p, i, j in sorted(edges, reverse=True):
-        table.add_row(names[i], names[j], f"{p:.3f}", str(int(counts[i, j])))
-    return table
+    return table(EDGE_COLUMNS, edge_rows(names, probs, counts), title="learned graph (eval): edge probabilities")
 
 
 def learning_line(records: list[dict]) -> str | None:
