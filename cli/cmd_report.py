@@ -31,6 +31,7 @@ from gcache.io.records.report import (
     plot_learning_curve,
     plot_topology,
     run_title,
+    topology_plan,
 )
 from gcache.io.records.runlog import read_records
 from gcache.io.runner.experiment import ending_line, load_summary
@@ -94,16 +95,17 @@ def report(
             for table in fit_tables(EDGE_COLUMNS, edges, console.width, keys=2, title="graph (eval): edge probabilities"):
                 console.print(table)
     if png if png is not None else fmt == "text":
-        _plots(run, summary, records, curve, names, probs, counts)
+        _plots(run, summary, records, curve)
 
 
-def _plots(run: Path, summary: dict, records: list[dict], curve: list[dict], names, probs, counts) -> None:
+def _plots(run: Path, summary: dict, records: list[dict], curve: list[dict]) -> None:
     title = f"{summary['task']} / {summary['method']}"
     if curve:
         path = plot_learning_curve(curve, run / "learning_curve.png", title=title)
         typer.echo(f"learning curve: {path}", err=True)
-    if names:
-        path = plot_topology(names, probs, counts, run / "topology.png", title=title)
+    plan = topology_plan(records, phase="eval")
+    if plan.names:
+        path = plot_topology(plan, run / "topology.png", title=title)
         typer.echo(f"graph: {path}", err=True)
     else:
         typer.echo("no edges recorded (single agent): no topology.png", err=True)

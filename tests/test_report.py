@@ -22,7 +22,9 @@ from gcache.io.records.report import (
     learning_line,
     measures,
     plot_learning_curve,
+    plot_topology,
     records_table,
+    topology_plan,
 )
 from gcache.io.records.runlog import read_records, summarize
 from gcache.io.records.stats import format_interval, mean_ci
@@ -208,3 +210,31 @@ def test_the_formats_for_scripts_parse_back(tmp_path):
     assert [r["phase"] for r in csv.DictReader(io.StringIO(result.output))] == ["train", "eval"]
     result = runner.invoke(app, ["compare", str(tmp_path / "a"), "--format", "xml"])
     assert result.exit_code == 2 and "--format" in result.output
+
+
+def test_the_graph_picture_draws_one_arrow_per_directed_edge_by_probability(tmp_path):
+    edge = lambda s, d, p, taken=False: {"src": s, "dst": d, "kind": "spatial", "p": p, "taken": taken}  # noqa: E731
+    records = [
+        {"phase": "eval", "decision_inputs": ["1:B", "2:C"],
+         "edges": [edge("0:A", "1:B", 0.9, True), edge("1:B", "0:A", 0.3), edge("0:A", "2:C", 0.5)]},
+        {"phase": "eval", "decision_inputs": ["2:C"],
+         "edges": [edge("0:A", "1:B", 0.7, True), edge("1:B", "0:A", 0.1), edge("0:A", "2:C", 0.6, True)]},
+        {"phase": "train", "edges": [edge("2:C", "1:B", 0.9, True)]},  # another phase: not drawn
+    ]
+    plan = topology_plan(records)
+    assert plan.names == ["0:A", "1:B", "2:C", "decision"] and plan.learned
+    arrows = {(a.src, a.dst): a for a in plan.arrows}
+    assert sorted(arrows) == [(0, 1), (0, 2), (1, 0), (1, 3), (2, 3)]
+    assert math.isclose(arrows[0, 1].p, 0.8) and arrows[0, 1].taken == 1.0 and arrows[0, 2].taken == 0.5
+    assert math.isclose(arrows[1, 0].p, 0.2) and arrows[1, 0].taken == 0.0
+    # two opposite edges are two arrows bent apart; a one-way edge is straight
+    assert arrows[0, 1].bend == arrows[1, 0].bend != 0 and arrows[0, 2].bend == 0
+    # width and opacity grow with the probability
+    by_p = sorted((a for a in plan.arrows if a.dst != 3), key=lambda a: a.p)
+    assert [a.width for a in by_p] == sorted(a.width for a in by_p) and by_p[0].width < by_p[-1].width
+    assert [a.alpha for a in by_p] == sorted(a.alpha for a in by_p)
+    assert (arrows[1, 3].p, arrows[2, 3].p) == (0.5, 1.0)  # the share of questions each fed the decision node
+    fixed = topology_plan([{"phase": "eval", "edges": [edge("0:A", "1:B", 1.0, True)]}])
+    assert not fixed.learned and fixed.names == ["0:A", "1:B"]  # decision inputs not recorded: no decision node
+    path = plot_topology(plan, tmp_path / "topology.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

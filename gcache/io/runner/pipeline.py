@@ -352,6 +352,7 @@ class Pipeline:
             "tokens": tokens,
             "seconds": round(seconds, 4),
             "edges": self._edges(plan),
+            "decision_inputs": [self._name(j) for j, fed in enumerate(plan.topology.decision_inputs.tolist()) if fed],
             "trace": trace,
             "error": out.error,
             **({"refused": True} if out.refused else {}),
@@ -361,10 +362,14 @@ class Pipeline:
             **extra,
         }
 
+    def _name(self, j: int) -> str:
+        """Agent j as results.jsonl names it: "j:Role"."""
+        return f"{j}:{self.roles[j].name}"
+
     def _edges(self, plan: Plan) -> list[dict]:
         """Every taken edge and every edge the policy gives a probability, with that probability."""
         n = plan.schedule.num_agents
-        name = lambda j: f"{j}:{self.roles[j].name}"  # noqa: E731
+        name = self._name
         kinds = [("spatial", plan.topology.spatial, plan.spatial_probs)]
         if plan.schedule.num_rounds > 1:
             kinds.append(("temporal", plan.topology.temporal, plan.temporal_probs))
