@@ -336,7 +336,8 @@ def topology_plan(records: list[dict], phase: str = "eval") -> TopologyPlan:
         for j in range(n):
             if probs[i, j] > 0:
                 bend = BEND if probs[j, i] > 0 else 0.0
-                arrows.append(Arrow(i, j, float(probs[i, j]), counts[i, j] / questions, *edge_style(probs[i, j]), bend))
+                p, taken = float(probs[i, j]), float(counts[i, j] / questions)
+                arrows.append(Arrow(i, j, p, taken, *edge_style(p), bend))
     fed = [r["decision_inputs"] for r in rows if isinstance(r.get("decision_inputs"), list)]
     if fed and n:
         idx = {name: i for i, name in enumerate(names)}
