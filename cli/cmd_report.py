@@ -1,86 +1,132 @@
-"""`gcache report RUN` and `gcache compare RUN...`: tables of finished runs, the learning curve and the learned topology."""
+"""`gcache report RUN` and `gcache compare RUN...`: tables of finished runs, the learning curve and the learned topology.
+
+``--format text`` (the default) prints rich tables folded to the terminal's width (every number in
+full at 80 columns); ``json``, ``markdown`` and ``csv`` print the same rows for scripts.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from gcache.io.records.report import (
-    curve_table,
+    COMPARE_COLUMNS,
+    COMPARE_FIELDS,
+    CURVE_COLUMNS,
+    EDGE_COLUMNS,
+    PHASE_COLUMNS,
+    PHASE_FIELDS,
+    compare_row,
+    csv_text,
     edge_matrix,
-    edge_table,
+    edge_rows,
+    fit_tables,
     learning_curve,
+    markdown_table,
+    phase_rows,
     plot_learning_curve,
     plot_topology,
-    records_table,
+    run_title,
+    topology_plan,
 )
 from gcache.io.records.runlog import read_records
-from gcache.io.records.stats import format_interval
 from gcache.io.runner.experiment import ending_line, load_summary
 from gcache_cli.main import app, fail
+
+FORMATS = ("text", "json", "markdown", "csv")
+_FORMAT_HELP = "text (tables folded to the terminal's width), json, markdown or csv"
+
+
+def _check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise fail(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    return fmt
+
+
+def _summary(run: Path) -> dict:
+    try:
+        return load_summary(run)
+    except ValueError as e:
+        raise fail(str(e)) from None
 
 
 @app.command("report")
 def report(
     run: Path = typer.Argument(..., help="A run folder (runs/NAME)."),
-    png: bool = typer.Option(
-        True, "--png/--no-png", help="Write RUN/topology.png (learned edge probabilities) and RUN/learning_curve.png."
-    ),
+    fmt: str = typer.Option("text", "--format", help=f"{_FORMAT_HELP}; csv holds the per-phase table only."),
+    png: Optional[bool] = typer.Option(
+        None, "--png/--no-png",
+        help="Write RUN/topology.png (the graph's edge probabilities) and RUN/learning_curve.png "
+             "(default: with --format text).",
+    ),  # fmt: skip
 ) -> None:
-    """Print a run's summary and per-phase table, its learning curve and its learned graph; plot both."""
-    try:
-        summary = load_summary(run)
-    except ValueError as e:
-        raise fail(str(e)) from None
+    """Print a run's summary and per-phase table, its learning curve and its graph; plot both."""
+    fmt = _check_format(fmt)
+    summary = _summary(run)
     records = read_records(run / "results.jsonl")
-    console = Console()
-    console.print(records_table(summary, records))
-    ending = ending_line(summary)
-    if ending:
-        console.print(ending, markup=False, highlight=False, soft_wrap=True)
-    curve = learning_curve(records)
-    if curve:
-        console.print(curve_table(curve))
-        if png:
-            path = plot_learning_curve(curve, run / "learning_curve.png", title=f"{summary['task']} / {summary['method']}")
-            console.print(f"learning curve: {path}")
+    rows, ending, curve = phase_rows(records), ending_line(summary), learning_curve(records)
     names, probs, counts = edge_matrix(records, phase="eval")
-    if names:
-        console.print(edge_table(names, probs, counts))
-    if names and png:
-        path = plot_topology(names, probs, counts, run / "topology.png", title=f"{summary['task']} / {summary['method']}")
-        console.print(f"learned edge probabilities: {path}")
-    elif png:
-        console.print("no edges recorded (single agent or fixed topology): no topology.png")
+    edges = edge_rows(names, probs, counts)
+    if fmt == "json":
+        doc = {"run": str(run), "summary": summary, "phases": rows, "ending": ending, "curve": curve, "edges": edges}
+        typer.echo(json.dumps(doc, indent=2))
+    elif fmt == "csv":
+        typer.echo(csv_text(PHASE_FIELDS, rows), nl=False)
+    elif fmt == "markdown":
+        parts = [f"## {run_title(summary)}", markdown_table(PHASE_COLUMNS, rows)]
+        parts += [ending] if ending else []
+        parts += ["### learning curve (train)", markdown_table(CURVE_COLUMNS, curve)] if curve else []
+        parts += ["### graph (eval): edge probabilities", markdown_table(EDGE_COLUMNS, edges)] if edges else []
+        typer.echo("\n\n".join(parts))
+    else:
+        console = Console()
+        for table in fit_tables(PHASE_COLUMNS, rows, console.width, title=run_title(summary)):
+            console.print(table)
+        if ending:
+            console.print(ending, markup=False, highlight=False, soft_wrap=True)
+        if curve:
+            for table in fit_tables(CURVE_COLUMNS, curve, console.width, title="learning curve (train)"):
+                console.print(table)
+        if edges:
+            for table in fit_tables(EDGE_COLUMNS, edges, console.width, keys=2, title="graph (eval): edge probabilities"):
+                console.print(table)
+    if png if png is not None else fmt == "text":
+        _plots(run, summary, records, curve)
+
+
+def _plots(run: Path, summary: dict, records: list[dict], curve: list[dict]) -> None:
+    title = f"{summary['task']} / {summary['method']}"
+    if curve:
+        path = plot_learning_curve(curve, run / "learning_curve.png", title=title)
+        typer.echo(f"learning curve: {path}", err=True)
+    plan = topology_plan(records, phase="eval")
+    if plan.names:
+        path = plot_topology(plan, run / "topology.png", title=title)
+        typer.echo(f"graph: {path}", err=True)
+    else:
+        typer.echo("no edges recorded (single agent): no topology.png", err=True)
 
 
 @app.command("compare")
-def compare(runs: List[Path] = typer.Argument(..., help="Run folders to put side by side.")) -> None:
-    """Print methods side by side: accuracy, mean answer log-probability [95% CI], tokens, seconds, errors, retries."""
-    table = Table(title="gcache compare")
-    columns = ("run", "task", "method", "mode", "n", "accuracy", "answer logprob [95% CI]", "prompt tok", "latent tok",
-               "generated tok", "s / question", "errors", "retries")
-    for col in columns:
-        table.add_column(col, justify="right" if col not in ("run", "task", "method", "mode") else "left")
-    for run in runs:
-        try:
-            s = load_summary(run)
-        except ValueError as e:
-            raise fail(str(e)) from None
-        n = s.get("n") or 0
-        t = s.get("tokens") or {}
-        secs = s.get("seconds")
-        acc = s.get("accuracy")
-        table.add_row(
-            run.name, str(s.get("task")), str(s.get("method")), str(s.get("generation_mode")), str(n),
-            "-" if acc is None else f"{acc:.3f}", format_interval(s.get("answer_logprob")),
-            str(t.get("prompt", "-")), str(t.get("latent", "-")), str(t.get("generated", "-")),
-            "-" if not n or secs is None else f"{secs / n:.2f}",
-            str(s.get("errors", "-")),
-            str(s.get("retries", "-")),
-        )
-    Console().print(table)
+def compare(
+    runs: List[Path] = typer.Argument(..., help="Run folders to put side by side."),
+    fmt: str = typer.Option("text", "--format", help=_FORMAT_HELP + "."),
+) -> None:
+    """Print methods side by side: accuracy, mean answer log-probability and its 95% CI, tokens,
+    seconds per question, errors, retries."""
+    fmt = _check_format(fmt)
+    rows = [compare_row(run.name, _summary(run)) for run in runs]
+    if fmt == "json":
+        typer.echo(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        typer.echo(csv_text(COMPARE_FIELDS, rows), nl=False)
+    elif fmt == "markdown":
+        typer.echo(markdown_table(COMPARE_COLUMNS, rows))
+    else:
+        console = Console()
+        for table in fit_tables(COMPARE_COLUMNS, rows, console.width, title="gcache compare"):
+            console.print(table)

@@ -56,6 +56,8 @@ def _check_run(folder: Path, n_eval: int, n_train: int) -> list[dict]:
         assert decoded or (r["score_note"] or "").startswith("not decoded")
         assert r["tokens"]["generated"] > 0 or not decoded
         assert r["trace"], "every answer has a per-agent trace"
+        roles = {t["role"] for t in r["trace"]}
+        assert r["decision_inputs"] and all(a.split(":", 1)[1] in roles for a in r["decision_inputs"])
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["n"] == n_eval and summary["config"]["method"] in METHODS
     return records

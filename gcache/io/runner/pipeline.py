@@ -356,6 +356,7 @@ class Pipeline:
             "tokens": tokens,
             "seconds": round(seconds, 4),
             "edges": self._edges(plan),
+            "decision_inputs": [_agent_name(item_roles(plan.item, self.roles), j) for j, fed in enumerate(plan.topology.decision_inputs.tolist()) if fed],
             "trace": trace,
             "error": out.error,
             **({"refused": True} if out.refused else {}),
@@ -369,7 +370,7 @@ class Pipeline:
         """Every taken edge and every edge the policy gives a probability, with that probability."""
         n = plan.schedule.num_agents
         roles = item_roles(plan.item, self.roles)
-        name = lambda j: f"{j}:{roles[j].name}"  # noqa: E731
+        name = lambda j: _agent_name(roles, j)  # noqa: E731
         kinds = [("spatial", plan.topology.spatial, plan.spatial_probs)]
         if plan.schedule.num_rounds > 1:
             kinds.append(("temporal", plan.topology.temporal, plan.temporal_probs))
@@ -381,6 +382,11 @@ class Pipeline:
                     if bool(adj[i, j]) or (p is not None and p > 0):
                         edges.append({"src": name(i), "dst": name(j), "kind": kind, "p": 1.0 if p is None else p, "taken": bool(adj[i, j])})
         return edges
+
+
+def _agent_name(roles: Sequence[Role], j: int) -> str:
+    """Agent j as results.jsonl names it: "j:Role" (the question's roles: routing questions name their own)."""
+    return f"{j}:{roles[j].name}"
 
 
 # -------------------------------------------------------------------- assembly
