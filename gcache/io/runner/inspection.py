@@ -247,7 +247,7 @@ def _inspect_one(pipeline: Pipeline, item: Item, top_k: int) -> QuestionInspecti
 def _edges(plan: Plan, comm: LatentCaches) -> list[dict[str, Any]]:
     """Every candidate or taken spatial edge with its probability, then the judger's inputs."""
     n = plan.schedule.num_agents
-    name = lambda j: f"{j}:{comm.roles[j].name}"  # noqa: E731
+    name = lambda j: f"{j}:{comm.roles[j].name}"  # noqa: E731 - one line, used below
     adj, probs = plan.topology.spatial, plan.spatial_probs
     edges = []
     for i in range(n):
