@@ -79,7 +79,9 @@ def plot_inspection(data: dict[str, Any], path: Path) -> Path:
 
     questions = data["questions"]
     rows = max(1, len(questions))
-    fig, axes = plt.subplots(rows, 2, figsize=(14, 4.2 * rows), squeeze=False, gridspec_kw={"width_ratios": [1, 1.4]})
+    layers = max((len(q["attention"]["per_layer"]) for q in questions if q.get("attention")), default=1)
+    height = max(4.2, 0.24 * (layers + 1) + 1.8)  # a readable row per layer
+    fig, axes = plt.subplots(rows, 2, figsize=(14, height * rows), squeeze=False, gridspec_kw={"width_ratios": [1, 1.4]})
     for (ax_h, ax_t), q in zip(axes, questions):
         att = q.get("attention")
         if att is None:
