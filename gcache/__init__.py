@@ -6,7 +6,8 @@ and its pure functions (cache transforms, realignment, latent rollout, topology
 masks, sampling and log-probabilities, execution schedules, fusion, losses, optimizer
 updates and the training step),
 plus the shell's model loader (``load_model``, ``tiny_model``, ``LocalModel``,
-``encode_chat``, ``decode_text``). Property-test strategies live in
+``encode_chat``, ``decode_text``) and the inspection of a latent run (``inspect_run``,
+``Inspection``: `gcache inspect` as data). Property-test strategies live in
 ``gcache.testing`` (it needs hypothesis, so it is not imported here).
 
 ``import gcache`` costs torch and nothing else: the shell's names are resolved on
@@ -109,6 +110,8 @@ _LAZY = {
     "encode_chat": "gcache.io.models.local",
     "load_model": "gcache.io.models.local",
     "tiny_model": "gcache.io.models.local",
+    "Inspection": "gcache.io.runner.inspection",
+    "inspect_run": "gcache.io.runner.inspection",
 }
 
 __all__ = [
@@ -214,6 +217,9 @@ __all__ = [
     "encode_chat",
     "load_model",
     "tiny_model",
+    # shell: what a latent run's agents thought and its judger read (lazy)
+    "Inspection",
+    "inspect_run",
 ]
 
 
