@@ -68,6 +68,7 @@ from _common import (
 )
 
 from gcache.core.graph import schedule
+from gcache.core.policy import policy_logits
 from gcache.core.topology import Topology, reachability
 from gcache.io.records.report import plot_learning_curve
 from gcache.io.records.stats import excludes_zero, mean_ci, paired_diff_ci
@@ -104,7 +105,8 @@ def method_flags(args: argparse.Namespace) -> dict[str, dict]:
     if args.dtype is not None:
         common["dtype"] = args.dtype
     gc = {**common, "method": "gcache", "fusion": "learned"}
-    flags = {"learned": {**gc, "topology": "full", "reward": "margin", "lr": args.lr, "batch_size": args.batch_size}}
+    flags = {"learned": {**gc, "topology": "full", "reward": "margin", "lr": args.lr, "batch_size": args.batch_size,
+                         "learn_decision_inputs": not args.fixed_decision_inputs}}
     for topology in FIXED:
         flags[topology] = {**gc, "topology": topology, "optimize_spatial": False}
     flags["full (untrained)"] = {**gc, "topology": "full"}
@@ -170,6 +172,8 @@ def routing(pipeline, items) -> tuple[dict, dict[str, dict]]:
     for item in items:
         plan = pipeline.planner.plan(item, learner.policy, train=False, seed=0)
         weights = routing_weights(plan, learner.fuser)
+        with torch.no_grad():
+            logits = policy_logits(learner.policy, plan.features, pipeline.planner.role_adjacency)
         best = max(weights)
         informed = item.meta["informed"]
         ok = weights[informed] == best and sum(w == best for w in weights) == 1
@@ -179,6 +183,7 @@ def routing(pipeline, items) -> tuple[dict, dict[str, dict]]:
             "weights": [round(w, 4) for w in weights],
             "spatial_probs": [[round(float(p), 4) for p in row] for row in plan.spatial_probs],
             "taken": plan.topology.spatial.int().tolist(), "decision_inputs": plan.topology.decision_inputs.int().tolist(),
+            "decision_probs": [round(float(p), 4) for p in torch.sigmoid(logits.decision)],
             "reaches_decision": bool(reachability(plan.topology.spatial)[informed].any() or plan.topology.decision_inputs[informed]),
         }  # fmt: skip
     return {"correct": sum(routed), "n": len(routed), "accuracy": sum(routed) / max(len(routed), 1)}, per_question
@@ -263,7 +268,9 @@ def markdown(report: dict) -> str:
         "",
         f"Model {report['model']} ({report['dtype']}), {s['agent_nums']} agents per world, full caches, "
         f"{s['latent_steps']} latent steps; {s['train_size']} train worlds, {s['steps']} steps of {s['batch_size']} "
-        f"(margin reward, lr {s['lr']}), {s['test_size']} held-out test worlds. Took {report['seconds']['total']:.0f} s "
+        f"(margin reward, lr {s['lr']}), the learned graph's decision inputs "
+        f"{'fixed (the sinks)' if s.get('fixed_decision_inputs') else 'chosen by the policy'}; "
+        f"{s['test_size']} held-out test worlds. Took {report['seconds']['total']:.0f} s "
         f"on {report['machine']['cpu_count']} cores, {report['threads']} threads (load average "
         f"{report['load_average_before']} before, {report['load_average_after']} after); commit "
         f"{(report['machine'].get('source') or {}).get('commit', '?')}. Command: `{report['command']}`.",
@@ -313,6 +320,8 @@ def main() -> None:
     parser.add_argument("--latent-steps", type=int, default=2)
     parser.add_argument("--agent-nums", type=int, default=4, help="agents per routing world (gcache run's --agent-nums)")
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--fixed-decision-inputs", action="store_true",
+                        help="the learned method reads the sinks, as before the policy chose its decision inputs")
     args = parser.parse_args()
     setup(args)
     if args.smoke:
@@ -344,7 +353,8 @@ def main() -> None:
         **report_header(local, args, machine, load_before),
         "command": " ".join(["python", "benchmarks/routing.py", *sys.argv[1:]]),
         "settings": {k: getattr(args, k) for k in ("variant", "train_size", "test_size", "steps", "batch_size", "eval_every",
-                                                     "curve_size", "decode_size", "latent_steps", "agent_nums", "lr")},
+                                                     "curve_size", "decode_size", "latent_steps", "agent_nums", "lr",
+                                                     "fixed_decision_inputs")},
         "flags": flags,
         "methods": methods,
         "routing_accuracy": accuracy,

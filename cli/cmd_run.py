@@ -45,6 +45,10 @@ def run(
     optimize_temporal: Optional[bool] = typer.Option(
         None, "--optimize-temporal/--no-optimize-temporal", help="Learn the edges between rounds (default: off)."
     ),
+    learn_decision_inputs: Optional[bool] = typer.Option(
+        None, "--learn-decision-inputs/--fixed-decision-inputs",
+        help="The policy also chooses whose caches the decision node reads (default: fixed, all agents or the sinks).",
+    ),
     num_rounds: Optional[int] = typer.Option(None, help="Rounds of communication (default: 1)."),
     decision: Optional[str] = typer.Option(None, help="refer, direct, vote or code (default: refer)."),
     fusion: Optional[str] = typer.Option(None, help="concat, weighted or learned (gcache default: learned)."),

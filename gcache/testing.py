@@ -347,14 +347,15 @@ def policy_outputs(
     elements: SearchStrategy | None = None,
 ) -> PolicyLogits:
     """Finite ``PolicyLogits`` for ``config`` in ``dtype``: edge [*batch_shape, N, N], order
-    [*batch_shape, N], temporal [N, N], normal * ``scale`` from a drawn seed (or drawn from
-    ``elements``)."""
+    [*batch_shape, N], temporal [N, N], decision [*batch_shape, N], normal * ``scale`` from a
+    drawn seed (or drawn from ``elements``)."""
     n = config.num_agents
     lead = [int(d) for d in batch_shape]
     return PolicyLogits(
         edge=_draw_tensor(draw, [*lead, n, n], dtype, elements, scale),
         order=_draw_tensor(draw, [*lead, n], dtype, elements, scale),
         temporal=_draw_tensor(draw, [n, n], dtype, elements, scale),
+        decision=_draw_tensor(draw, [*lead, n], dtype, elements, scale),
     )
 
 

@@ -38,7 +38,8 @@ INFORMED = 1
 
 
 def enumerate_topologies(mask: Tensor, config: tp.TopologyConfig) -> tp.Topology:
-    """Every (order, spatial, temporal) the sampler can draw, stacked on a leading dim [K, ...].
+    """Every (order, spatial, temporal[, decision inputs]) the sampler can draw, stacked on a
+    leading dim [K, ...] (under wiring "learned", every non-empty set of decision inputs).
 
     log_prob is a placeholder (zeros): compute it with sm.log_prob.
     """
@@ -74,8 +75,16 @@ def enumerate_topologies(mask: Tensor, config: tp.TopologyConfig) -> tp.Topology
     spatial = spatial.repeat_interleave(k_t, 0)
     order = order.repeat_interleave(k_t, 0)
     temporal = temporals.repeat(k_s, 1, 1)
-    inputs = tp.decision_inputs(spatial, config.wiring)
-    return tp.Topology(spatial, temporal, order, inputs, torch.zeros(spatial.shape[0]))
+    if config.wiring != "learned":
+        inputs = tp.decision_inputs(spatial, config.wiring)
+        return tp.Topology(spatial, temporal, order, inputs, torch.zeros(spatial.shape[0]))
+    codes = torch.arange(1, 2**n)  # every non-empty subset of the agents
+    subsets = ((codes[:, None] >> torch.arange(n)) & 1).bool()
+    k, k_d = spatial.shape[0], subsets.shape[0]
+    return tp.Topology(
+        spatial.repeat_interleave(k_d, 0), temporal.repeat_interleave(k_d, 0), order.repeat_interleave(k_d, 0),
+        subsets.repeat(k, 1), torch.zeros(k * k_d),
+    )  # fmt: skip
 
 
 def reference_log_prob(logits: pl.PolicyLogits, mask: Tensor, config: tp.TopologyConfig, topology: tp.Topology) -> float:
@@ -115,14 +124,22 @@ def reference_log_prob(logits: pl.PolicyLogits, mask: Tensor, config: tp.Topolog
                 prob *= p if taken else 1.0 - p
             elif not taken:
                 return -math.inf
+    if config.wiring == "learned":
+        p = [1.0 / (1.0 + math.exp(-float(x))) for x in logits.decision]
+        chosen = topology.decision_inputs.tolist()
+        if not any(chosen):
+            return -math.inf
+        none = math.prod(1.0 - q for q in p)
+        prob *= math.prod(q if c else 1.0 - q for q, c in zip(p, chosen)) / (1.0 - none)
     return math.log(prob) if prob > 0 else -math.inf
 
 
 def outcome_keys(topology: tp.Topology) -> list[tuple]:
-    """A hashable key per outcome of a batched topology [K, ...] (order, spatial, temporal)."""
+    """A hashable key per outcome of a batched topology [K, ...] (order, spatial, temporal, decision inputs)."""
     k = topology.spatial.shape[0]
     flat = torch.cat(
-        [topology.order.reshape(k, -1), topology.spatial.reshape(k, -1).long(), topology.temporal.reshape(k, -1).long()],
+        [topology.order.reshape(k, -1), topology.spatial.reshape(k, -1).long(), topology.temporal.reshape(k, -1).long(),
+         topology.decision_inputs.reshape(k, -1).long()],
         dim=1,
     )
     return [tuple(row) for row in flat.tolist()]

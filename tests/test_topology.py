@@ -46,6 +46,7 @@ def random_logits(config: tp.TopologyConfig, seed: int, spread: float = 1.5) -> 
         edge=spread * torch.randn(n, n, generator=g, dtype=torch.float64),
         order=spread * torch.randn(n, generator=g, dtype=torch.float64),
         temporal=spread * torch.randn(n, n, generator=g, dtype=torch.float64),
+        decision=spread * torch.randn(n, generator=g, dtype=torch.float64),
     )
 
 
@@ -169,6 +170,104 @@ def test_deterministic_topology_takes_every_choice_at_its_mode(mode):
     assert det.log_prob.item() == pytest.approx(lp[best].item(), abs=1e-12)
 
 
+# ------------------------------------------------------- learned decision inputs
+
+
+@pytest.mark.parametrize("mode", ["chain", "mesh", "full"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_learned_decision_inputs_log_prob_is_exact_and_sums_to_one(mode, n):
+    """Every graph times every non-empty set of decision inputs: the sampler's log-probability
+    equals the plain product of p and 1 - p divided by P(at least one input), and sums to one."""
+    config = tp.TopologyConfig(num_agents=n, mode=mode, wiring="learned")
+    mask = tp.spatial_mask(mode, n)
+    logits = random_logits(config, seed=20 + n)
+    support = enumerate_topologies(mask, config)
+    lp = sm.log_prob(logits, mask, config, support)
+    assert torch.isfinite(lp).all()
+    assert torch.logsumexp(lp, 0).item() == pytest.approx(0.0, abs=1e-9)
+    for k in range(0, support.spatial.shape[0], max(1, support.spatial.shape[0] // 200)):
+        one = tp.Topology(*(field[k] for field in support))
+        assert lp[k].item() == pytest.approx(reference_log_prob(logits, mask, config, one), abs=1e-9)
+    nobody = tp.Topology(*(field[0] for field in support))._replace(decision_inputs=torch.zeros(n, dtype=torch.bool))
+    assert sm.log_prob(logits, mask, config, nobody).item() == -math.inf
+
+
+@pytest.mark.parametrize("spread", [1.0, 4.0])
+def test_learned_decision_inputs_are_drawn_at_their_exact_frequencies(spread):
+    """Mesh, N = 3, 20,000 draws of (graph, inputs) against the exact probabilities (median
+    p-value of three draws > 1e-3, as above). At spread 4 some agents' p are near 0, so "at least
+    one" often forces the last agent in: the conditional draw's corner."""
+    config = tp.TopologyConfig(num_agents=3, mode="mesh", wiring="learned")
+    mask = tp.spatial_mask("mesh", 3)
+    logits = random_logits(config, seed=8, spread=spread)._replace(decision=torch.tensor([-spread, -spread, -1.0]))
+    support = enumerate_topologies(mask, config)
+    probs = sm.log_prob(logits, mask, config, support).exp().tolist()
+    keys = outcome_keys(support)
+    p_values = []
+    for seed in (31, 32, 33):
+        drawn = sm.sample_topology(logits, mask, config, torch.Generator().manual_seed(seed), num_samples=20_000)
+        assert drawn.decision_inputs.any(-1).all()
+        counts = Counter(outcome_keys(drawn))
+        assert set(counts) <= set(keys)
+        p_values.append(chi_square_p_value([counts.get(k, 0) for k in keys], [20_000 * q for q in probs]))
+    assert statistics.median(p_values) > 1e-3, p_values
+
+
+def test_learned_decision_inputs_deterministic_graph():
+    """Evaluation reads every agent with p > 1/2, or the single likeliest when none is."""
+    config = tp.TopologyConfig(num_agents=3, mode="mesh", wiring="learned")
+    mask = tp.spatial_mask("mesh", 3)
+    logits = random_logits(config, seed=1)
+    some = sm.deterministic_topology(logits._replace(decision=torch.tensor([0.5, -1.0, 2.0])), mask, config)
+    assert some.decision_inputs.tolist() == [True, False, True]
+    none = sm.deterministic_topology(logits._replace(decision=torch.tensor([-3.0, -0.5, -2.0])), mask, config)
+    assert none.decision_inputs.tolist() == [False, True, False]
+    assert torch.isfinite(none.log_prob)
+
+
+def test_learned_wiring_needs_decision_logits_and_a_policy():
+    config = tp.TopologyConfig(num_agents=3, mode="mesh", wiring="learned")
+    mask = tp.spatial_mask("mesh", 3)
+    with pytest.raises(ValueError, match="logits.decision"):
+        sm.sample_topology(random_logits(config, seed=0)._replace(decision=None), mask, config, torch.Generator())
+    fixed = tp.TopologyConfig(num_agents=3, mode="mesh", wiring="learned", optimize_spatial=False, optimize_temporal=False)
+    with pytest.raises(ValueError, match="decision inputs"):
+        sm.fixed_topology(mask, fixed)
+    with pytest.raises(ValueError, match="wiring"):
+        tp.decision_inputs(mask, "learned")
+
+
+@given(seed=seeds(), n=st.integers(2, 6), width=st.sampled_from([4, 16]), scale=st.floats(0.01, 100.0))
+@settings(max_examples=30, deadline=None)
+def test_query_similarity_is_the_standardized_cosine(seed, n, width, scale):
+    """query_similarity equals a plain per-agent cosine, centred and scaled to unit variance over the
+    agents, whatever the embeddings' scale; it ranks the agents as their cosines do."""
+    g = torch.Generator().manual_seed(seed)
+    roles, query = torch.randn(n, width, generator=g, dtype=torch.float64), torch.randn(width, generator=g,
+                                                                                      dtype=torch.float64)
+    got = pl.query_similarity(scale * pl.node_features(roles, query))
+    cos = [float(r @ query / (r.norm() * query.norm())) for r in roles]
+    mean = sum(cos) / n
+    sd = math.sqrt(sum((c - mean) ** 2 for c in cos) / n)
+    want = [(c - mean) / sd for c in cos]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+def test_decision_logits_follow_the_similarity_weight():
+    """With the head zeroed, an agent's decision logit is decision_similarity times its
+    standardized similarity plus the bias: the agent whose role matches the question leads."""
+    config, params, _, prior, _ = _policy_setup(rounds=1, n=3, wiring="learned")
+    roles = torch.eye(3, 12)
+    query = torch.eye(3, 12)[1] + 0.1
+    features = pl.node_features(roles, query)
+    params = pl.init_policy(config, features.shape[-1], torch.Generator().manual_seed(0))
+    params = params._replace(decision_head=torch.zeros_like(params.decision_head),
+                             decision_similarity=torch.tensor(2.0), decision_bias=torch.tensor(-0.5))
+    logits = pl.policy_logits(params, features, prior)
+    torch.testing.assert_close(logits.decision, 2.0 * pl.query_similarity(features) - 0.5)
+    assert int(logits.decision.argmax()) == 1
+
+
 def test_out_of_support_graphs_have_probability_zero():
     config = tp.TopologyConfig(num_agents=3, mode="mesh")
     mask = tp.spatial_mask("chain", 3)
@@ -198,7 +297,10 @@ def _check_invariants(topo: tp.Topology, mask: torch.Tensor, config: tp.Topology
         tp.topological_order(spatial)
         full = tp.with_decision_node(tp.Topology(*(f[k] for f in topo)))
         reach = tp.reachability(full)
-        assert reach[:n, n].all(), "the decision node is not reachable from every agent"
+        if config.wiring == "learned":  # the policy may keep agents from the decision node, not all of them
+            assert topo.decision_inputs[k].any(), "the decision node has no input"
+        else:
+            assert reach[:n, n].all(), "the decision node is not reachable from every agent"
         assert not full[n].any(), "the decision node has an outgoing edge"
         assert torch.isfinite(topo.log_prob[k])
         if config.num_rounds == 1:
@@ -294,8 +396,8 @@ def test_sampling_is_reproducible_and_does_not_mutate_inputs():
 # ---------------------------------------------------------------------------- policy
 
 
-def _policy_setup(mode: str = "full", rounds: int = 2, feature_dim: int = 24, n: int = 4):
-    config = tp.TopologyConfig(num_agents=n, mode=mode, num_rounds=rounds)
+def _policy_setup(mode: str = "full", rounds: int = 2, feature_dim: int = 24, n: int = 4, wiring: str = "all"):
+    config = tp.TopologyConfig(num_agents=n, mode=mode, num_rounds=rounds, wiring=wiring)
     g = torch.Generator().manual_seed(0)
     params = pl.init_policy(config, feature_dim, g)
     features = torch.randn(n, feature_dim, generator=g)
@@ -303,8 +405,12 @@ def _policy_setup(mode: str = "full", rounds: int = 2, feature_dim: int = 24, n:
     return config, params, features, prior, tp.spatial_mask(mode, n)
 
 
-def test_gradient_reaches_every_parameter():
-    config, params, features, prior, mask = _policy_setup()
+@pytest.mark.parametrize("wiring", ["all", "learned"])
+def test_gradient_reaches_every_parameter(wiring):
+    """Under wiring "learned" every tensor gets a gradient; under a fixed wiring the decision
+    head's gradient is exactly 0, so Adam leaves it at its initial value and runs that do not
+    learn their decision inputs train as before it existed."""
+    config, params, features, prior, mask = _policy_setup(wiring=wiring)
     logits = pl.policy_logits(params, features, prior)
     topo = sm.sample_topology(logits, mask, config, torch.Generator().manual_seed(1), num_samples=16)
     advantages = torch.linspace(-1, 1, 16)
@@ -316,7 +422,10 @@ def test_gradient_reaches_every_parameter():
     grads = torch.func.grad(loss)(params)
     for name, grad in grads._asdict().items():
         assert torch.isfinite(grad).all(), name
-        assert grad.abs().sum() > 0, f"no gradient reaches {name}"
+        if wiring == "all" and name.startswith("decision_"):
+            assert not grad.any(), f"{name} moves under a fixed wiring"
+        else:
+            assert grad.abs().sum() > 0, f"no gradient reaches {name}"
     # The sampler's own log_prob is differentiable too, with the same gradient.
     leaves = pl.PolicyParams(*(t.detach().requires_grad_() for t in params))
     sampled = sm.sample_topology(pl.policy_logits(leaves, features, prior), mask, config,
@@ -324,7 +433,7 @@ def test_gradient_reaches_every_parameter():
     assert torch.equal(sampled.spatial, topo.spatial)
     (-(advantages * sampled.log_prob).mean()).backward()
     for leaf, grad in zip(leaves, grads):
-        torch.testing.assert_close(leaf.grad, grad)
+        torch.testing.assert_close(torch.zeros_like(grad) if leaf.grad is None else leaf.grad, grad)
 
 
 def test_policy_distinguishes_agents_under_a_complete_prior():

@@ -9,7 +9,10 @@ s_ij = <q_i, k_j> / head_dim, so i -> j and j -> i differ. Edge logits are
 exp(log_scale) * s_ij + bias and probabilities sigmoid(logits): they can reach 0
 and 1 (no minmax squashing, unlike G-Designer). Every tensor of ``PolicyParams``
 shapes the distribution (``order_head`` only in mode ``full``, ``temporal_logits``,
-free [N, N] logits, only with ``num_rounds > 1``). gcache/core/sampling.py turns
+free [N, N] logits, only with ``num_rounds > 1``; the ``decision_*`` tensors only under
+wiring ``"learned"``, where each agent's Bernoulli logit of feeding the decision node is a
+readout of its GCN state plus a learned multiple of its role's similarity to the question,
+``query_similarity``). gcache/core/sampling.py turns
 the logits into graphs and log-probabilities.
 
 Parameterization: one Adam step moves every pre-activation by about lr, whatever
@@ -75,6 +78,9 @@ class PolicyParams(NamedTuple):
     log_scale: Tensor  # []
     bias: Tensor  # []
     temporal_logits: Tensor  # [N, N]
+    decision_head: Tensor  # [H] readout of each agent's GCN state for its decision-input logit
+    decision_similarity: Tensor  # [] weight of the standardized role-question similarity
+    decision_bias: Tensor  # []
 
 
 class PolicyLogits(NamedTuple):
@@ -83,6 +89,7 @@ class PolicyLogits(NamedTuple):
     edge: Tensor  # [..., N, N] spatial edge logits; p_ij = sigmoid(edge[i, j])
     order: Tensor  # [..., N] Plackett-Luce scores of the node order (used in mode full)
     temporal: Tensor  # [N, N] temporal edge logits
+    decision: Tensor | None = None  # [..., N] decision-input logits (read under wiring "learned")
 
 
 def node_features(role_embeddings: Tensor, query_embedding: Tensor) -> Tensor:
@@ -168,6 +175,10 @@ def init_policy(
         log_scale=zeros(()),
         bias=zeros(()),
         temporal_logits=zeros(n, n),
+        # Drawn last, so every other tensor is the same as before the decision head existed.
+        decision_head=_raw_weight(h, 1, generator, dtype).squeeze(-1),
+        decision_similarity=zeros(()),
+        decision_bias=zeros(()),
     )
 
 
@@ -204,7 +215,31 @@ def policy_logits(params: PolicyParams, features: Tensor, role_adjacency: Tensor
     scores = q @ k.transpose(-1, -2) / q.shape[-1]  # [..., N, N]
     edge = params.log_scale.exp() * scores + params.bias
     order = _linear(z, params.order_head[:, None]).squeeze(-1)  # [..., N]
-    return PolicyLogits(edge=edge, order=order, temporal=params.temporal_logits)
+    decision = _linear(z, params.decision_head[:, None]).squeeze(-1)  # [..., N]
+    if features.shape[-1] % 2 == 0:  # an odd width is not role ++ question: no similarity to read
+        decision = decision + params.decision_similarity * query_similarity(features)
+    decision = decision + params.decision_bias
+    return PolicyLogits(edge=edge, order=order, temporal=params.temporal_logits, decision=decision)
+
+
+def query_similarity(features: Tensor) -> Tensor:
+    """[..., N]: each agent's role-question cosine similarity, standardized over the N agents
+    (mean 0, unit variance; 0 for N = 1 or equal similarities), read from features laid out as
+    ``node_features`` builds them (the role's embedding, then the question's: F even).
+
+    Which agent knows what the question asks is a product of the role's and the question's
+    embeddings, which the GCN's sums of the concatenation could only approximate; standardized,
+    it has the scale of one Adam step per unit of ``decision_similarity`` (see "Parameterization").
+    Raises ValueError for an odd F.
+    """
+    f = features.shape[-1]
+    if f % 2:
+        raise ValueError(f"features: expected an even feature dim (role ++ question embeddings), got {f}")
+    role, query = features[..., : f // 2], features[..., f // 2 :]
+    cos = F.cosine_similarity(role, query, dim=-1, eps=1e-12)  # [..., N]
+    centred = cos - cos.mean(-1, keepdim=True)
+    scale = centred.square().mean(-1, keepdim=True).sqrt()
+    return torch.where(scale > 1e-6, centred / scale.clamp_min(1e-6), torch.zeros_like(centred))
 
 
 def edge_logits(params: PolicyParams, features: Tensor, role_adjacency: Tensor) -> Tensor:

@@ -12,9 +12,15 @@ spatial edges among them, then the temporal edges.
 - temporal: every pair (self edges included) an independent
   Bernoulli(sigmoid(logits.temporal[i, j])); all taken with
   ``optimize_temporal=False``; none with ``num_rounds == 1``.
+- decision inputs, under wiring ``"learned"`` only (else ``topology.decision_inputs``
+  of the spatial graph): one Bernoulli(sigmoid(logits.decision[j])) per agent,
+  conditioned on at least one being taken (the decision node needs an input),
+  drawn agent by agent: while none is taken, agent j is taken with probability
+  p_j / P(any of j..N-1), which is 1 for the last.
 
-``log_prob`` is the exact log-probability of that triple: log PL(order) plus the
-edges' Bernoulli log-probabilities. A DAG's marginal probability would sum this
+``log_prob`` is the exact log-probability of that triple (quadruple under
+``"learned"``): log PL(order) plus the edges' Bernoulli log-probabilities, plus
+the decision inputs' Bernoulli log-probabilities minus log P(at least one). A DAG's marginal probability would sum this
 over its linear extensions; the REINFORCE estimator on the triple is unbiased.
 ``sample_topology`` draws it; ``deterministic_topology`` takes each choice's
 mode (scores sorted, edges with p > 1/2), for evaluation.
@@ -56,7 +62,14 @@ def _check_logits(logits: PolicyLogits, config: TopologyConfig) -> None:
         )
     if logits.temporal.shape != (n, n):
         raise ValueError(f"logits.temporal: expected shape {(n, n)}, got {tuple(logits.temporal.shape)}")
+    if config.wiring == "learned":
+        if logits.decision is None or logits.decision.shape != logits.edge.shape[:-1]:
+            got = None if logits.decision is None else tuple(logits.decision.shape)
+            raise ValueError(f"logits.decision: expected shape {tuple(logits.edge.shape[:-1])} under wiring "
+                             f"'learned', got {got}")
     for name, value in zip(PolicyLogits._fields, logits):
+        if value is None:
+            continue
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"logits.{name}: expected finite values, got NaN or inf (check features and params)")
 
@@ -83,6 +96,30 @@ def _bernoulli_log_prob(logits: Tensor, taken: Tensor, candidate: Tensor) -> Ten
     """Sum over candidate entries of log p (taken) or log(1 - p) (not taken); [..., N, N] -> [...]."""
     per_edge = torch.where(taken, F.logsigmoid(logits), F.logsigmoid(-logits))
     return torch.where(candidate, per_edge, torch.zeros_like(per_edge)).sum((-1, -2))
+
+
+def _decision_log_prob(logits: Tensor, taken: Tensor) -> Tensor:
+    """log P(taken | at least one) [...] of independent Bernoulli(sigmoid(logits)) [..., N]; -inf when none is taken."""
+    per_agent = torch.where(taken, F.logsigmoid(logits), F.logsigmoid(-logits)).sum(-1)
+    none = F.logsigmoid(-logits).sum(-1)  # log P(no agent taken)
+    total = per_agent - torch.log(-torch.expm1(none))
+    return torch.where(taken.any(-1), total, torch.full_like(total, -math.inf))
+
+
+def _conditional_bernoulli(logits: Tensor, u: Tensor) -> Tensor:
+    """Draw [..., N] bool from independent Bernoulli(sigmoid(logits)) conditioned on at least one
+    True, agent by agent from the uniforms u [..., N] (float64; exact, no rejection)."""
+    logits = logits.double().expand(u.shape)
+    # log P(none of j..N-1 taken), then P(agent j taken | none before it, at least one from j on).
+    tail_none = F.logsigmoid(-logits).flip(-1).cumsum(-1).flip(-1)
+    first = (F.logsigmoid(logits) - torch.log(-torch.expm1(tail_none))).exp().clamp(max=1.0)
+    free = torch.sigmoid(logits)
+    taken, seen = [], torch.zeros(u.shape[:-1], dtype=torch.bool, device=u.device)
+    for j in range(u.shape[-1]):
+        t = u[..., j] < torch.where(seen, free[..., j], first[..., j])
+        taken.append(t)
+        seen = seen | t
+    return torch.stack(taken, -1)
 
 
 def log_prob(logits: PolicyLogits, mask: Mask, config: TopologyConfig, topology: Topology) -> LogProb:
@@ -125,6 +162,8 @@ def log_prob(logits: PolicyLogits, mask: Mask, config: TopologyConfig, topology:
         total = total + _bernoulli_log_prob(logits.temporal, temporal, everywhere)
     else:
         impossible = impossible | ~temporal.all((-1, -2))
+    if config.wiring == "learned":
+        total = total + _decision_log_prob(logits.decision, topology.decision_inputs.to(spatial.device))
     return torch.where(impossible, torch.full_like(total, -math.inf), total)
 
 
@@ -137,14 +176,16 @@ def _build(
     choose_order: Callable[[Tensor], Tensor],
     take_edges: Callable[[Tensor], Tensor],
     take_temporal: Callable[[Tensor], Tensor],
+    take_decision: Callable[[Tensor], Tensor],
 ) -> Topology:
-    """The one construction path: order -> candidates -> spatial -> temporal, then the log-probability.
+    """The one construction path: order -> candidates -> spatial -> temporal -> decision inputs,
+    then the log-probability.
 
     The three choices are made by the callables, which see detached logits: ``choose_order``
     maps scores [..., N] to an order [*batch, N], ``take_edges`` edge logits [..., N, N] to
     taken edges (bool, broadcastable to [*batch, N, N]) and ``take_temporal`` temporal logits
-    [N, N] to taken edges [*batch, N, N]. Each is called only when the config makes that
-    choice, in this order (so a sampler draws its random numbers in a fixed order).
+    [N, N] to taken edges [*batch, N, N], ``take_decision`` decision logits [..., N] to the
+    decision inputs [*batch, N]. Each is called only when the config makes that choice, in this order (so a sampler draws its random numbers in a fixed order).
     """
     n = config.num_agents
     dev = logits.edge.device
@@ -159,7 +200,11 @@ def _build(
             temporal = take_temporal(logits.temporal.detach())
         else:
             temporal = torch.ones(*batch, n, n, dtype=torch.bool, device=dev)
-    partial = Topology(spatial, temporal, order, decision_inputs(spatial, config.wiring), torch.zeros(()))
+        if config.wiring == "learned":
+            inputs = take_decision(logits.decision.detach())
+        else:
+            inputs = decision_inputs(spatial, config.wiring)
+    partial = Topology(spatial, temporal, order, inputs, torch.zeros(()))
     return partial._replace(log_prob=log_prob(logits, mask, config, partial))
 
 
@@ -175,7 +220,8 @@ def sample_topology(
 
     The order (mode full) is Plackett-Luce via the Gumbel trick; each candidate edge forward
     in it is an independent Bernoulli. Randomness comes only from ``generator``, drawn in
-    float64 in the order: Gumbel noise [S, ..., N], spatial [S, ..., N, N], temporal [S, ..., N, N].
+    float64 in the order: Gumbel noise [S, ..., N], spatial [S, ..., N, N], temporal [S, ..., N, N],
+    decision inputs [S, ..., N] (each only where the config samples it).
     Raises ValueError on a bad mask, shapes, num_samples or non-finite logits.
     """
     _check_logits(logits, config)
@@ -198,13 +244,17 @@ def sample_topology(
     def bernoulli(edge_logits: Tensor) -> Tensor:
         return uniform(*batch, n, n) < torch.sigmoid(edge_logits.double())
 
+    def decision(decision_logits: Tensor) -> Tensor:
+        return _conditional_bernoulli(decision_logits, uniform(*batch, n))
+
     return _build(logits, mask, config, batch, choose_order=gumbel_order, take_edges=bernoulli,
-                  take_temporal=bernoulli)
+                  take_temporal=bernoulli, take_decision=decision)
 
 
 def deterministic_topology(logits: PolicyLogits, mask: Mask, config: TopologyConfig) -> Topology:
     """The evaluation graph: the most likely order (scores sorted, ties by index), then every
-    candidate edge with p > 1/2 (temporal likewise), with that outcome's log-probability.
+    candidate edge with p > 1/2 (temporal and decision inputs likewise; with no decision input
+    above 1/2, the most likely one), with that outcome's log-probability.
     Raises ValueError on a bad mask, shapes or non-finite logits."""
     _check_logits(logits, config)
     check_mask(mask, config)
@@ -217,8 +267,13 @@ def deterministic_topology(logits: PolicyLogits, mask: Mask, config: TopologyCon
     def likely_temporal(temporal_logits: Tensor) -> Tensor:
         return (temporal_logits > 0).expand(*batch, n, n).clone()
 
+    def likely_inputs(decision_logits: Tensor) -> Tensor:
+        best = F.one_hot(decision_logits.argmax(-1), n).bool()
+        taken = decision_logits > 0
+        return torch.where(taken.any(-1, keepdim=True), taken, best).expand(*batch, n).clone()
+
     return _build(logits, mask, config, batch, choose_order=sorted_order, take_edges=lambda edge: edge > 0,
-                  take_temporal=likely_temporal)
+                  take_temporal=likely_temporal, take_decision=likely_inputs)
 
 def fixed_topology(mask: Mask, config: TopologyConfig) -> Topology:
     """The graph of a topology that learns nothing (optimize_spatial and optimize_temporal off):
@@ -227,6 +282,8 @@ def fixed_topology(mask: Mask, config: TopologyConfig) -> Topology:
     Raises ValueError when the config learns edges (sample from a policy instead) or on a bad mask."""
     if config.optimize_spatial or config.optimize_temporal:
         raise ValueError("config: a fixed topology learns no edges; expected optimize_spatial and optimize_temporal off")
+    if config.wiring == "learned":
+        raise ValueError("config: a fixed topology has no policy to choose its decision inputs; expected wiring all or sinks")
     n = config.num_agents
     device = mask.device
     uniform = PolicyLogits(torch.zeros(n, n, device=device), torch.zeros(n, device=device), torch.zeros(n, n, device=device))

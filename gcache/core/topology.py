@@ -9,17 +9,20 @@ One question, N agents, ``num_rounds`` rounds, one decision node::
 
 The same spatial and temporal graphs serve every round; with ``num_rounds == 1``
 there are no temporal edges. Temporal candidates are all N x N pairs (an agent
-may read its own previous round). The decision node's inputs carry no
-log-probability; ``TopologyConfig.wiring`` fixes them:
+may read its own previous round). ``TopologyConfig.wiring`` gives the decision
+node's inputs:
 
 - ``"all"``: every agent of the last round feeds the decision node (as G-Designer).
 - ``"sinks"``: only the agents without a spatial successor. Every agent still
   reaches the decision node (follow successors to a sink), so when caches
   accumulate along paths the decision node sees each contribution once;
   ``chain`` then reproduces LatentMAS's sequential pipeline.
+- ``"learned"``: the policy samples them, one Bernoulli per agent conditioned on
+  at least one being taken (gcache/core/sampling.py), so a graph can keep an
+  agent's cache, and everything upstream of it, from the decision node.
 
-Either way the decision node is reachable from every agent of the last round
-(checked by the tests). How the decision node then answers (refer, direct,
+Under ``"all"`` and ``"sinks"`` the decision node is reachable from every agent of
+the last round (checked by the tests) and the inputs carry no log-probability. How the decision node then answers (refer, direct,
 vote, code) is the runner's decision rule, not part of the graph.
 
 Modes (candidate spatial edges, ``spatial_mask``). Spatial edges only go forward
@@ -65,7 +68,7 @@ Mask = Tensor  # [N, N] bool; candidate spatial edges
 LogProb = Tensor  # [...] float
 
 MODES = ("full", "chain", "star", "mesh", "layered", "random", "debate")
-WIRINGS = ("all", "sinks")
+WIRINGS = ("all", "sinks", "learned")
 
 
 def _check_num_agents(num_agents: object, name: str = "num_agents") -> int:
@@ -245,12 +248,14 @@ def is_acyclic(adjacency: Adjacency) -> Tensor:
 def decision_inputs(spatial: Adjacency, wiring: str) -> Tensor:
     """[..., N] bool: the agents feeding the decision node under ``wiring`` ("all"/"sinks").
 
-    Raises ValueError on an unknown wiring.
+    Raises ValueError on an unknown wiring, and on ``"learned"`` (the policy samples those).
     """
     if wiring == "all":
         return torch.ones(spatial.shape[:-1], dtype=torch.bool, device=spatial.device)
     if wiring == "sinks":
         return ~spatial.any(-1)
+    if wiring == "learned":
+        raise ValueError('wiring: "learned" decision inputs are sampled by the policy (gcache.core.sampling)')
     raise ValueError(f"wiring: expected one of {', '.join(WIRINGS)}, got {wiring!r}")
 
 

@@ -32,13 +32,13 @@ _METHOD_FLAGS: dict[str, set[str]] = {
     "single": set(),
     "text-mas": {
         "agents", "num_agents", "topology", "optimize_spatial", "optimize_temporal", "num_rounds",
-        "decision", "train_size", "num_iterations", "lr", "params", "reward",
+        "decision", "train_size", "num_iterations", "lr", "params", "reward", "learn_decision_inputs",
     },
     "latent-mas": {"latent_steps", "latent_only", "sink_positions"},
     "gcache": {
         "latent_steps", "latent_only", "sink_positions", "agents", "num_agents", "topology", "optimize_spatial",
         "optimize_temporal", "num_rounds", "decision", "fusion", "train_size", "num_iterations",
-        "lr", "params", "reward",
+        "lr", "params", "reward", "learn_decision_inputs",
     },
 }
 _COMMON_FLAGS = {
@@ -72,6 +72,9 @@ class RunConfig:
     topology: str = "full"
     optimize_spatial: bool = True
     optimize_temporal: bool = False
+    # The policy also chooses which agents' caches the decision node reads (wiring "learned",
+    # gcache.core.topology); off: the decision rule's fixed wiring (all agents, or the sinks).
+    learn_decision_inputs: bool = False
     num_rounds: int = 1
     decision: str = "refer"
     fusion: str = "learned"
@@ -115,10 +118,15 @@ class RunConfig:
     def learns(self) -> bool:
         """Whether the method has learned parts that a training phase updates."""
         if self.method == "gcache":
-            return self.optimize_spatial or self.optimize_temporal or self.fusion in ("weighted", "learned")
+            return self.learns_graph or self.fusion in ("weighted", "learned")
         if self.method == "text-mas":
-            return self.optimize_spatial or self.optimize_temporal
+            return self.learns_graph
         return False
+
+    @property
+    def learns_graph(self) -> bool:
+        """Whether a policy chooses the graph: its edges, or the decision node's inputs."""
+        return self.optimize_spatial or self.optimize_temporal or self.learn_decision_inputs
 
     @property
     def latent(self) -> bool:

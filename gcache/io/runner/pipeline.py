@@ -435,12 +435,13 @@ def build_pipeline(config: RunConfig, *, team: Team | None = None, roles: Sequen
     topo = TopologyConfig(
         num_agents=len(roles), mode=config.topology, num_rounds=config.num_rounds,
         optimize_spatial=config.optimize_spatial, optimize_temporal=config.optimize_temporal,
-        wiring=decision.wiring(comm.accumulates, comm.thinks),
+        wiring="learned" if config.learn_decision_inputs else decision.wiring(comm.accumulates, comm.thinks),
     )  # fmt: skip
     mask = candidate_mask(topo, config.seed)
-    learns_graph = config.optimize_spatial or config.optimize_temporal
     planner: Planner = (
-        LearnedGraph(topo, mask, [r.profile for r in roles], load_encoder()) if learns_graph else FixedGraph(topo, mask)
+        LearnedGraph(topo, mask, [r.profile for r in roles], load_encoder())
+        if config.learns_graph
+        else FixedGraph(topo, mask)
     )
     learner = None
     if config.learns:
