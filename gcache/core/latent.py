@@ -386,6 +386,121 @@ def _unpark(out: KVCache, rows: Tensor, parked: Sequence[tuple[Tensor, KVCache]]
     return KVCache(torch.cat(keys, dim=1)[:, back], torch.cat(values, dim=1)[:, back], mask.clone(), next_pos.clone())
 
 
+class _Answers(NamedTuple):
+    """What both decode loops keep per batch row: the tokens so far and which rows still run."""
+
+    tokens: Tensor  # [B, N] long, pad after a row's end
+    running: Tensor  # [B] bool
+    lengths: Tensor  # [B] long, answer tokens before any EOS
+    by_rule: Tensor  # [B] bool, rows the stop rule ended
+
+
+def _begin(batch: int, steps: int, pad_token_id: int, device: torch.device) -> _Answers:
+    return _Answers(
+        torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device),
+        torch.ones(batch, dtype=torch.bool, device=device),
+        torch.zeros(batch, dtype=torch.long, device=device),
+        torch.zeros(batch, dtype=torch.bool, device=device),
+    )
+
+
+def _emit(ans: _Answers, step: int, token: Tensor, eos: Tensor, pad_token_id: int) -> tuple[_Answers, Tensor]:
+    """Write step's token [B] (pad where a row has ended); a row that emits EOS stops. -> (answers, token)."""
+    token = torch.where(ans.running, token, torch.full_like(token, pad_token_id))
+    running = ans.running & ~torch.isin(token, eos)
+    tokens = ans.tokens.clone()
+    tokens[:, step] = token
+    return ans._replace(tokens=tokens, running=running, lengths=ans.lengths + running.long()), token
+
+
+def _ruled(ans: _Answers, step: int, stop: Any) -> Tensor | None:
+    """[B] bool: running rows the stop rule ends after this step's token (None without a rule)."""
+    if stop is None:
+        return None
+    return _check_stop(stop(ans.tokens[:, : step + 1], ans.running), ans.running.shape[0]) & ans.running
+
+
+def _stopped(ans: _Answers, done: Tensor | None) -> _Answers:
+    return ans if done is None else ans._replace(running=ans.running & ~done, by_rule=ans.by_rule | done)
+
+
+def _width(ans: _Answers, steps: int) -> int:
+    """Columns of ``tokens`` any row used: its answer, plus its EOS where it ended on one."""
+    at_eos = ~ans.running & ~ans.by_rule
+    return int((ans.lengths + at_eos.long()).max()) if steps else 0
+
+
+def _decode_static(fns: ModelFns, pre: Prefill, decoding: Decoding, eos: Tensor, pad_token_id: int) -> Generation:
+    """The loop on ``fns.static``'s cache preallocated to ``past + max_new_tokens`` columns: every row
+    stays in the batch to the end, so every step has the same shapes (one compiled graph)."""
+    static = fns.static
+    batch, past = pre.mask.shape
+    steps, stop = decoding.max_new_tokens, decoding.stop
+    state = static.init(fns.from_state(pre.state, pre.mask, pre.next_pos), past + steps)
+    mask = torch.cat([pre.mask, pre.mask.new_zeros(batch, steps)], dim=1)  # [B, T + N]
+    ans, next_pos = _begin(batch, steps, pad_token_id, pre.next_pos.device), pre.next_pos
+    logits = fns.logits(pre.hidden[:, -1])  # [B, V]
+    generator = _generator(decoding, logits.device)
+    chosen = _sample(logits, decoding.temperature, decoding.top_p, generator)  # [B]
+    fed = 0  # answer slots read back by the model
+    for step in range(steps):
+        ans, token = _emit(ans, step, chosen, eos, pad_token_id)
+        if not bool(ans.running.any()):
+            break
+        done = _ruled(ans, step, stop)  # rows the rule ends keep this token: it is read back below
+        going = ans.running if done is None else ans.running & ~done
+        mask[:, past + step] = ans.running  # read back even on the last step: the cache holds every answer token
+        chosen, state = decode_one_token(
+            fns, token, state, mask, next_pos, decoding, generator,
+            sample=step + 1 < steps and bool(going.any()), forward=static.forward,
+        )  # fmt: skip
+        fed, next_pos = step + 1, next_pos + ans.running.long()
+        ans = _stopped(ans, done)
+        if not bool(ans.running.any()):
+            break
+    cache = static.to_cache(state, mask[:, : past + fed], next_pos)
+    return Generation(ans.tokens[:, : _width(ans, steps)].clone(), ans.lengths, ~ans.running, cache)
+
+
+def _decode_dynamic(fns: ModelFns, pre: Prefill, decoding: Decoding, eos: Tensor, pad_token_id: int) -> Generation:
+    """The loop on the model-native cache, which grows by a column per step; rows that have ended
+    are parked outside the batch once at most half still run (``_park_ended``) and put back at the end."""
+    batch, past = pre.mask.shape
+    steps, stop = decoding.max_new_tokens, decoding.stop
+    device = pre.next_pos.device
+    mask = torch.cat([pre.mask, pre.mask.new_zeros(batch, steps)], dim=1)  # [B, T + N]
+    ans, next_pos = _begin(batch, steps, pad_token_id, device), pre.next_pos
+    held = _Held(torch.arange(batch, device=device), pre.state, ())
+    logits = fns.logits(pre.hidden[:, -1])  # [B, V]
+    generator = _generator(decoding, logits.device)
+    chosen = _sample(logits, decoding.temperature, decoding.top_p, generator)  # [B'] for the held rows
+    fed = 0
+    for step in range(steps):
+        token = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
+        token[held.rows] = chosen
+        ans, token = _emit(ans, step, token, eos, pad_token_id)
+        if not bool(ans.running.any()):
+            break
+        done = _ruled(ans, step, stop)
+        held = _park_ended(fns, held, ans.running, mask[:, : past + fed], next_pos)
+        going = ans.running if done is None else ans.running & ~done
+        mask[:, past + step] = ans.running
+        rows = held.rows
+        chosen, state = decode_one_token(
+            fns, token[rows], held.state, mask[rows, : past + step + 1], next_pos[rows], decoding, generator,
+            sample=step + 1 < steps and bool(going.any()),
+        )  # fmt: skip
+        held = held._replace(state=state)
+        fed, next_pos = step + 1, next_pos + ans.running.long()
+        ans = _stopped(ans, done)
+        if not bool(ans.running.any()):
+            break
+    out = fns.from_state(held.state, mask[held.rows, : past + fed], next_pos[held.rows])
+    if held.parked:
+        out = _unpark(out, held.rows, held.parked, mask[:, : past + fed], next_pos)
+    return Generation(ans.tokens[:, : _width(ans, steps)].clone(), ans.lengths, ~ans.running, out)
+
+
 def decode_tokens(
     fns: ModelFns,
     pre: Prefill,
@@ -393,64 +508,13 @@ def decode_tokens(
     eos: Tensor,  # [E] long
     pad_token_id: int,
 ) -> Generation:
-    """The decoding loop after a prefill: up to ``decoding.max_new_tokens`` tokens per row (see ``generate``).
-    With ``fns.static`` the loop runs on a cache preallocated to ``past + max_new_tokens``
-    columns: every row stays in the batch to the end, so that every step has the same shapes."""
-    batch, past = pre.mask.shape
-    steps, stop = decoding.max_new_tokens, decoding.stop
-    device = pre.next_pos.device
-    static = fns.static if steps else None
-    state = pre.state if static is None else static.init(fns.from_state(pre.state, pre.mask, pre.next_pos), past + steps)
-    tokens = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)  # [B, N]
-    mask = torch.cat([pre.mask, pre.mask.new_zeros(batch, steps)], dim=1)  # [B, T + S + N]
-    running = torch.ones(batch, dtype=torch.bool, device=device)  # [B]
-    lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
-    ended_by_rule = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
-    next_pos = pre.next_pos  # [B]
-    held = _Held(torch.arange(batch, device=device), state, ())
-    logits = fns.logits(pre.hidden[:, -1])  # [B, V]
-    generator = _generator(decoding, logits.device)
-    chosen = _sample(logits, decoding.temperature, decoding.top_p, generator)  # [B'], B' = B
-    fed = 0  # answer slots read back by the model
-    for step in range(steps):
-        token = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
-        token[held.rows] = chosen
-        token = torch.where(running, token, torch.full_like(token, pad_token_id))
-        at_eos = running & torch.isin(token, eos)
-        tokens[:, step] = token
-        running = running & ~at_eos
-        lengths += running.long()
-        if not bool(running.any()):
-            break
-        # Rows the stop rule ends keep this token: it is read back with the others below.
-        done = _check_stop(stop(tokens[:, : step + 1], running), batch) & running if stop is not None else None
-        if static is None:
-            held = _park_ended(fns, held, running, mask[:, : past + fed], next_pos)
-        going = running if done is None else running & ~done
-        # Read the token back even on the last step, so the cache holds every answer token.
-        mask[:, past + step] = running
-        rows = held.rows
-        chosen, state = decode_one_token(
-            fns, token[rows], held.state, mask[rows, : past + step + 1] if static is None else mask, next_pos[rows],
-            decoding, generator, sample=step + 1 < steps and (done is None or bool(going.any())),
-            forward=None if static is None else static.forward,
-        )  # fmt: skip
-        held = held._replace(state=state)
-        fed = step + 1
-        next_pos = next_pos + running.long()
-        if done is not None:
-            ended_by_rule |= done
-            running = going
-            if not bool(running.any()):
-                break
-    at_eos_end = ~running & ~ended_by_rule  # these rows hold their EOS token after the answer
-    width = int((lengths + at_eos_end.long()).max()) if steps else 0
-    if static is not None:
-        return Generation(tokens[:, :width].clone(), lengths, ~running, static.to_cache(held.state, mask[:, : past + fed], next_pos))
-    out = fns.from_state(held.state, mask[held.rows, : past + fed], next_pos[held.rows])
-    if held.parked:
-        out = _unpark(out, held.rows, held.parked, mask[:, : past + fed], next_pos)
-    return Generation(tokens[:, :width].clone(), lengths, ~running, out)
+    """The decoding loop after a prefill: up to ``decoding.max_new_tokens`` tokens per row (see ``generate``),
+    on ``fns.static``'s preallocated cache when the model has one (``_decode_static``), else on the
+    model-native growing cache with ended rows parked (``_decode_dynamic``). Both share the step
+    (``decode_one_token``) and the per-row bookkeeping (``_emit``, ``_ruled``, ``_stopped``)."""
+    if fns.static is not None and decoding.max_new_tokens:
+        return _decode_static(fns, pre, decoding, eos, pad_token_id)
+    return _decode_dynamic(fns, pre, decoding, eos, pad_token_id)
 
 
 def generate(
