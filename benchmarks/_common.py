@@ -202,8 +202,9 @@ def sharing(local) -> Iterator[None]:
         pipeline_module.load_local = original
 
 
-def build_pipelines(flag_sets: dict[str, dict], local=None) -> tuple[dict, Any]:
-    """One Pipeline per named flag set (build_config rules apply), all sharing one local model."""
+def build_pipelines(flag_sets: dict[str, dict], local=None, rollouts=None) -> tuple[dict, Any]:
+    """One Pipeline per named flag set (build_config rules apply), all sharing one local model (and the
+    ``rollouts`` memo, when given: gcache.io.runner.communication.Rollouts)."""
     from gcache.io.runner.config import build_config
     from gcache.io.runner.pipeline import build_pipeline
 
@@ -211,7 +212,7 @@ def build_pipelines(flag_sets: dict[str, dict], local=None) -> tuple[dict, Any]:
     if local is None:
         local = load_shared_model(next(iter(configs.values())))
     with sharing(local):
-        pipelines = {name: build_pipeline(c) for name, c in configs.items()}
+        pipelines = {name: build_pipeline(c, rollouts=rollouts) for name, c in configs.items()}
     return pipelines, local
 
 

@@ -50,7 +50,7 @@ from _common import (
 
 from gcache.io.records.report import plot_learning_curve
 from gcache.io.records.stats import excludes_zero, mean_ci, paired_diff_ci
-from gcache.io.runner.communication import LatentCaches, Rollouts
+from gcache.io.runner.communication import Rollouts
 from gcache.io.tasks.datasets import load_items
 
 FIXED = ("chain", "star", "mesh", "layered", "random")
@@ -94,7 +94,7 @@ def held_out_point(values: dict[str, float], step: int) -> dict:
     return {"step": step, **mean_ci(list(values.values())).as_dict()}
 
 
-def train(pipeline, train_items, curve_items, args) -> tuple[list[dict], list[dict], float]:
+def train(pipeline, train_items, curve_items, args, memo: Rollouts) -> tuple[list[dict], list[dict], float]:
     """Training steps with the curve; returns (train reward per step, held-out points, seconds).
     The curve's last point (the trained parameters) is left to the held-out pass, which
     measures those very questions with those parameters."""
@@ -104,6 +104,7 @@ def train(pipeline, train_items, curve_items, args) -> tuple[list[dict], list[di
         start = (step * args.batch_size) % len(train_items)
         batch = (train_items + train_items)[start : start + args.batch_size]
         records = pipeline.train_step(batch, step)
+        memo.clear()  # nothing repeats between steps (the parameters changed): keep the memory flat
         values = [r["reward"] for r in records if r["reward"] is not None]
         rewards.append({"step": step, "n": len(values), "reward": sum(values) / len(values) if values else None})
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
@@ -113,14 +114,12 @@ def train(pipeline, train_items, curve_items, args) -> tuple[list[dict], list[di
     return rewards, held, time.perf_counter() - started
 
 
-def held_out(pipelines: dict, items, batch_size: int) -> tuple[dict[str, dict[str, float]], dict[str, float], dict]:
+def held_out(pipelines: dict, items, batch_size: int, memo: Rollouts) -> tuple[dict[str, dict[str, float]], dict[str, float], dict]:
     """Every method's answer log-probability on ``items``, batch by batch (every method on a
     batch before the next), the latent methods sharing their rollouts within a batch.
     Returns (per method, per question id, the value), seconds per method, and the memo's counts."""
-    memo = Rollouts()
-    for pipeline in pipelines.values():
-        if isinstance(pipeline.comm, LatentCaches):
-            pipeline.comm.rollouts = memo
+    memo.clear()
+    hits, misses = memo.hits, memo.misses
     ordered = sorted(items, key=lambda item: len(item.question))  # similar lengths pad little
     per_method: dict[str, dict[str, float]] = {name: {} for name in pipelines}
     seconds = dict.fromkeys(pipelines, 0.0)
@@ -134,10 +133,8 @@ def held_out(pipelines: dict, items, batch_size: int) -> tuple[dict[str, dict[st
             print(f"held-out {min(i + batch_size, len(ordered))}/{len(ordered)} "
                   f"(rollouts reused {memo.hits}, run {memo.misses})", flush=True)
     finally:
-        for pipeline in pipelines.values():
-            if isinstance(pipeline.comm, LatentCaches):
-                pipeline.comm.rollouts = None
-    return per_method, seconds, {"reused": memo.hits, "run": memo.misses}
+        memo.clear()
+    return per_method, seconds, {"reused": memo.hits - hits, "run": memo.misses - misses}
 
 
 def compare(per_method: dict[str, dict[str, float]]) -> dict[str, dict]:
@@ -217,11 +214,12 @@ def main() -> None:
     train_items = load_items("gsm8k", "train", limit=args.train_size)
     test_items = load_items("gsm8k", "test", limit=args.test_size)
     flags = method_flags(args)
-    pipelines, local = build_pipelines(flags)
+    memo = Rollouts()  # the latent methods' shared rollouts, cleared after each batch
+    pipelines, local = build_pipelines(flags, rollouts=memo)
     learned = pipelines["learned"]
-    train_rewards, held, train_seconds = train(learned, train_items, test_items[: args.curve_size], args)
+    train_rewards, held, train_seconds = train(learned, train_items, test_items[: args.curve_size], args, memo)
     measured = {name: p for name, p in pipelines.items() if name != "text-mas"}
-    per_method, seconds, reuse = held_out(measured, test_items, args.batch_size)
+    per_method, seconds, reuse = held_out(measured, test_items, args.batch_size, memo)
     seconds["train"] = train_seconds
     curve_ids = [item.id for item in test_items[: args.curve_size]]
     held.append(held_out_point({q: per_method["learned"][q] for q in curve_ids if q in per_method["learned"]}, args.steps))

@@ -72,7 +72,7 @@ from gcache.core.policy import policy_logits
 from gcache.core.topology import Topology, reachability
 from gcache.io.records.report import plot_learning_curve
 from gcache.io.records.stats import excludes_zero, mean_ci, paired_diff_ci
-from gcache.io.runner.communication import LatentCaches, Rollouts
+from gcache.io.runner.communication import Rollouts
 from gcache.io.runner.planner import Plan
 from gcache.io.tasks.routing import RoutingOptions, load_items
 
@@ -189,7 +189,7 @@ def routing(pipeline, items) -> tuple[dict, dict[str, dict]]:
     return {"correct": sum(routed), "n": len(routed), "accuracy": sum(routed) / max(len(routed), 1)}, per_question
 
 
-def train(pipeline, train_items, curve_items, args) -> tuple[list[dict], list[dict], float]:
+def train(pipeline, train_items, curve_items, args, memo: Rollouts) -> tuple[list[dict], list[dict], float]:
     """Training steps with the held-out margin curve; returns (train reward per step, held-out points, seconds)."""
     started = time.perf_counter()
 
@@ -202,6 +202,7 @@ def train(pipeline, train_items, curve_items, args) -> tuple[list[dict], list[di
         start = (step * args.batch_size) % len(train_items)
         batch = (train_items + train_items)[start : start + args.batch_size]
         records = pipeline.train_step(batch, step)
+        memo.clear()  # nothing repeats between steps (the parameters changed): keep the memory flat
         values = [r["reward"] for r in records if r["reward"] is not None]
         rewards.append({"step": step, "n": len(values), "reward": sum(values) / len(values) if values else None})
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
@@ -212,12 +213,10 @@ def train(pipeline, train_items, curve_items, args) -> tuple[list[dict], list[di
     return rewards, held, time.perf_counter() - started
 
 
-def held_out(pipelines: dict, items, batch_size: int) -> tuple[dict[str, dict[str, dict]], dict[str, float], dict]:
+def held_out(pipelines: dict, items, batch_size: int, memo: Rollouts) -> tuple[dict[str, dict[str, dict]], dict[str, float], dict]:
     """Every method's values on ``items``, batch by batch, the latent methods sharing rollouts within a batch."""
-    memo = Rollouts()
-    for pipeline in pipelines.values():
-        if isinstance(pipeline.comm, LatentCaches):
-            pipeline.comm.rollouts = memo
+    memo.clear()
+    hits, misses = memo.hits, memo.misses
     per_method: dict[str, dict[str, dict]] = {name: {} for name in pipelines}
     seconds = dict.fromkeys(pipelines, 0.0)
     started = time.perf_counter()
@@ -231,10 +230,8 @@ def held_out(pipelines: dict, items, batch_size: int) -> tuple[dict[str, dict[st
             print(f"held-out {min(i + batch_size, len(items))}/{len(items)} (rollouts reused {memo.hits}, "
                   f"run {memo.misses}; {time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     finally:
-        for pipeline in pipelines.values():
-            if isinstance(pipeline.comm, LatentCaches):
-                pipeline.comm.rollouts = None
-    return per_method, seconds, {"reused": memo.hits, "run": memo.misses}
+        memo.clear()
+    return per_method, seconds, {"reused": memo.hits - hits, "run": memo.misses - misses}
 
 
 def compare(per_method: dict[str, dict[str, dict]]) -> dict[str, dict]:
@@ -334,11 +331,12 @@ def main() -> None:
     train_items = load_items("train", limit=args.train_size, seed=args.seed, options=options)
     test_items = load_items("test", limit=args.test_size, seed=args.seed, options=options)
     flags = method_flags(args)
-    pipelines, local = build_pipelines(flags)
+    memo = Rollouts()  # the latent methods' shared rollouts, cleared after each batch
+    pipelines, local = build_pipelines(flags, rollouts=memo)
     pipelines["oracle"].planner = OracleGraph(args.agent_nums)
     learned = pipelines["learned"]
-    train_rewards, held, train_seconds = train(learned, train_items, test_items[: args.curve_size], args)
-    per_method, seconds, reuse = held_out(pipelines, test_items, args.batch_size)
+    train_rewards, held, train_seconds = train(learned, train_items, test_items[: args.curve_size], args, memo)
+    per_method, seconds, reuse = held_out(pipelines, test_items, args.batch_size, memo)
     seconds["train"] = train_seconds
     methods = compare(per_method)
     if args.decode_size:

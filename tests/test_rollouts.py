@@ -22,35 +22,36 @@ def items():
     return load_items("gsm8k", "test", limit=2)
 
 
-@pytest.fixture(scope="module")
-def pipelines():
-    """chain, star and mesh of the same three agents, plus mesh with weighted fusion, on one model."""
+def _configs() -> dict:
     configs = {t: build_config({**FLAGS, "topology": t}) for t in ("chain", "star", "mesh")}
     configs["mesh weighted"] = build_config({**FLAGS, "topology": "mesh", "fusion": "weighted"})
-    local = load_local(configs["chain"])
+    return configs
+
+
+@pytest.fixture(scope="module")
+def local():
+    return load_local(_configs()["chain"])
+
+
+def _pipelines(local, memo: Rollouts | None) -> dict:
+    """chain, star and mesh of the same three agents, plus mesh with weighted fusion, on one model,
+    sharing ``memo`` (given at build, as benchmarks do)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline_module, "load_local", lambda config: local)
-        return {name: build_pipeline(c) for name, c in configs.items()}
+        return {name: build_pipeline(c, rollouts=memo) for name, c in _configs().items()}
 
 
 def _logprobs(pipeline, items) -> list[float]:
     return [r["answer_logprob"] for r in pipeline.evaluate(items, decode=False)]
 
 
-def _share(pipelines, memo: Rollouts | None) -> None:
-    for p in pipelines:
-        p.comm.rollouts = memo
-
-
-def test_shared_rollouts_change_no_result_and_are_reused_where_inputs_agree(pipelines, items):
+def test_shared_rollouts_change_no_result_and_are_reused_where_inputs_agree(local, items):
     names = ("chain", "star", "mesh")
-    alone = {n: _logprobs(pipelines[n], items) for n in names}
+    alone_pipelines = _pipelines(local, None)
+    alone = {n: _logprobs(alone_pipelines[n], items) for n in names}
     memo = Rollouts()
-    _share(pipelines.values(), memo)
-    try:
-        shared = {n: _logprobs(pipelines[n], items) for n in names}
-    finally:
-        _share(pipelines.values(), None)
+    pipelines = _pipelines(local, memo)
+    shared = {n: _logprobs(pipelines[n], items) for n in names}
     for n in names:
         assert shared[n] == pytest.approx(alone[n], abs=1e-5), n
     # Per question, agents (0, 1, 2) in chain 0->1->2, star 0->{1,2}, mesh 0->1->2 + 0->2: the distinct
@@ -61,49 +62,40 @@ def test_shared_rollouts_change_no_result_and_are_reused_where_inputs_agree(pipe
     assert not memo.done
 
 
-def test_other_settings_or_another_fuser_miss(pipelines, items):
+def test_other_settings_or_another_fuser_miss(local, items):
     memo = Rollouts()
-    _share(pipelines.values(), memo)
-    try:
-        _logprobs(pipelines["mesh"], items[:1])
-        _logprobs(pipelines["mesh weighted"], items[:1])  # another fusion: only the first agent (no inputs) is shared
-        assert (memo.misses, memo.hits) == (5, 1)
-        mesh = pipelines["mesh"]
-        learner = mesh.learner
-        before = learner.state
-        fuser = learner.fuser
-        learner.state = before._replace(params={**before.params, "fuser": fuser._replace(source_logits=fuser.source_logits + 1.0)})
-        try:
-            _logprobs(mesh, items[:1])  # another fuser: agents with inputs think again
-        finally:
-            learner.state = before
-        assert (memo.misses, memo.hits) == (7, 2)
-        _logprobs(mesh, items[:1])  # the original fuser's rollouts are still there
-        assert (memo.misses, memo.hits) == (7, 5)
-    finally:
-        _share(pipelines.values(), None)
-
-
-def test_other_edge_weights_miss(pipelines, items):
-    """The policy's edge probabilities weigh the fusion: the same graph with other weights thinks again."""
+    pipelines = _pipelines(local, memo)
+    _logprobs(pipelines["mesh"], items[:1])
+    _logprobs(pipelines["mesh weighted"], items[:1])  # another fusion: only the first agent (no inputs) is shared
+    assert (memo.misses, memo.hits) == (5, 1)
     mesh = pipelines["mesh"]
+    learner = mesh.learner
+    before = learner.state
+    fuser = learner.fuser
+    learner.state = before._replace(params={**before.params, "fuser": fuser._replace(source_logits=fuser.source_logits + 1.0)})
+    try:
+        _logprobs(mesh, items[:1])  # another fuser: agents with inputs think again
+    finally:
+        learner.state = before
+    assert (memo.misses, memo.hits) == (7, 2)
+    _logprobs(mesh, items[:1])  # the original fuser's rollouts are still there
+    assert (memo.misses, memo.hits) == (7, 5)
+
+
+def test_other_edge_weights_miss(local, items):
+    """The policy's edge probabilities weigh the fusion: the same graph with other weights thinks again."""
+    memo = Rollouts()
+    mesh = _pipelines(local, memo)["mesh"]
     topology, sched = mesh.planner._plan
     halved = sched._replace(inputs={n: tuple(e._replace(weight=0.5) for e in edges) for n, edges in sched.inputs.items()})
-    memo = Rollouts()
-    _share(pipelines.values(), memo)
-    try:
-        _logprobs(mesh, items[:1])
-        mesh.planner._plan = (topology, halved)
-        try:
-            _logprobs(mesh, items[:1])
-        finally:
-            mesh.planner._plan = (topology, sched)
-        assert (memo.misses, memo.hits) == (5, 1)
-    finally:
-        _share(pipelines.values(), None)
+    _logprobs(mesh, items[:1])
+    mesh.planner._plan = (topology, halved)
+    _logprobs(mesh, items[:1])
+    assert (memo.misses, memo.hits) == (5, 1)
 
 
-def test_without_a_memo_nothing_is_kept(pipelines, items):
-    out = pipelines["chain"].evaluate(items[:1], decode=False)[0]
+def test_without_a_memo_nothing_is_kept(local, items):
+    chain = _pipelines(local, None)["chain"]
+    out = chain.evaluate(items[:1], decode=False)[0]
     assert out["answer_logprob"] is not None and torch.isfinite(torch.tensor(out["answer_logprob"]))
-    assert pipelines["chain"].comm.rollouts is None
+    assert chain.comm.rollouts is None

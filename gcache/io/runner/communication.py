@@ -109,13 +109,13 @@ class LatentCaches:
 
     def __init__(
         self, task: str, local: LocalModel, roles: Sequence[Role], *,
-        latent_steps: int, latent_only: bool, sink_positions: int, fusion: str,
+        latent_steps: int, latent_only: bool, sink_positions: int, fusion: str, rollouts: Rollouts | None = None,
     ) -> None:  # fmt: skip
         self.task, self.local, self.roles = task, local, list(roles)
         self.latent_steps, self.latent_only, self.sink_positions = latent_steps, latent_only, sink_positions
         self.fusion = fusion
         self.accumulates = not latent_only  # a full cache holds its inputs' caches
-        self.rollouts: Rollouts | None = None  # a memo shared with other runs (see ``Rollouts``)
+        self.rollouts = rollouts  # a memo shared with other runs (see ``Rollouts``), given at build
 
     @staticmethod
     def _cache_inputs(schedule: Schedule, outputs: Outputs, node: Node) -> list:

@@ -42,6 +42,7 @@ from gcache.io.runner.communication import (
     LatentCaches,
     NodeOut,
     Outputs,
+    Rollouts,
     TextMessages,
     stack_contexts,
 )
@@ -409,13 +410,17 @@ def _roles(config: RunConfig) -> list[Role]:
     return agent_roles(config.task, config.agents, config.num_agents)
 
 
-def build_pipeline(config: RunConfig, *, team: Team | None = None, roles: Sequence[Role] | None = None) -> Pipeline:
+def build_pipeline(
+    config: RunConfig, *, team: Team | None = None, roles: Sequence[Role] | None = None, rollouts: Rollouts | None = None,
+) -> Pipeline:
     """The one place where a run's method becomes components: the local model (unless text-only
     API), the API client (API modes), the roles, the planner, the communication, the decision
     rule, the speaker and the learned parts (which, under a ``team`` of processes, step together).
 
     ``roles`` replaces the method's agents (default: the task family's roles, ``config.agents``,
-    ``config.num_agents`` of them; LatentMAS's three thinkers for latent-mas).
+    ``config.num_agents`` of them; LatentMAS's three thinkers for latent-mas). ``rollouts``: a memo
+    the latent communication shares with other pipelines (benchmarks comparing methods on the same
+    questions; see ``Rollouts``).
     """
     latent = config.method in ("latent-mas", "gcache")
     if roles is not None and (not roles or not all(isinstance(r, Role) for r in roles)):
@@ -427,7 +432,7 @@ def build_pipeline(config: RunConfig, *, team: Team | None = None, roles: Sequen
     if latent:
         comm = LatentCaches(
             config.task, local, roles, latent_steps=config.latent_steps, latent_only=config.latent_only,
-            sink_positions=config.sink_positions, fusion=config.fusion,
+            sink_positions=config.sink_positions, fusion=config.fusion, rollouts=rollouts,
         )  # fmt: skip
     else:
         comm = TextMessages(config.task, roles)
