@@ -9,25 +9,28 @@ import re
 
 import pytest
 import torch
+from gcache_cli.main import app
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
+from test_answers import reference_logprob
 from typer.testing import CliRunner
 
 from gcache.core.cache import latent_part, select_rows, trim_padding
 from gcache.core.latent import rollout
+from gcache.core.policy import init_policy
+from gcache.core.topology import TopologyConfig
+from gcache.io.models.local import encode_chat, tiny_model
+from gcache.io.records.runlog import read_records
 from gcache.io.runner.answers import answer_target
 from gcache.io.runner.communication import LatentCaches
 from gcache.io.runner.config import build_config
 from gcache.io.runner.experiment import run_experiment
 from gcache.io.runner.margin import answer_scores
-from gcache.io.models.local import encode_chat, tiny_model
 from gcache.io.runner.prompts import agent_messages, agent_roles, decision_messages
-from gcache.io.tasks.routing import MAX_AGENTS, SPLIT_SIZE, VARIANTS, RoutingOptions, load_items, world
-from gcache.io.records.runlog import read_records
 from gcache.io.tasks.datasets import load_items as load_task_items
+from gcache.io.tasks.routing import MAX_AGENTS, SPLIT_SIZE, VARIANTS, RoutingOptions, load_items, world
 from gcache.io.tasks.scoring import score
-from gcache_cli.main import app
-from test_answers import reference_logprob
 
 STATED = re.compile(r"When asked how many (\w+) there are, the answer is (\d+)\.")
 
@@ -179,7 +182,29 @@ def test_gcache_run_routing_works_and_records_the_margin(tmp_path, extra):
     assert summary["config"]["routing_variant"] == ("unreliable" if extra else "topics")
 
 
+def test_a_run_that_learns_its_decision_inputs_records_them_and_trains_them(tmp_path):
+    """--learn-decision-inputs: every record names a non-empty set of decision inputs, the ones its
+    graph fed the judger, and the training step moves the policy's decision head."""
+    out = tmp_path / "run"
+    args = ["run", "routing", "--routing-variant", "unreliable", "--limit", "4", "--train-size", "4",
+            "--num-iterations", "2", "--learn-decision-inputs", *TINY, "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = read_records(out / "results.jsonl")
+    for r in records:
+        assert r["error"] is None and math.isfinite(r["log_prob"]) and math.isfinite(r["margin"])
+        assert 1 <= len(r["decision_inputs"]) <= 4
+    params = load_file(out / "params.safetensors")
+    initial = init_policy(TopologyConfig(num_agents=4), params["policy.gcn_weight_1"].shape[0],
+                          torch.Generator().manual_seed(0))
+    assert not torch.equal(params["policy.decision_head"], initial.decision_head)
+    assert float(params["policy.decision_similarity"]) != 0.0
+    assert json.loads((out / "summary.json").read_text())["config"]["learn_decision_inputs"] is True
+
+
 BAD_ROUTING = [
+    (["gsm8k", "--method", "latent-mas", "--learn-decision-inputs"],
+     "--learn-decision-inputs does not apply to --method latent-mas"),
     (["routing", "--routing-variant", "liars"], "--routing-variant: expected one of topics, unreliable, got 'liars'"),
     (["routing", "--agent-nums", "1"], "--agent-nums: a routing world needs 2 to"),
     (["routing", "--agent-nums", "17"], "--agent-nums: a routing world needs 2 to"),
