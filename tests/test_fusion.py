@@ -40,8 +40,25 @@ def random_params(seed: int, *, num_layers: int = L) -> FuserParams:
     return FuserParams(torch.randn(num_layers, generator=g) * 2, torch.randn(NUM_AGENTS, generator=g) * 2)
 
 
+def reference_pack(cache: KVCache) -> KVCache:
+    """Row by row: the padding slots in their order, then the real ones in theirs, keeping the last
+    (most real slots of any row) columns: the documented packing, written as plain loops."""
+    B, T = cache.mask.shape
+    keep = max(int(cache.mask[b].sum()) for b in range(B))
+    keys, values = torch.zeros_like(cache.keys[:, :, :, :keep]), torch.zeros_like(cache.values[:, :, :, :keep])
+    mask = torch.zeros(B, keep, dtype=torch.bool)
+    for b in range(B):
+        real = [t for t in range(T) if cache.mask[b, t]]
+        order = ([t for t in range(T) if not cache.mask[b, t]] + real)[T - keep :]
+        for j, t in enumerate(order):
+            keys[:, b, :, j], values[:, b, :, j], mask[b, j] = cache.keys[:, b, :, t], cache.values[:, b, :, t], cache.mask[b, t]
+    return KVCache(keys, values, mask, cache.next_pos)
+
+
 def reference_fuse(params, caches, edge_weights, *, mode, sources):
-    """Element by element, straight from the documented formulas (mixing modes only)."""
+    """Element by element, straight from the documented formulas (mixing modes only): each cache
+    packed (``reference_pack``), then aligned at its last slot."""
+    caches = [reference_pack(c) for c in caches]
     k, B = len(caches), caches[0].batch_size
     T = max(c.seq_len for c in caches)
     e = torch.as_tensor(edge_weights, dtype=torch.float64)
@@ -124,9 +141,15 @@ def test_per_row_weights_equal_fusing_each_row_alone(case, mode):
         rows = [KVCache(c.keys[:, b : b + 1], c.values[:, b : b + 1], c.mask[b : b + 1], c.next_pos[b : b + 1])
                 for c in caches]
         one = fuse(params, rows, weights[:, b], mode=mode, sources=sources)
-        torch.testing.assert_close(out.keys[:, b : b + 1], one.keys, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(out.values[:, b : b + 1], one.values, atol=1e-6, rtol=1e-5)
-        assert torch.equal(out.mask[b : b + 1], one.mask)
+        # Alone, a row keeps only as many slots as it has real ones (packing trims the rest): the
+        # batch's row ends with the same slots, all slots before them padding. Padding's content
+        # is never attended, so real slots are compared.
+        t = one.seq_len
+        tail = out.mask[b, out.seq_len - t :]
+        assert torch.equal(tail, one.mask[0]) and not out.mask[b, : out.seq_len - t].any()
+        for field in ("keys", "values"):
+            got = getattr(out, field)[:, b, :, out.seq_len - t :][:, :, tail]
+            torch.testing.assert_close(got, getattr(one, field)[:, 0][:, :, tail], atol=1e-6, rtol=1e-5)
         assert torch.equal(out.next_pos[b : b + 1], one.next_pos)
 
 
@@ -208,7 +231,8 @@ def test_absent_edge_equals_leaving_the_predecessor_out(case, mode):
         return
     # the absent predecessor may be the longest: compare on the slots both have
     T = without.seq_len
-    keep = lambda c: KVCache(c.keys[..., -T:, :], c.values[..., -T:, :], c.mask[:, -T:], c.next_pos)  # noqa: E731
+    s = out.seq_len - T  # (packing can leave no slot at all where every remaining row is padding)
+    keep = lambda c: KVCache(c.keys[..., s:, :], c.values[..., s:, :], c.mask[:, s:], c.next_pos)  # noqa: E731
     got = keep(out)
     real = without.mask[None, :, None, :, None]
     torch.testing.assert_close(got.keys * real, without.keys * real, atol=1e-5, rtol=1e-5)

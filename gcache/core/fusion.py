@@ -37,9 +37,13 @@ Three modes, all pure functions of explicit parameters:
 
 Rules shared by the mixing modes (``weighted``, ``learned``):
 
-- Lengths: caches are aligned at their last position; a shorter cache is left-padded with
-  masked positions up to the longest length. No predecessor and no position is dropped.
-  Latent-only caches (all ``latent_steps`` long) need no padding.
+- Lengths: each cache's real positions are first packed to its right end (padding a batch
+  left inside a row, e.g. between an inherited cache and the agent's prompt, moves to the
+  left), then caches are aligned at their last position; a shorter cache is left-padded with
+  masked positions up to the longest length. No predecessor and no real position is dropped,
+  and which slots meet does not depend on how rows were batched (it did before packing: a
+  full cache rolled out beside a longer prompt carried two more padding slots, and mixing
+  then met other positions). Latent-only caches (all ``latent_steps`` long) need no padding.
 - Masks: at each slot the mixture runs over the predecessors whose entry there is real;
   their coefficients are renormalised. The fused mask is True where any is real. A slot
   where none is real mixes them all (its content is never attended).
@@ -69,7 +73,7 @@ from einops import rearrange
 from torch import Tensor
 
 from gcache.core.batch import pad_left
-from gcache.core.cache import KVCache, check_compatible, validate
+from gcache.core.cache import KVCache, check_compatible, trim_padding, validate
 
 Mode = Literal["concat", "weighted", "learned"]
 MODES: tuple[str, ...] = ("concat", "weighted", "learned")
@@ -280,8 +284,24 @@ def _concat(caches: list[KVCache], present: Tensor) -> KVCache:
     )
 
 
+def _packed(cache: KVCache) -> KVCache:
+    """The cache with each row's real positions moved to the right end, in their order, and the
+    columns that are then padding in every row dropped. Attention over a cache is a set operation
+    over its real positions (RoPE is in the keys), so the receiver computes the same; what changes
+    is where a row's content sits, which no longer depends on the padding its batch added."""
+    if bool(cache.mask.all()):
+        return cache
+    order = torch.argsort(cache.mask.to(torch.int8), dim=-1, stable=True)  # [B, T]: padding first
+    index = rearrange(order, "b t -> 1 b 1 t 1").expand_as(cache.keys)
+    packed = KVCache(cache.keys.gather(3, index), cache.values.gather(3, index), cache.mask.gather(1, order),
+                     cache.next_pos)  # fmt: skip
+    return trim_padding(packed)
+
+
 def _align_right(caches: list[KVCache]) -> list[KVCache]:
-    """Left-pad shorter caches with masked zero positions up to the longest length."""
+    """Pack each cache's real positions to its right end (``_packed``), then left-pad shorter caches
+    with masked zero positions up to the longest length."""
+    caches = [_packed(c) for c in caches]
     t_max = max(c.seq_len for c in caches)
     return [pad_left(c, t_max) for c in caches]
 
