@@ -29,7 +29,8 @@ def run(
     ),
     latent_steps: Optional[int] = typer.Option(None, help=f"Latent steps per agent (default: {_D.latent_steps})."),
     latent_only: Optional[bool] = typer.Option(
-        None, "--latent-only/--full-cache", help="Pass only the latent positions to successors (gcache default: latent-only; latent-mas: full-cache)."
+        None, "--latent-only/--full-cache", help="Pass only the latent positions to successors, or the whole cache (default: full-cache; "
+        "latent-only caches carry nothing measurable on the embedded model)."
     ),
     sink_positions: Optional[int] = typer.Option(
         None, help="With --latent-only, also pass each agent's first positions (the attention sink) (default: 4)."

@@ -44,6 +44,9 @@ def _flags(args: list[str]) -> dict:
     out: dict = {"task": args[0]}
     it = iter(args[1:])
     for a in it:
+        if a in ("--latent-only", "--full-cache"):  # the switches these tests use
+            out["latent_only"] = a == "--latent-only"
+            continue
         key = a[2:].replace("-", "_")
         out["num_agents" if key == "agent_nums" else key] = next(it)
     for k in ("max_new_tokens", "batch_size", "limit", "latent_steps", "num_iterations", "train_size", "agent_nums", "num_agents"):
@@ -199,7 +202,9 @@ def test_training_on_two_ranks_takes_the_steps_of_one_process(tmp_path):
             "--agent-nums", "3", "--batch-size", "2", "--train-size", "4", "--num-iterations", "2", "--limit", "2",
             # Likelihood rewards agree only to float rounding between a rank's share and the whole
             # batch, and so would the policy's edge probabilities after a step; 0/1 rewards are exact.
-            "--reward", "accuracy"]  # fmt: skip
+            # Latent-only caches: a full cache holds its inputs' padded prompts, whose float bits
+            # differ between a batch of two and a rank's one, and reach the lines' log-probabilities.
+            "--reward", "accuracy", "--latent-only"]  # fmt: skip
     run_experiment(build_config({**_flags(args), "out": str(tmp_path / "one")}))
     code, stderr = _launch([*args, "--out", str(tmp_path / "two")])
     assert code == 0, stderr
@@ -219,7 +224,7 @@ def test_training_on_the_likelihood_reward_on_two_ranks_takes_the_steps_of_one_p
     agree to float rounding (edge probabilities after a step included)."""
     args = ["gsm8k", "--method", "gcache", "--model", "tiny-llama", "--max-new-tokens", "6", "--latent-steps", "2",
             "--agent-nums", "3", "--batch-size", "2", "--train-size", "4", "--num-iterations", "2", "--limit", "2",
-            "--reward", "likelihood"]  # fmt: skip
+            "--reward", "likelihood", "--latent-only"]  # fmt: skip (latent-only: see the test above)
     run_experiment(build_config({**_flags(args), "out": str(tmp_path / "one")}))
     code, stderr = _launch([*args, "--out", str(tmp_path / "two")])
     assert code == 0, stderr

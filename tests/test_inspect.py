@@ -34,7 +34,7 @@ def _run(folder, flags: dict):
 @pytest.fixture(scope="module")
 def gcache_run(tmp_path_factory):
     """gcache after one training step: a learned graph, learned fusion, latent-only caches."""
-    flags = {"method": "gcache", "num_agents": 3, "train_size": 2, "num_iterations": 1}
+    flags = {"method": "gcache", "num_agents": 3, "train_size": 2, "num_iterations": 1, "latent_only": True}
     return _run(tmp_path_factory.mktemp("gcache"), flags)
 
 

@@ -35,9 +35,11 @@ def drop_fusion_weight_term(fusion) -> None:
 
 
 def golden_flags(flags: dict) -> dict:
-    """The recorded flags, with the reward the recording code trained on (accuracy, its only
-    reward and the default then) named where the method learns."""
-    return {"reward": "accuracy", **flags} if flags["method"] in ("gcache", "text-mas") else dict(flags)
+    """The recorded flags, with the defaults of the recording code named where they changed since:
+    the reward where the method learns (accuracy, its only reward then) and gcache's latent-only
+    caches (full caches became the default)."""
+    flags = {"reward": "accuracy", **flags} if flags["method"] in ("gcache", "text-mas") else dict(flags)
+    return {"latent_only": True, **flags} if flags["method"] == "gcache" else flags
 
 
 def golden_files() -> list[str]:

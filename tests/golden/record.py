@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from compare import golden_flags  # tests/golden is not a package: run this file as a script
+
 from gcache.io.records.runlog import read_records
 from gcache.io.runner.config import build_config
 from gcache.io.runner.experiment import run_experiment
@@ -48,14 +50,14 @@ EMBEDDED: dict[str, dict] = {
     "smollm2-latent-mas": dict(method="latent-mas", limit=3, max_new_tokens=64),
     "smollm2-gcache": dict(method="gcache", limit=3, train_size=4, num_iterations=2, batch_size=2, max_new_tokens=64),
 }
-# test_golden.py names --reward accuracy for the learning methods: it was the only reward (and so
-# the default) when these files were recorded.
+# Both this file and test_golden.py run the flags through compare.golden_flags, which names the
+# defaults of the code that recorded them where they changed since (--reward accuracy, latent-only).
 KEEP = ("id", "phase", "answer", "prediction", "correct", "tokens", "edges", "log_prob")
 
 
 def run(name: str, flags: dict, folder: Path) -> dict:
     """The records (KEEP fields) and learned parameters of one run, as JSON-ready values."""
-    config = build_config({"task": "gsm8k", "out": str(folder / name), **flags})
+    config = build_config({"task": "gsm8k", "out": str(folder / name), **golden_flags(flags)})
     run_experiment(config)
     records = [{k: r.get(k) for k in KEEP} for r in read_records(config.out_dir / "results.jsonl")]
     params_file = config.out_dir / "params.safetensors"

@@ -65,7 +65,9 @@ class RunConfig:
     method: str = "gcache"
     generation_mode: str = "local"
     latent_steps: int = 10
-    latent_only: bool = True
+    # Full caches: on the embedded model latent-only caches carry nothing measurable and full ones
+    # carry an agent's facts (benchmarks/results/routing_carry.md; README, "What carries information").
+    latent_only: bool = False
     sink_positions: int = 4
     agents: str = "diverse"
     num_agents: int = 4  # the CLI's --agent-nums (the prototype's flag name)
