@@ -170,7 +170,7 @@ def routing(pipeline, items) -> tuple[dict, dict[str, dict]]:
     learner = pipeline.learner
     per_question, routed = {}, []
     for item in items:
-        plan = pipeline.planner.plan(item, learner.policy, train=False, seed=0)
+        plan = pipeline.planner.plan(item, train=False, seed=0)
         weights = routing_weights(plan, learner.fuser)
         with torch.no_grad():
             logits = policy_logits(learner.policy, plan.features, pipeline.planner.role_adjacency)

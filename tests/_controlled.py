@@ -65,7 +65,7 @@ def held_out_logprob(pipeline) -> float:
 def edge_probs(pipeline) -> dict[str, float]:
     """The policy's mean probability of each candidate edge (p > 0) over the held-out questions."""
     probs = torch.stack([
-        pipeline.planner.plan(item, pipeline.learner.policy, train=False, seed=0).spatial_probs for item in HELD_OUT
+        pipeline.planner.plan(item, train=False, seed=0).spatial_probs for item in HELD_OUT
     ]).mean(0)
     return {f"{i}->{j}": float(probs[i, j]) for i, j in (probs > 0).nonzero().tolist()}
 

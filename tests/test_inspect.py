@@ -98,7 +98,7 @@ def test_judger_attention_sums_to_one_over_all_positions_per_query_token(gcache_
     pipeline = build_pipeline(load_config(gcache_run))
     pipeline.load(gcache_run / "params.safetensors")
     item = load_items("gsm8k", "test", limit=1)[0]
-    plan = pipeline.planner.plan(item, pipeline.learner.policy, train=False, seed=0)
+    plan = pipeline.planner.plan(item, train=False, seed=0)
     out = pipeline._answer([plan], step=0)[0]
     weights, mask, queries = attention_weights(pipeline.comm.local, out.context, item)
     t = out.context.cache.seq_len

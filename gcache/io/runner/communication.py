@@ -9,7 +9,8 @@ a wave, across the questions of a batch.
   of its inputs' caches (gcache.core.fusion, weighted by the edges' probabilities), runs
   ``latent_steps`` latent steps and passes its cache on (with ``latent_only``, only the
   latent positions and the first ``sink_positions`` ones). An agent that writes text passes
-  no cache. The decision node reads the fusion of its inputs' caches.
+  no cache. The decision node reads the fusion of its inputs' caches, with the fuser parameters
+  that the holder given at build (the run's learner) holds at that moment.
 - ``TextMessages`` (``single``, ``text-mas``): every agent writes text, and a node reads
   its inputs' texts in its prompt.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Hashable, NamedTuple, Sequence
+from typing import Hashable, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -102,6 +103,13 @@ def stack_contexts(local: LocalModel | None, caches: Sequence[kv.KVCache | None]
     return stack_rows([empty if c is None else c for c in caches])
 
 
+class FuserHolder(Protocol):
+    """Whatever holds the fuser's parameters as they train (gcache.io.runner.learner.Learner)."""
+
+    @property
+    def fuser(self) -> FuserParams | None: ...
+
+
 class LatentCaches:
     """Agents think in latent space and pass KV-caches along the graph's edges."""
 
@@ -110,12 +118,19 @@ class LatentCaches:
     def __init__(
         self, task: str, local: LocalModel, roles: Sequence[Role], *,
         latent_steps: int, latent_only: bool, sink_positions: int, fusion: str, rollouts: Rollouts | None = None,
+        params: FuserHolder | None = None,
     ) -> None:  # fmt: skip
         self.task, self.local, self.roles = task, local, list(roles)
         self.latent_steps, self.latent_only, self.sink_positions = latent_steps, latent_only, sink_positions
         self.fusion = fusion
         self.accumulates = not latent_only  # a full cache holds its inputs' caches
         self.rollouts = rollouts  # a memo shared with other runs (see ``Rollouts``), given at build
+        self.params = params  # holds the fuser's current parameters (the run's learner); None: untrained
+
+    @property
+    def fuser(self) -> FuserParams | None:
+        """The fuser parameters every node mixes its inputs with now (None: untrained fusion)."""
+        return None if self.params is None else self.params.fuser
 
     @staticmethod
     def _cache_inputs(schedule: Schedule, outputs: Outputs, node: Node) -> list:
@@ -136,11 +151,9 @@ class LatentCaches:
         fused = fuse(fuser, list(inputs.caches), inputs.weights, mode=self.fusion, sources=inputs.sources.tolist())
         return fused, inputs
 
-    def context(
-        self, item: Item, schedule: Schedule, outputs: Outputs, node: Node, fuser: FuserParams | None = None
-    ) -> Context:
+    def context(self, item: Item, schedule: Schedule, outputs: Outputs, node: Node) -> Context:
         """The node's prompt (told that caches precede it when some do) and its fused input cache."""
-        cache, inputs = self._fused(schedule, outputs, node, fuser)
+        cache, inputs = self._fused(schedule, outputs, node, self.fuser)
         latent = cache is not None
         if node == DECISION:
             conversation = decision_messages(self.task, item.question, latent=latent)
@@ -149,11 +162,10 @@ class LatentCaches:
         info = CacheInfo(len(schedule.inputs[node]), 0 if cache is None else cache.seq_len, self.latent_steps)
         return Context(conversation, cache, info, inputs)
 
-    def think(
-        self, rows: Sequence[tuple[Item, Schedule, Outputs, Node]], fuser: FuserParams | None = None
-    ) -> list[NodeOut]:
+    def think(self, rows: Sequence[tuple[Item, Schedule, Outputs, Node]]) -> list[NodeOut]:
         """One batched latent rollout for every (question, agent node) row of a wave (rows whose
         rollout the shared ``rollouts`` memo holds reuse it)."""
+        fuser = self.fuser
         if self.rollouts is None:
             return self._think(rows, fuser, [None] * len(rows))
         digest = _digest(fuser)
@@ -215,9 +227,7 @@ class TextMessages:
     def __init__(self, task: str, roles: Sequence[Role]) -> None:
         self.task, self.roles = task, list(roles)
 
-    def context(
-        self, item: Item, schedule: Schedule, outputs: Outputs, node: Node, fuser: FuserParams | None = None
-    ) -> Context:
+    def context(self, item: Item, schedule: Schedule, outputs: Outputs, node: Node) -> Context:
         """The node's prompt holding its inputs' texts (role name, text), in input order."""
         texts = [(outputs[s].role, outputs[s].text or "") for s in schedule.sources(node) if s in outputs]
         if node == DECISION:
@@ -226,10 +236,10 @@ class TextMessages:
             conversation = agent_messages(self.task, item_roles(item, self.roles)[node[1]], item.question, predecessor_texts=texts)
         return Context(conversation, None, None, None)
 
-    def think(self, rows: Sequence[tuple[Item, Schedule, Outputs, Node]], fuser: FuserParams | None = None) -> list[NodeOut]:
+    def think(self, rows: Sequence[tuple[Item, Schedule, Outputs, Node]]) -> list[NodeOut]:
         raise ValueError("text communication: every agent writes text, none thinks in latent space")
 
 
 Communication = LatentCaches | TextMessages
 
-__all__ = ["Communication", "Context", "FusionInputs", "LatentCaches", "NodeOut", "Rollouts", "TextMessages", "stack_contexts"]
+__all__ = ["Communication", "Context", "FuserHolder", "FusionInputs", "LatentCaches", "NodeOut", "Rollouts", "TextMessages", "stack_contexts"]

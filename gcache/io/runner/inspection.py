@@ -209,20 +209,19 @@ def _name(node: Node) -> str:
 
 
 def _inspect_one(pipeline: Pipeline, item: Item, top_k: int) -> QuestionInspection:
-    policy = pipeline.learner.policy if pipeline.learner is not None else None
-    plan = pipeline.planner.plan(item, policy, train=False, seed=0)  # evaluation's graph: no draw
+    plan = pipeline.planner.plan(item, train=False, seed=0)  # evaluation's graph: no draw
     # The pipeline's own pass answers, so the answer is the one evaluation writes (no public
     # method returns the caches with it; pipeline.py is not changed for this reader).
     out = pipeline._answer([plan], step=0)[0]
     if out.error:
         raise ValueError(f"question {item.id}: the rerun failed: {out.error}")
     comm: LatentCaches = pipeline.comm
-    local, fuser = comm.local, pipeline.learner.fuser if pipeline.learner is not None else None
+    local, fuser = comm.local, comm.fuser
     sched = plan.schedule
     agents, fusions, provenance = [], [], {}
     for wave in sched.waves:
         for node in wave:
-            ctx = comm.context(item, sched, out.outputs, node, fuser)
+            ctx = comm.context(item, sched, out.outputs, node)
             inputs = _cache_inputs(sched, out.outputs, node)
             if len(inputs) > 1:
                 fusions.append(_fusion(node, ctx, comm, fuser))

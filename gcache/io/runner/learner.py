@@ -24,7 +24,7 @@ from gcache.io.records.params import load_params, save_params
 from gcache.io.records.runlog import PARAMS, STATE
 from gcache.io.runner.answers import answer_inputs
 from gcache.io.runner.communication import Context
-from gcache.io.runner.planner import LearnedGraph, Plan
+from gcache.io.runner.planner import GraphSpec, Plan
 from gcache.io.tasks.datasets import Item
 
 REFERENCE_TOKENS = 256
@@ -72,7 +72,7 @@ class Learner:
     the method learns), the optimizer's state and the reward baseline."""
 
     def __init__(
-        self, *, lr: float, seed: int, graph: LearnedGraph | None, fuser: FuserConfig | None, local: LocalModel | None,
+        self, *, lr: float, seed: int, graph: GraphSpec | None, fuser: FuserConfig | None, local: LocalModel | None,
         fuser_target: str = "reference",
         team: Team | None = None,
     ) -> None:  # fmt: skip

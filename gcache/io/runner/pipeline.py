@@ -50,7 +50,7 @@ from gcache.io.runner.config import TINY_MODELS, RunConfig, api_config
 from gcache.io.runner.decision import DECISIONS, Decision
 from gcache.io.runner.learner import Learner, Team
 from gcache.io.runner.margin import answer_scores, has_distractors
-from gcache.io.runner.planner import FixedGraph, LearnedGraph, Plan, Planner, candidate_mask
+from gcache.io.runner.planner import FixedGraph, LearnedGraph, Plan, Planner, candidate_mask, graph_spec
 from gcache.io.runner.prompts import Role, agent_roles, item_roles, latent_mas_roles
 from gcache.io.tasks.datasets import Item, task_family
 from gcache.io.tasks.scoring import Verdict, score_many
@@ -234,12 +234,7 @@ class Pipeline:
     # ---------------------------------------------------------------- answering
 
     def _plan(self, item: Item, *, train: bool, seed: int) -> Plan:
-        policy = self.learner.policy if self.learner is not None else None
-        return self.planner.plan(item, policy, train=train, seed=seed)
-
-    @property
-    def _fuser(self):
-        return self.learner.fuser if self.learner is not None else None
+        return self.planner.plan(item, train=train, seed=seed)
 
     def _thinks(self, speakers: frozenset[Node], node: Node) -> bool:
         return self.comm.thinks and node not in speakers
@@ -259,7 +254,7 @@ class Pipeline:
                 think = [(q, n) for q, n in rows if self._thinks(speakers[q], n)]
                 speak = [(q, n) for q, n in rows if not self._thinks(speakers[q], n)]
                 if think:
-                    done = self.comm.think([(plans[q].item, plans[q].schedule, outputs[q], n) for q, n in think], self._fuser)
+                    done = self.comm.think([(plans[q].item, plans[q].schedule, outputs[q], n) for q, n in think])
                     for (q, n), out in zip(think, done):
                         outputs[q][n] = out
                 if speak:
@@ -277,7 +272,7 @@ class Pipeline:
     ) -> None:  # fmt: skip
         """One batched generation for every (question, agent node) row of a wave that writes text."""
         started = time.perf_counter()
-        read = [self.comm.context(plans[q].item, plans[q].schedule, outputs[q], n, self._fuser) for q, n in rows]
+        read = [self.comm.context(plans[q].item, plans[q].schedule, outputs[q], n) for q, n in rows]
         key = ",".join(f"{plans[q].item.id}/{n}" for q, n in rows)
         answers = self.speaker.write(read, seed=_seed(self.config.seed, "decode", step, key))
         seconds = (time.perf_counter() - started) / len(rows)
@@ -293,7 +288,7 @@ class Pipeline:
         if not qs:
             return {}
         started = time.perf_counter()
-        contexts = [self.comm.context(plans[q].item, plans[q].schedule, outputs[q], DECISION, self._fuser) for q in qs]
+        contexts = [self.comm.context(plans[q].item, plans[q].schedule, outputs[q], DECISION) for q in qs]
         if not decode:
             seconds = (time.perf_counter() - started) / len(qs)
             return {q: QuestionOut("", outputs[q], NodeOut("decision", None, None, {}, seconds), c) for q, c in zip(qs, contexts)}
@@ -428,36 +423,37 @@ def build_pipeline(
     local = load_local(config) if (config.generation_mode != "api" or latent) else None
     api = ApiClient(api_config(config)) if config.generation_mode != "local" else None
     roles = list(roles) if roles is not None else _roles(config)
-    comm: Communication
-    if latent:
-        comm = LatentCaches(
-            config.task, local, roles, latent_steps=config.latent_steps, latent_only=config.latent_only,
-            sink_positions=config.sink_positions, fusion=config.fusion, rollouts=rollouts,
-        )  # fmt: skip
-    else:
-        comm = TextMessages(config.task, roles)
     decision = DECISIONS[config.decision]
+    # Latent agents think; a full cache holds its inputs' caches (LatentCaches.accumulates).
+    thinks, accumulates = latent, latent and not config.latent_only
     topo = TopologyConfig(
         num_agents=len(roles), mode=config.topology, num_rounds=config.num_rounds,
         optimize_spatial=config.optimize_spatial, optimize_temporal=config.optimize_temporal,
-        wiring="learned" if config.learn_decision_inputs else decision.wiring(comm.accumulates, comm.thinks),
+        wiring="learned" if config.learn_decision_inputs else decision.wiring(accumulates, thinks),
     )  # fmt: skip
     mask = candidate_mask(topo, config.seed)
-    planner: Planner = (
-        LearnedGraph(topo, mask, [r.profile for r in roles], load_encoder())
-        if config.learns_graph
-        else FixedGraph(topo, mask)
-    )
+    spec = graph_spec(topo, mask) if config.learns_graph else None
     learner = None
     if config.learns:
         fuser = None
         if config.method == "gcache" and config.fusion != "concat":
             fuser = FuserConfig(num_layers=local.fns.num_layers, num_agents=len(roles), mode=config.fusion)
-        graph = planner if isinstance(planner, LearnedGraph) else None
         learner = Learner(
-            lr=config.lr, seed=config.seed, graph=graph, fuser=fuser, local=local,
+            lr=config.lr, seed=config.seed, graph=spec, fuser=fuser, local=local,
             fuser_target="reference" if config.reward == "accuracy" else "answer", team=team,
         )  # fmt: skip
+    # The planner and the communication read the learner's current parameters when they use them.
+    planner: Planner = (
+        FixedGraph(topo, mask) if spec is None else LearnedGraph(spec, [r.profile for r in roles], load_encoder(), learner)
+    )
+    comm: Communication
+    if latent:
+        comm = LatentCaches(
+            config.task, local, roles, latent_steps=config.latent_steps, latent_only=config.latent_only,
+            sink_positions=config.sink_positions, fusion=config.fusion, rollouts=rollouts, params=learner,
+        )  # fmt: skip
+    else:
+        comm = TextMessages(config.task, roles)
     stop = answer_stop(local, task_family(config.task)) if (config.stop_at_answer and local is not None) else None
     decoding = Decoding(config.max_new_tokens, temperature=config.temperature, stop=stop)
     return Pipeline(config, roles, planner, comm, decision, Speaker(config.generation_mode, local, api, decoding), learner)
