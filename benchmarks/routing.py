@@ -189,6 +189,36 @@ def routing(pipeline, items) -> tuple[dict, dict[str, dict]]:
     return {"correct": sum(routed), "n": len(routed), "accuracy": sum(routed) / max(len(routed), 1)}, per_question
 
 
+def diagnosis(per_question: dict[str, dict], policy) -> dict:
+    """Does the question reach the learned graph's decision inputs? Over the held-out worlds: the mean
+    decision-input probability of the informed keeper, of the unreliable agent and of the other
+    keepers; how often the informed keeper has the largest one, is read alone, and how often the
+    unreliable agent's cache reaches the judger (read, or upstream of a read agent along taken edges);
+    and the policy's decision-head scalars (its weight on the role-question similarity, its bias)."""
+    rows = list(per_question.values())
+    informed, liar, others, top, alone, leaks = [], [], [], 0, 0, 0
+    for r in rows:
+        p, i, lie = r.get("decision_probs"), r["informed"], r["liar"]
+        inputs = r["decision_inputs"]
+        alone += inputs == [int(j == i) for j in range(len(inputs))]
+        if lie is not None:
+            reach = reachability(torch.tensor(r["taken"], dtype=torch.bool))
+            leaks += bool(inputs[lie]) or any(bool(reach[lie, j]) and inputs[j] for j in range(len(inputs)))
+        if p is None:
+            continue
+        informed.append(p[i])
+        liar += [p[lie]] if lie is not None else []
+        others += [q for j, q in enumerate(p) if j not in (i, lie)]
+        top += max(range(len(p)), key=p.__getitem__) == i
+    n = len(rows)
+    mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
+    return {"n": n, "p_informed": mean(informed), "p_unreliable": mean(liar), "p_other_keepers": mean(others),
+            "informed_most_likely": top / n if n else None, "informed_read_alone": alone / n if n else None,
+            "unreliable_reaches_judger": leaks / n if n else None,
+            "decision_similarity": None if policy is None else float(policy.decision_similarity),
+            "decision_bias": None if policy is None else float(policy.decision_bias)}
+
+
 def train(pipeline, train_items, curve_items, args, memo: Rollouts) -> tuple[list[dict], list[dict], float]:
     """Training steps with the held-out margin curve; returns (train reward per step, held-out points, seconds)."""
     started = time.perf_counter()
@@ -291,6 +321,17 @@ def markdown(report: dict) -> str:
         cells.append("-" if acc is None else f"{acc['correct']}/{acc['n']}")
         cells += [f"{row['prompt_tokens']:.0f}", f"{row['agent_edges']:.2f}", f"{row['decision_inputs']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    d = report.get("diagnosis")
+    if d is not None:
+        f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        lines += ["", f"**Where the learned graph reads** ({d['n']} held-out worlds): mean decision-input probability "
+                  f"of the informed keeper {f(d['p_informed'])}, of the unreliable agent {f(d['p_unreliable'])}, of "
+                  f"the other keepers {f(d['p_other_keepers'])}; the informed keeper is the most likely input in "
+                  f"{f(d['informed_most_likely'])} of the worlds and read alone in {f(d['informed_read_alone'])}; the "
+                  f"unreliable agent's cache reaches the judger in {f(d['unreliable_reaches_judger'])}."
+                  + ("" if d["decision_similarity"] is None else
+                     f" The policy's weight on the role-question similarity is {d['decision_similarity']:+.2f}, "
+                     f"its decision bias {d['decision_bias']:+.2f}.")]
     lines += ["", "Learning curve (train margin reward per step; held-out mean margin on the curve worlds):", "",
               "| step | train reward | held-out margin [95% CI] |", "|---|---|---|"]
     held = {h["step"]: h for h in report["curve"]["held_out"]}
@@ -356,6 +397,7 @@ def main() -> None:
         "flags": flags,
         "methods": methods,
         "routing_accuracy": accuracy,
+        "diagnosis": diagnosis(per_question, learned.learner.policy),
         "learned_routing": per_question,
         "per_question": per_method,
         "curve": {"train": train_rewards, "held_out": held},
