@@ -186,8 +186,11 @@ def test_a_failed_training_step_is_redone_on_resume_from_the_same_parameters_and
     reference_lines = {(r["phase"], r["id"]): r for r in read_records(tmp_path / "reference" / "results.jsonl")}
     assert by.keys() == reference_lines.keys()
     for key, rs in by.items():
-        same = ("edges", "log_prob", "answer", "correct")
+        same = ("edges", "answer", "correct")
         assert {k: rs[-1][k] for k in same} == {k: reference_lines[key][k] for k in same}, key
+        # The graph's log-probability from the same parameters and features: a float32 matmul may
+        # round its last bit differently from one process state to another (2e-7 seen).
+        assert rs[-1]["log_prob"] == pytest.approx(reference_lines[key]["log_prob"], abs=1e-5), key
     assert sorted(len(rs) for key, rs in by.items() if key[0] == "train") == [1, 1, 2, 2]
 
 
