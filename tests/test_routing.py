@@ -227,3 +227,10 @@ def test_the_routing_default_reward_is_the_margin_unless_asked():
     assert build_config({"task": "routing"}).reward == "margin"
     assert build_config({"task": "routing", "reward": "likelihood"}).reward == "likelihood"
     assert build_config({"task": "gsm8k"}).reward == "likelihood"
+
+
+def test_gcache_learns_its_decision_inputs_on_routing_unless_asked_not_to():
+    assert build_config({"task": "routing"}).learn_decision_inputs is True
+    assert build_config({"task": "routing", "learn_decision_inputs": False}).learn_decision_inputs is False
+    assert build_config({"task": "routing", "method": "latent-mas"}).learn_decision_inputs is False
+    assert build_config({"task": "gsm8k"}).learn_decision_inputs is False

@@ -176,6 +176,8 @@ def build_config(explicit: dict[str, Any]) -> RunConfig:
         base = replace(base, reward="accuracy")  # text only: no local model to read a likelihood
     elif explicit.get("task") == "routing" and method != "single":
         base = replace(base, reward=ROUTING_REWARD)
+        if method == "gcache":  # which agent to read depends on the question (README, "Does gcache learn to route?")
+            base = replace(base, learn_decision_inputs=True)
     config = replace(base, **explicit)
     validate(config, explicit)
     return config
@@ -290,7 +292,7 @@ def with_api_settings(config: RunConfig) -> RunConfig:
 
 
 # The `gcache run` switch that turns a boolean field off, where it is not --no-FLAG.
-_OFF_SWITCHES = {"latent_only": "--full-cache"}
+_OFF_SWITCHES = {"latent_only": "--full-cache", "learn_decision_inputs": "--fixed-decision-inputs"}
 
 
 def resume_command(config: RunConfig) -> str:
@@ -299,8 +301,9 @@ def resume_command(config: RunConfig) -> str:
     It names every flag whose value differs from the method's default, so the resumed
     run passes the settings check; it retries errored questions (no --no-retry-errors).
     """
-    # The method's defaults in the run's generation mode (api mode has its own default reward).
-    base = build_config({"method": config.method, "generation_mode": config.generation_mode})
+    # The method's defaults for the run's task in its generation mode (api mode and the routing
+    # task have their own defaults).
+    base = build_config({"task": config.task, "method": config.method, "generation_mode": config.generation_mode})
     args = ["gcache", "run", config.task, "--method", config.method]
     if config.generation_mode != RunConfig.generation_mode:
         args += flag_args("generation_mode", config.generation_mode)
