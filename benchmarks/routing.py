@@ -1,7 +1,8 @@
 """Does gcache learn to route? The learned graph + fuser against fixed graphs, the oracle graph and
 latent-mas on held-out routing questions (gcache.io.tasks.routing), by the contrastive margin.
 
-1. Trains gcache (policy + fuser, ``--reward margin``: no decoding) on the first ``--train-size``
+1. Trains gcache (policy + fuser, ``--reward margin``: no decoding; the policy also chooses the
+   decision node's inputs, ``--learn-decision-inputs``, unless ``--fixed-decision-inputs``) on the first ``--train-size``
    routing train worlds of ``--variant``, ``--steps`` steps of ``--batch-size`` questions (cycling
    through them), recording each step's mean reward and, every ``--eval-every`` steps, the mean
    margin on the first ``--curve-size`` held-out worlds.
