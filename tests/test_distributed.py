@@ -244,11 +244,14 @@ def test_training_on_the_likelihood_reward_on_two_ranks_takes_the_steps_of_one_p
     assert close(two, one)
     # Adam scales each update by the gradient's running size, so an element whose gradient is
     # near 0 and differs in its last bits moves visibly (2.1e-4 and 1.6e-3 seen, in weights up to
-    # ~50): each parameter tensor is compared as a whole, relative to its norm.
+    # ~50): each parameter tensor is compared as a whole, relative to its norm. Measured: 1.2e-5 of
+    # the norm (policy.mlp_weight_1) under AVX2 kernels (MKL_ENABLE_INSTRUCTIONS=AVX2,
+    # ONEDNN_MAX_CPU_ISA=AVX2) on an AVX-512 EPYC, below 1e-5 with its default kernels; the bound is
+    # 1e-4, where a step that differed (Adam moves every entry by ~lr = 0.1) is off by orders more.
     first, second = (load_file(tmp_path / name / "params.safetensors") for name in ("one", "two"))
     assert first.keys() == second.keys() and first
     for k in first:
-        assert float((first[k] - second[k]).norm()) <= 1e-5 * max(float(first[k].norm()), 1.0), k
+        assert float((first[k] - second[k]).norm()) <= 1e-4 * max(float(first[k].norm()), 1.0), k
 
 
 def _alive(pid: int) -> bool:
