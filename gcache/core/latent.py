@@ -405,12 +405,13 @@ def _begin(batch: int, steps: int, pad_token_id: int, device: torch.device) -> _
 
 
 def _emit(ans: _Answers, step: int, token: Tensor, eos: Tensor, pad_token_id: int) -> tuple[_Answers, Tensor]:
-    """Write step's token [B] (pad where a row has ended); a row that emits EOS stops. -> (answers, token)."""
+    """Write step's token [B] (pad where a row has ended); a row that emits EOS stops. -> (answers, token).
+    The token buffer belongs to the loop (``_begin`` made it) and is filled in place: copying it every
+    step would cost O(rows x max_new_tokens) per token."""
     token = torch.where(ans.running, token, torch.full_like(token, pad_token_id))
     running = ans.running & ~torch.isin(token, eos)
-    tokens = ans.tokens.clone()
-    tokens[:, step] = token
-    return ans._replace(tokens=tokens, running=running, lengths=ans.lengths + running.long()), token
+    ans.tokens[:, step] = token
+    return ans._replace(running=running, lengths=ans.lengths + running.long()), token
 
 
 def _ruled(ans: _Answers, step: int, stop: Any) -> Tensor | None:

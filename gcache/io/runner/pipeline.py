@@ -330,6 +330,7 @@ class Pipeline:
     ) -> dict:  # fmt: skip
         """One results.jsonl line; ``correct`` is None where nothing was decoded."""
         tokens = {"prompt": 0, "latent": 0, "generated": 0}
+        roles = item_roles(plan.item, self.roles)
         trace = []
         nodes = sorted(out.outputs.items()) + ([(DECISION, out.decision)] if out.decision is not None else [])
         for node, o in nodes:
@@ -352,7 +353,7 @@ class Pipeline:
             "tokens": tokens,
             "seconds": round(seconds, 4),
             "edges": self._edges(plan),
-            "decision_inputs": [_agent_name(item_roles(plan.item, self.roles), j) for j, fed in enumerate(plan.topology.decision_inputs.tolist()) if fed],
+            "decision_inputs": [_agent_name(roles, j) for j, fed in enumerate(plan.topology.decision_inputs.tolist()) if fed],
             "trace": trace,
             "error": out.error,
             **({"refused": True} if out.refused else {}),
