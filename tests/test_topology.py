@@ -196,7 +196,9 @@ def test_learned_decision_inputs_log_prob_is_exact_and_sums_to_one(mode, n):
 def test_learned_decision_inputs_are_drawn_at_their_exact_frequencies(spread):
     """Mesh, N = 3, 20,000 draws of (graph, inputs) against the exact probabilities (median
     p-value of three draws > 1e-3, as above). At spread 4 some agents' p are near 0, so "at least
-    one" often forces the last agent in: the conditional draw's corner."""
+    one" often forces the last agent in: the conditional draw's corner. Seed study (logits seed s,
+    sample seeds 1000 + s, 2000 + s, 3000 + s, s in 100-119): the median held 20/20 at both spreads,
+    lowest median 0.23 (spread 1) and 0.13 (spread 4); every single draw held too, lowest p 0.013."""
     config = tp.TopologyConfig(num_agents=3, mode="mesh", wiring="learned")
     mask = tp.spatial_mask("mesh", 3)
     logits = random_logits(config, seed=8, spread=spread)._replace(decision=torch.tensor([-spread, -spread, -1.0]))
