@@ -22,6 +22,10 @@ graph starts with the same first agent, chain, star and mesh share its successor
 changes no result and saves about half of the agents' prefills. A method's seconds are those of
 its own calls, so a method that reuses rollouts looks cheaper than it would alone.
 
+Every gcache graph passes full caches (what carries information on the embedded model: the
+README's "What carries information"). ``--leave-out`` names methods not run, to fit a time budget;
+the results record them.
+
 Writes learning.json, learning.md and learning.png (the learning curve) to ``--out``.
 
     python benchmarks/learning.py            # the full benchmark (see the README for its time)
@@ -61,6 +65,7 @@ def method_flags(args: argparse.Namespace) -> dict[str, dict]:
     common = {**base_flags(args), "latent_steps": args.latent_steps}
     base = {**common, "num_agents": args.agent_nums}
     text = {k: v for k, v in base.items() if k != "latent_steps"}
+    base["latent_only"] = False  # full caches: what carries information on the embedded model (README)
     learned = {**base, "method": "gcache", "topology": "full", "reward": "likelihood", "lr": args.lr,
                "batch_size": args.batch_size}
     flags = {"learned": learned}
@@ -162,6 +167,8 @@ def markdown(report: dict) -> str:
         f"(load average {report['load_average_before']} before, {report['load_average_after']} after); "
         f"commit {(report['machine'].get('source') or {}).get('commit', '?')}.",
         "",
+        *([f"Left out to fit the time budget: {', '.join(report['settings']['left_out'])}.", ""]
+          if report["settings"].get("left_out") else []),
         "Mean log-probability per answer token (higher is better) with its 95% bootstrap CI; the paired "
         "difference learned minus the method on the same questions, with a paired bootstrap 95% CI.",
         "",
@@ -203,6 +210,9 @@ def main() -> None:
     # cores), and every method pays one prompt per agent per held-out question.
     parser.add_argument("--agent-nums", type=int, default=3, help="agents of every gcache method (gcache run's --agent-nums)")
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--leave-out", default="", metavar="NAMES",
+                        help="comma-separated methods not to run, to fit a time budget (e.g. mesh,layered,random); "
+                             "recorded in the results")
     args = parser.parse_args()
     setup(args)
     if args.smoke:
@@ -214,6 +224,12 @@ def main() -> None:
     train_items = load_items("gsm8k", "train", limit=args.train_size)
     test_items = load_items("gsm8k", "test", limit=args.test_size)
     flags = method_flags(args)
+    left_out = [name.strip() for name in args.leave_out.split(",") if name.strip()]
+    unknown = [name for name in left_out if name not in flags or name == "learned"]
+    if unknown:
+        raise SystemExit(f"--leave-out: expected names among {', '.join(n for n in flags if n != 'learned')}, got {', '.join(unknown)}")
+    flags = {name: f for name, f in flags.items() if name not in left_out}
+    args.left_out = left_out
     memo = Rollouts()  # the latent methods' shared rollouts, cleared after each batch
     pipelines, local = build_pipelines(flags, rollouts=memo)
     learned = pipelines["learned"]
@@ -247,7 +263,8 @@ def main() -> None:
     report = {
         **report_header(local, args, machine, load_before),
         "settings": {k: getattr(args, k) for k in ("train_size", "test_size", "steps", "batch_size", "eval_every",
-                                                     "curve_size", "text_mas_size", "decode_size", "latent_steps", "agent_nums", "lr")},
+                                                     "curve_size", "text_mas_size", "decode_size", "latent_steps", "agent_nums", "lr",
+                                                     "left_out")},
         "flags": flags,
         "methods": methods,
         "per_question": per_method,
