@@ -7,6 +7,7 @@ and positions; ``answer_logprobs`` must give the same numbers to 1e-4 in float32
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from gcache.io.runner.answers import (
     AnswerTarget,
     answer_inputs,
     answer_logprobs,
+    answer_logprobs_shared,
     answer_target,
     answer_tokens,
 )
@@ -209,6 +211,35 @@ def test_the_fuser_objective_is_minus_the_mean_and_gets_gradients_from_the_same_
     for c in leaves:
         assert c.keys.grad is not None and float(c.keys.grad.abs().sum()) > 0
         assert bool(torch.isfinite(c.keys.grad).all())
+
+
+def test_answers_scored_on_a_shared_context_equal_the_context_repeated_per_answer(tiny):
+    """Several answers per context (gold, other numbers, a negative one whose first token holds the
+    prefix's space, letters and programs) read on a context prompt read once: values and cache
+    gradients equal those of answer_logprobs over the repeated contexts, contexts in any order."""
+    items = mixed_items()
+    caches = latent_caches(tiny, items)
+    convs = [decision_messages(it.task, it.question, latent=c is not None) for it, c in zip(items, caches)]
+    math_item = items[0]
+    answers = [math_item, replace(math_item, gold="-3"), replace(math_item, gold="1250.5"), items[1],
+               replace(items[1], gold="A"), items[2], replace(math_item, gold="7")]  # fmt: skip
+    contexts = [0, 0, 0, 1, 1, 2, 0]
+    leaves = [None if c is None else c._replace(keys=c.keys.detach().requires_grad_(True)) for c in caches]
+    shared = answer_logprobs_shared(tiny, convs, leaves, answers, contexts)
+    shared.sum().backward()
+    got_grads = [None if c is None else c.keys.grad.clone() for c in leaves]
+    leaves = [None if c is None else c._replace(keys=c.keys.detach().requires_grad_(True)) for c in caches]
+    repeated = answer_logprobs(tiny, [convs[c] for c in contexts], [leaves[c] for c in contexts], answers)
+    repeated.sum().backward()
+    torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=0)
+    for got, c in zip(got_grads, leaves):
+        if c is not None:
+            assert float(got.abs().sum()) > 0
+            torch.testing.assert_close(got, c.keys.grad, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"contexts: expected indices in \[0, 3\)"):
+        answer_logprobs_shared(tiny, convs, caches, answers[:2], [0, 3])
+    with pytest.raises(ValueError, match="contexts: expected one context index per item"):
+        answer_logprobs_shared(tiny, convs, caches, answers[:2], [0])
 
 
 def test_an_overlong_reference_gives_a_finite_logprob_over_the_capped_tokens(tiny):

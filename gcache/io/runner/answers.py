@@ -49,6 +49,7 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from gcache.core import cache as kv
+from gcache.core.latent import prefill
 from gcache.core.objectives import AnswerBatch, answer_batch
 from gcache.core.objectives import answer_logprobs as _answer_logprobs
 from gcache.io.models.local import LocalModel, encode_chat
@@ -148,12 +149,56 @@ def answer_logprobs(
     return _answer_logprobs(local.fns, stack_contexts(local, caches), batch)
 
 
+def answer_logprobs_shared(
+    local: LocalModel,
+    conversations: Sequence[list[dict]],
+    caches: Sequence[kv.KVCache | None],
+    items: Sequence[Item],
+    contexts: Sequence[int],
+) -> Tensor:  # [R]
+    """Per answer row r, ``items[r]``'s reference answer's mean log-probability per token under the
+    decision context ``contexts[r]`` (conversation and cache), as ``answer_logprobs`` reads it, with
+    each context's prompt read once however many answers are scored on it.
+
+    Two forwards: every context's prompt but its last token on top of its cache, then per row that
+    last token, the prefix and the answer on top of its context's result (so even an answer whose
+    first token swallows the prefix has a predicting position). The values equal
+    ``answer_logprobs`` over the rows' repeated contexts up to float rounding (the tests compare).
+    Where every context is scored once, this is ``answer_logprobs`` (one forward, nothing to share).
+    Differentiable like ``answer_logprobs``. Raises ValueError when the counts differ, a context
+    index is out of range, or a cache holds several rows."""
+    _check_rows(conversations, conversations, caches)
+    if len(contexts) != len(items) or not items:
+        raise ValueError(f"contexts: expected one context index per item ({len(items)}, at least one), got {len(contexts)}")
+    if any(not 0 <= c < len(conversations) for c in contexts):
+        raise ValueError(f"contexts: expected indices in [0, {len(conversations)}), got {list(contexts)}")
+    for i, c in enumerate(caches):
+        if c is not None and c.batch_size != 1:
+            raise ValueError(f"caches[{i}]: expected a cache of one row, got {c.batch_size} rows")
+    ids, mask = encode_chat(local, list(conversations), add_generation_prompt=True)  # [C, S]
+    # Nothing to share when each context is scored once (then the values are answer_logprobs' exactly),
+    # and a context of one token has nothing to read first.
+    if len(set(contexts)) == len(contexts) or int(mask.sum(dim=1).min()) < 2:
+        return answer_logprobs(local, [conversations[c] for c in contexts], [caches[c] for c in contexts], items)
+    fns = local.fns
+    pre = prefill(fns, ids[:, :-1], mask[:, :-1], cache=stack_contexts(local, caches))
+    shared = fns.from_state(pre.state, pre.mask, pre.next_pos)  # [C] rows, left-padded
+    tails, answers = [], []
+    for c, item in zip(contexts, items):
+        prefix_ids, answer_ids = answer_tokens(local.tokenizer, answer_target(item))
+        tails.append([int(ids[c, -1])] + prefix_ids)  # left padding: every context ends in the last column
+        answers.append(answer_ids)
+    batch = AnswerBatch(*(t.to(local.device) for t in answer_batch(tails, answers, pad_token_id=local.pad_token_id)))
+    return _answer_logprobs(fns, kv.select_rows(shared, list(contexts)), batch)
+
+
 __all__ = [
     "MAX_ANSWER_TOKENS",
     "PREFIXES",
     "AnswerTarget",
     "answer_inputs",
     "answer_logprobs",
+    "answer_logprobs_shared",
     "answer_target",
     "answer_tokens",
 ]

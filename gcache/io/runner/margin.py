@@ -4,7 +4,8 @@ distractor, read from one decision context in one forward.
 For an item whose ``meta["distractors"]`` lists wrong answers (the routing task's other stated
 numbers, ``gcache.io.tasks.routing``), the margin is the gold answer's mean log-probability per token
 minus the highest of the distractors', every answer teacher-forced after the answer line's prefix
-exactly as ``gcache.io.runner.answers`` reads the gold one. > 0: the context favours the right answer
+exactly as ``gcache.io.runner.answers`` reads the gold one, the context's prompt read once for all
+of them (``answers.answer_logprobs_shared``). > 0: the context favours the right answer
 over every wrong one it could have taken from the agents.
 """
 
@@ -16,7 +17,7 @@ from typing import Sequence
 from torch import Tensor
 
 from gcache.core import cache as kv
-from gcache.io.runner.answers import answer_logprobs
+from gcache.io.runner.answers import answer_logprobs_shared
 from gcache.io.models.local import LocalModel
 from gcache.io.tasks.datasets import Item
 
@@ -40,16 +41,16 @@ def answer_scores(
         raise ValueError(
             f"items: expected one item per conversation and cache ({len(conversations)}, {len(caches)}), got {len(items)}"
         )
-    rows_conv, rows_cache, rows_item, spans = [], [], [], []
-    for conv, cache, item in zip(conversations, caches, items):
+    rows_item, rows_context, spans = [], [], []
+    for b, item in enumerate(items):
         answers = (item.gold, *((item.meta or {}).get("distractors", ()) if has_distractors(item) else ()))
         start = len(rows_item)
         for i, answer in enumerate(answers):
-            rows_conv.append(conv)
-            rows_cache.append(cache)
             rows_item.append(item if i == 0 else replace(item, gold=str(answer)))
+            rows_context.append(b)
         spans.append((start, len(rows_item)))
-    values = answer_logprobs(local, rows_conv, rows_cache, rows_item)  # [sum over items of 1 + distractors]
+    # Each decision context is read once, its answers on top of it: [sum over items of 1 + distractors].
+    values = answer_logprobs_shared(local, conversations, caches, rows_item, rows_context)
     gold = values[[start for start, _ in spans]]  # [B]
     margins: list[float | None] = [
         None if end - start == 1 else float(values[start] - values[start + 1 : end].max()) for start, end in spans
