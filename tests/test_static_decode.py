@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from gcache.core.latent import Decoding, decode_tokens, generate, prefill, rollout
 from gcache.io.models.hf import static_fns
@@ -157,3 +159,40 @@ def test_int8_decode_reads_prompts_in_float32_and_decodes_with_int8_linears():
     assert torch.equal(g.tokens, by_hand.tokens)
     with pytest.raises(ValueError, match="weights"):
         tiny_model("llama", weights="int4-decode")
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts the reads of tensor values to the host made by gcache.core's own code (each waits for
+    the device on a GPU; transformers' mask code makes its own, not counted here)."""
+
+    READS = {"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        caller = sys._getframe(1).f_code.co_filename
+        if getattr(func, "__name__", "") in self.READS and f"gcache{os.sep}core" in caller:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["dynamic", "static"])
+def test_a_decoded_token_costs_one_host_read_and_a_stop_rule_one_more(tiny, path):
+    # The loop's questions about the running rows (any running, how many held rows run, any going on)
+    # were one read each, four per token; they are now read together. Where a CPU cannot time a
+    # device sync, counting them shows it.
+    ids, mask = tiny.encode_chat(conversations())
+    fns = _static(tiny) if path == "static" else tiny.fns
+    steps, outside_loop = 9, 3  # the prompt's checks (2) and the answer's width (1)
+
+    def never(tokens, running):
+        return torch.zeros_like(running)
+
+    for decoding, per_token in ((Decoding(steps), 1), (Decoding(steps, stop=never), 2)):
+        reads = _HostReads()
+        with reads:
+            g = generate(fns, ids, mask, decoding, eos_token_ids=[])
+        assert g.tokens.shape[1] == steps
+        assert reads.count <= per_token * steps + outside_loop, reads.count

@@ -354,15 +354,16 @@ class _Held(NamedTuple):
     parked: tuple[tuple[Tensor, KVCache], ...]  # (batch indices [b], their cache [L, b, H, T_i, D]) per parking
 
 
-def _park_ended(fns: ModelFns, held: _Held, running: Tensor, mask: Tensor, next_pos: Tensor) -> _Held:
+def _park_ended(fns: ModelFns, held: _Held, running: Tensor, n_still: int, mask: Tensor, next_pos: Tensor) -> _Held:
     """Take the ended rows out of the state once at most half of the held rows still run.
 
-    running: [B] bool; mask: [B, T] bool over the state's positions; next_pos: [B] long.
-    A long answer then no longer makes every finished row pay for each of its steps.
+    running: [B] bool; n_still: how many held rows run (read by the loop with its other
+    host reads, see ``_host_reads``); mask: [B, T] bool over the state's positions; next_pos:
+    [B] long. A long answer then no longer makes every finished row pay for each of its steps.
     """
-    still = running[held.rows]  # [B']
-    if 2 * int(still.sum()) > held.rows.numel():
+    if 2 * n_still > held.rows.numel():
         return held
+    still = running[held.rows]  # [B']
     kept = fns.from_state(held.state, mask[held.rows], next_pos[held.rows])
     ended = (held.rows[~still], select_rows(kept, (~still).nonzero().flatten()))
     state = fns.to_state(select_rows(kept, still.nonzero().flatten()))
@@ -425,6 +426,19 @@ def _stopped(ans: _Answers, done: Tensor | None) -> _Answers:
     return ans if done is None else ans._replace(running=ans.running & ~done, by_rule=ans.by_rule | done)
 
 
+def _host_reads(*values: Tensor) -> list[int]:
+    """The loop's per-step scalars, read to the host in one transfer: each read waits for the
+    device, so a step makes one (with a stop rule two, besides the rule's own) rather than one
+    per question asked of the running rows."""
+    return torch.stack([v.long() for v in values]).tolist()
+
+
+def _goes(ans: _Answers, done: Tensor | None) -> bool:
+    """Whether any row runs after this step. Without a stop rule those are the running rows,
+    which the caller has just found non-empty: nothing is read."""
+    return True if done is None else bool((ans.running & ~done).any())
+
+
 def _width(ans: _Answers, steps: int) -> int:
     """Columns of ``tokens`` any row used: its answer, plus its EOS where it ended on one."""
     at_eos = ~ans.running & ~ans.by_rule
@@ -446,18 +460,19 @@ def _decode_static(fns: ModelFns, pre: Prefill, decoding: Decoding, eos: Tensor,
     fed = 0  # answer slots read back by the model
     for step in range(steps):
         ans, token = _emit(ans, step, chosen, eos, pad_token_id)
-        if not bool(ans.running.any()):
+        (running,) = _host_reads(ans.running.any())
+        if not running:
             break
         done = _ruled(ans, step, stop)  # rows the rule ends keep this token: it is read back below
-        going = ans.running if done is None else ans.running & ~done
+        goes = _goes(ans, done)
         mask[:, past + step] = ans.running  # read back even on the last step: the cache holds every answer token
         chosen, state = decode_one_token(
             fns, token, state, mask, next_pos, decoding, generator,
-            sample=step + 1 < steps and bool(going.any()), forward=static.forward,
+            sample=step + 1 < steps and goes, forward=static.forward,
         )  # fmt: skip
         fed, next_pos = step + 1, next_pos + ans.running.long()
         ans = _stopped(ans, done)
-        if not bool(ans.running.any()):
+        if not goes:  # the rows still running after _stopped are the going ones
             break
     cache = static.to_cache(state, mask[:, : past + fed], next_pos)
     return Generation(ans.tokens[:, : _width(ans, steps)].clone(), ans.lengths, ~ans.running, cache)
@@ -480,21 +495,22 @@ def _decode_dynamic(fns: ModelFns, pre: Prefill, decoding: Decoding, eos: Tensor
         token = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
         token[held.rows] = chosen
         ans, token = _emit(ans, step, token, eos, pad_token_id)
-        if not bool(ans.running.any()):
+        running, n_still = _host_reads(ans.running.any(), ans.running[held.rows].sum())
+        if not running:
             break
         done = _ruled(ans, step, stop)
-        held = _park_ended(fns, held, ans.running, mask[:, : past + fed], next_pos)
-        going = ans.running if done is None else ans.running & ~done
+        held = _park_ended(fns, held, ans.running, n_still, mask[:, : past + fed], next_pos)
+        goes = _goes(ans, done)
         mask[:, past + step] = ans.running
         rows = held.rows
         chosen, state = decode_one_token(
             fns, token[rows], held.state, mask[rows, : past + step + 1], next_pos[rows], decoding, generator,
-            sample=step + 1 < steps and bool(going.any()),
+            sample=step + 1 < steps and goes,
         )  # fmt: skip
         held = held._replace(state=state)
         fed, next_pos = step + 1, next_pos + ans.running.long()
         ans = _stopped(ans, done)
-        if not bool(ans.running.any()):
+        if not goes:  # the rows still running after _stopped are the going ones
             break
     out = fns.from_state(held.state, mask[held.rows, : past + fed], next_pos[held.rows])
     if held.parked:
