@@ -14,7 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from gcache.core.latent import Decoding, decode_tokens, generate, prefill, rollout
-from gcache.io.models.hf import static_fns
+from gcache.io.models.hf import bucket_capacity, static_fns
 from gcache.io.models.local import tiny_model
 from gcache.io.runner.config import build_config
 from gcache.io.runner.pipeline import load_local
@@ -98,6 +98,45 @@ def test_a_capacity_below_the_cache_is_refused(tiny):
     cache = rollout(tiny.fns, tiny.realign, ids, mask, latent_steps=0).cache
     with pytest.raises(ValueError, match="capacity"):
         static_fns(tiny.model).init(cache, cache.seq_len - 1)
+
+
+def test_bucket_capacities_are_few_hold_the_columns_and_waste_at_most_half():
+    grid = sorted({bucket_capacity(n) for n in range(0, 20000)})
+    assert grid[:6] == [256, 384, 512, 768, 1024, 1536]
+    assert all(b / a in (1.5, 4 / 3) for a, b in zip(grid, grid[1:]))  # powers of two and 1.5x between them
+    for n in range(0, 20000, 7):
+        size = bucket_capacity(n)
+        assert size >= n and (n <= 256 or size <= 1.5 * n)
+        assert size == min(g for g in grid if g >= n)  # the smallest of the grid, by brute force
+    with pytest.raises(ValueError, match="columns"):
+        bucket_capacity(-1)
+
+
+def test_rounded_capacities_and_a_reused_cache_decode_what_the_dynamic_path_decodes(tiny):
+    # The compiled step's cache handling, without compiling: capacities rounded up to the grid,
+    # one StaticCache per batch size and capacity refilled by every decode.
+    fns = tiny.fns._replace(static=static_fns(tiny.model, reuse=True)._replace(capacity=bucket_capacity))
+    ids, mask = tiny.encode_chat(conversations())
+    short_ids, short_mask = tiny.encode_chat(conversations(["Hi", "Yo", "Hey there"]))
+    shapes, states = [], []
+    forward = fns.static.forward
+
+    def spy(embeds, attention_mask, position_ids, state):
+        shapes.append(tuple(attention_mask.shape))
+        states.append(state.layers[0].keys.data_ptr())
+        return forward(embeds, attention_mask, position_ids, state)
+
+    spied = fns._replace(static=fns.static._replace(forward=spy))
+    first = generate(spied, ids, mask, Decoding(7), eos_token_ids=[])
+    kept = [t.clone() for t in first.cache]
+    second = generate(spied, short_ids, short_mask, Decoding(5), eos_token_ids=[])
+    assert set(shapes) == {(3, 256)} and len(set(states)) == 1  # one capacity, one cache, for both lengths
+    _same(first, generate(tiny.fns, ids, mask, Decoding(7), eos_token_ids=[]))
+    _same(second, generate(tiny.fns, short_ids, short_mask, Decoding(5), eos_token_ids=[]))
+    for got, want in zip(first.cache, kept):  # the second decode wrote into the kept StaticCache, not into
+        assert torch.equal(got, want)  # what the first returned
+    with pytest.raises(ValueError, match="capacity"):
+        generate(fns._replace(static=fns.static._replace(capacity=lambda n: n - 1)), ids, mask, Decoding(3), eos_token_ids=[])
 
 
 def test_a_model_with_sliding_window_layers_is_refused_when_loaded():

@@ -40,11 +40,15 @@ class StaticFns(NamedTuple):
         -> (last_hidden [B, 1, d], state): the new position's keys and values go in place to
         the state's next column, the same column for every row
     to_cache(state, mask [B, W] bool, next_pos [B]) -> KVCache of the state's first W columns
+    capacity(columns) -> the capacity to allocate for ``columns`` needed (>= columns): the
+        identity by default; a compiled step rounds up to a few sizes, so that batches of other
+        lengths reuse its graphs (the spare columns are masked)
     """
 
     init: Callable[[KVCache, int], State]
     forward: Callable[[Tensor, Tensor, Tensor, State], tuple[Tensor, State]]
     to_cache: Callable[[State, Tensor, Tensor], KVCache]
+    capacity: Callable[[int], int] = int
 
 
 class ModelFns(NamedTuple):
@@ -446,13 +450,17 @@ def _width(ans: _Answers, steps: int) -> int:
 
 
 def _decode_static(fns: ModelFns, pre: Prefill, decoding: Decoding, eos: Tensor, pad_token_id: int) -> Generation:
-    """The loop on ``fns.static``'s cache preallocated to ``past + max_new_tokens`` columns: every row
-    stays in the batch to the end, so every step has the same shapes (one compiled graph)."""
+    """The loop on ``fns.static``'s cache preallocated to ``past + max_new_tokens`` columns (rounded up
+    by ``static.capacity``): every row stays in the batch to the end, so every step has the same
+    shapes (one compiled graph)."""
     static = fns.static
     batch, past = pre.mask.shape
     steps, stop = decoding.max_new_tokens, decoding.stop
-    state = static.init(fns.from_state(pre.state, pre.mask, pre.next_pos), past + steps)
-    mask = torch.cat([pre.mask, pre.mask.new_zeros(batch, steps)], dim=1)  # [B, T + N]
+    capacity = static.capacity(past + steps)
+    if capacity < past + steps:
+        raise ValueError(f"fns.static.capacity: expected at least the {past + steps} columns asked for, got {capacity}")
+    state = static.init(fns.from_state(pre.state, pre.mask, pre.next_pos), capacity)
+    mask = torch.cat([pre.mask, pre.mask.new_zeros(batch, capacity - past)], dim=1)  # [B, capacity]: spare columns masked
     ans, next_pos = _begin(batch, steps, pad_token_id, pre.next_pos.device), pre.next_pos
     logits = fns.logits(pre.hidden[:, -1])  # [B, V]
     generator = _generator(decoding, logits.device)

@@ -134,23 +134,50 @@ def _layer_devices(model: PreTrainedModel) -> list[torch.device]:
     return [model.get_input_embeddings().weight.device] * config.num_hidden_layers
 
 
-def static_fns(model: PreTrainedModel, *, compile: bool = False) -> StaticFns:
+def bucket_capacity(columns: int) -> int:
+    """The smallest of 256, 384, 512, 768, 1024, 1536, ... (powers of two and 1.5x between them)
+    holding ``columns``: a compiled step then sees a few capacities, at most 1.5x the columns needed
+    past 256. Raises ValueError for a negative count."""
+    if columns < 0:
+        raise ValueError(f"columns: expected a count >= 0, got {columns}")
+    size = 256
+    while size < columns:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
+
+
+def static_fns(model: PreTrainedModel, *, compile: bool = False, reuse: bool | None = None) -> StaticFns:
     """The core's static decode step over a transformers StaticCache (see gcache.core.latent.StaticFns).
 
-    ``compile``: the step runs under ``torch.compile`` (compiled on its first call for each batch
-    size and capacity; the README says where that pays). Raises ValueError for a model whose
-    cache has layers other than full attention (sliding windows keep the dynamic path).
+    ``compile``: the step runs under ``torch.compile`` (on CUDA in ``"reduce-overhead"`` mode, which
+    replays CUDA graphs), over capacities rounded up by ``bucket_capacity``, so that batches of
+    other lengths reuse the compiled step (it compiles once per batch size and capacity).
+    ``reuse`` (default: ``compile``): one StaticCache is kept per batch size, capacity, dtype and
+    device and refilled by each ``init`` (zeroed, then the incoming cache copied in): CUDA graphs
+    replay on fixed addresses. The states of two decodes running at once would then collide: a
+    shell that decodes concurrently builds a step per thread. ``to_cache`` copies out, so what
+    a decode returns does not change with the next one.
+    Raises ValueError for a model whose cache has layers other than full attention (sliding
+    windows keep the dynamic path).
     """
     body = backbone(model)
     devices = _layer_devices(model)
     home = model.get_input_embeddings().weight.device
     if any(type(layer) is not StaticLayer for layer in StaticCache(config=model.config, max_cache_len=1).layers):
         raise ValueError(f"model: static decoding needs full-attention layers only, {type(model).__name__} has others")
+    kept: dict[tuple, StaticCache] = {}
+    reuse = compile if reuse is None else reuse
+
+    def fresh(capacity: int) -> StaticCache:
+        return StaticCache(config=model.config, max_cache_len=capacity)
 
     def init(cache: KVCache, capacity: int) -> StaticCache:
         if capacity < cache.seq_len:
             raise ValueError(f"capacity: expected at least the cache's {cache.seq_len} positions, got {capacity}")
-        state = StaticCache(config=model.config, max_cache_len=capacity)
+        key = (cache.batch_size, capacity, cache.keys.dtype, cache.keys.device)
+        state = kept.setdefault(key, fresh(capacity)) if reuse else fresh(capacity)
+        if state.is_initialized:
+            state.reset()  # zeroes the keys, values and lengths in place: the addresses stay
         for layer, dev, keys, values in zip(state.layers, devices, cache.keys, cache.values):
             layer.update(keys.to(dev), values.to(dev))  # copied into columns [0, T)
         return state
@@ -165,7 +192,10 @@ def static_fns(model: PreTrainedModel, *, compile: bool = False) -> StaticFns:
         values = torch.stack([layer.values[:, :, :width].to(home) for layer in state.layers])
         return KVCache(keys, values, mask.to(torch.bool), next_pos.to(torch.long))
 
-    return StaticFns(init, torch.compile(step) if compile else step, to_cache)
+    if not compile:
+        return StaticFns(init, step, to_cache)
+    mode = "reduce-overhead" if home.type == "cuda" else None  # CUDA graphs; elsewhere the default mode
+    return StaticFns(init, torch.compile(step, mode=mode), to_cache, bucket_capacity)
 
 
 def model_fns(model: PreTrainedModel, *, static: bool = False, compile: bool = False) -> ModelFns:
