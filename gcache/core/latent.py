@@ -468,8 +468,7 @@ def _decode_static(fns: ModelFns, pre: Prefill, decoding: Decoding, eos: Tensor,
     fed = 0  # answer slots read back by the model
     for step in range(steps):
         ans, token = _emit(ans, step, chosen, eos, pad_token_id)
-        (running,) = _host_reads(ans.running.any())
-        if not running:
+        if not bool(ans.running.any()):
             break
         done = _ruled(ans, step, stop)  # rows the rule ends keep this token: it is read back below
         goes = _goes(ans, done)

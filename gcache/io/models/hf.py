@@ -175,7 +175,9 @@ def static_fns(model: PreTrainedModel, *, compile: bool = False, reuse: bool | N
         if capacity < cache.seq_len:
             raise ValueError(f"capacity: expected at least the cache's {cache.seq_len} positions, got {capacity}")
         key = (cache.batch_size, capacity, cache.keys.dtype, cache.keys.device)
-        state = kept.setdefault(key, fresh(capacity)) if reuse else fresh(capacity)
+        if reuse and key not in kept:
+            kept[key] = fresh(capacity)
+        state = kept[key] if reuse else fresh(capacity)
         if state.is_initialized:
             state.reset()  # zeroes the keys, values and lengths in place: the addresses stay
         for layer, dev, keys, values in zip(state.layers, devices, cache.keys, cache.values):
