@@ -263,3 +263,37 @@ def test_mismatched_rows_are_refused(tiny):
     two_rows = stack_contexts(tiny, [caches[0], caches[2]])
     with pytest.raises(ValueError, match=r"caches\[0\]: expected a cache of one row"):
         answer_logprobs(tiny, convs, [two_rows, None, None], items)
+
+
+@pytest.mark.parametrize("decode_step", ["dynamic", "static"])
+def test_answer_lines_read_on_the_decodes_prompt_equal_the_context_read_again(decode_step):
+    """The answer and margin read on what the local decode kept of each context (its prompt but the
+    last token) equal the same contexts read afresh, for rows that end at different steps (the
+    dynamic loop parks the first ones) and contexts with and without a cache; a read that does not
+    end where its context does is refused."""
+    from gcache.core.latent import Decoding
+    from gcache.io.models.generation import generate_local
+    from gcache.io.runner.margin import answer_scores
+
+    lm = tiny_model("llama", seed=0, decode_step=decode_step)
+    items = mixed_items()
+    items[0] = replace(items[0], meta={"distractors": ["7", "-3"]})
+    caches = latent_caches(lm, items)
+    convs = [decision_messages(it.task, it.question, latent=c is not None) for it, c in zip(items, caches)]
+    ends = torch.tensor([1, 4, 2])  # row b stops after ends[b] tokens
+
+    def stop(tokens, running):
+        return torch.full_like(running, False) | (tokens.shape[1] >= ends)
+
+    with torch.no_grad():
+        texts = generate_local(lm, convs, Decoding(max_new_tokens=6, stop=stop), cache=stack_contexts(lm, caches))
+        assert [t.generated_tokens for t in texts] == ends.tolist()
+        reads = [t.read for t in texts]
+        assert all(r is not None and r.batch_size == 1 for r in reads)
+        got, got_margins = answer_scores(lm, convs, caches, items, reads=reads)
+        want, want_margins = answer_scores(lm, convs, caches, items)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert got_margins[0] == pytest.approx(want_margins[0], abs=1e-5) and got_margins[1:] == want_margins[1:] == [None, None]
+    shifted = reads[1]._replace(next_pos=reads[1].next_pos + 1)
+    with pytest.raises(ValueError, match=r"reads\[1\]: expected one row ending at position"):
+        answer_logprobs_shared(lm, convs, caches, items, [0, 1, 2], reads=[reads[0], shifted, reads[2]])

@@ -160,9 +160,9 @@ def test_the_reward_is_read_from_the_fusers_own_forward_and_equals_a_separate_on
     measured_rows = []
     real = pipeline_module.answer_scores
 
-    def spy(local, conversations, caches, batch_items):
+    def spy(local, conversations, caches, batch_items, **kwargs):
         measured_rows.append(len(conversations))
-        return real(local, conversations, caches, batch_items)
+        return real(local, conversations, caches, batch_items, **kwargs)
 
     monkeypatch.setattr(pipeline_module, "answer_scores", spy)
     shared = build_pipeline(config)
@@ -187,3 +187,28 @@ def test_the_reward_is_read_from_the_fusers_own_forward_and_equals_a_separate_on
             assert torch.allclose(x, y, rtol=1e-3, atol=1e-7), part
     moved = any(not torch.equal(x, y) for x, y in zip(shared.learner.params["fuser"], build_pipeline(config).learner.params["fuser"]))
     assert moved  # the step did update the fuser
+
+
+@pytest.mark.parametrize("method", ["gcache", "latent-mas", "single"])
+def test_a_decoded_answer_is_scored_on_the_decodes_read_and_equals_a_fresh_read(method, monkeypatch):
+    """Where the judger decodes, its answer line is read on top of the decode's prompt (no fresh read
+    of the context: neither the shared prefill nor the plain answer forward runs) and gives the
+    values a fresh read gives when nothing is decoded."""
+    from gcache.io.runner import answers
+    from gcache.io.runner.pipeline import build_pipeline
+    from gcache.io.tasks.datasets import load_items
+
+    extra = {"gcache": {"latent_steps": 2, "num_agents": 3, "latent_only": False}, "latent-mas": {"latent_steps": 2}}
+    flags = {"task": "gsm8k", "method": method, **TINY, "max_new_tokens": 3, **extra.get(method, {})}
+    pipeline = build_pipeline(build_config(flags))
+    items = load_items("gsm8k", "test", limit=3)
+    fresh = [r["answer_logprob"] for r in pipeline.evaluate(items, decode=False)]
+    reads = []
+    for name in ("prefill", "answer_logprobs"):
+        def counted(*args, _f=getattr(answers, name), _name=name, **kwargs):
+            reads.append(_name)
+            return _f(*args, **kwargs)
+        monkeypatch.setattr(answers, name, counted)
+    decoded = pipeline.evaluate(items, decode=True)
+    assert all(r["tokens"]["generated"] > 0 for r in decoded) and reads == []
+    assert [r["answer_logprob"] for r in decoded] == pytest.approx(fresh, abs=1e-5)

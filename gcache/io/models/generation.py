@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
+from gcache.core import cache as kv
 from gcache.core.cache import KVCache
-from gcache.core.latent import Decoding, generate
+from gcache.core.latent import Decoding, Generation, generate
 from gcache.io.models.api import ApiClient, Completion, Conversation, Message, check_conversation
 from gcache.io.models.apiconfig import API_MODES, GENERATION_MODES, LOCAL_MODES, GenerationMode, check_mode
 from gcache.io.models.local import LocalModel, decode_text, encode_chat
@@ -106,13 +108,17 @@ def with_draft(messages: Conversation, draft: str) -> list[Message]:
 # --------------------------------------------------------------------------- local
 
 
-class LocalText(NamedTuple):
-    """Text the local model decoded for one row, with its token counts."""
+@dataclass(frozen=True)
+class LocalText:
+    """Text the local model decoded for one row, with its token counts (and, not compared, what
+    the decode read of the row's context)."""
 
     text: str
     prompt_tokens: int  # tokens of this row's prompt fed to the model (padding excluded)
     latent_tokens: int  # latent steps run in this call: 0 (rollouts count their own)
     generated_tokens: int  # tokens of the answer, EOS excluded (the latent core's Generation.lengths)
+    # [L, 1, H, T, D] the cache and the prompt but its last token, as the decode read them
+    read: KVCache | None = field(default=None, compare=False, repr=False)
 
 
 @functools.lru_cache(maxsize=8)
@@ -187,25 +193,44 @@ def generate_local(
     texts = decode_text(local, gen.tokens, gen.lengths)
     prompt_tokens = attention_mask.sum(-1).tolist()
     lengths = gen.lengths.tolist()
-    return [LocalText(t, int(p), 0, int(n)) for t, p, n in zip(texts, prompt_tokens, lengths)]
+    width = (0 if cache is None else cache.seq_len) + input_ids.shape[1]
+    reads = _prompt_reads(local, gen, width)
+    return [LocalText(t, int(p), 0, int(n), r) for t, p, n, r in zip(texts, prompt_tokens, lengths, reads)]
+
+
+def _prompt_reads(local: LocalModel, gen: Generation, width: int) -> list[KVCache | None]:
+    """Per row, what the decode had read before its prompt's last token: the first ``width - 1``
+    columns of the generation's cache (the incoming cache, then the prompt; decoding only appends
+    after them), one row each, padding trimmed. A decision context's answer line is scored on it
+    (gcache.io.runner.answers) without reading the prompt again. None for every row when another
+    step decoded the answer (``fns.decoder``): its cache need not hold the prompt's exact keys."""
+    rows = gen.tokens.shape[0]
+    if local.fns.decoder is not None or width < 2:
+        return [None] * rows
+    before = kv.keep_first(gen.cache, width - 1)._replace(next_pos=gen.cache.next_pos - gen.lengths - 1)
+    return [kv.trim_padding(kv.select_rows(before, [b])) for b in range(rows)]
 
 
 # --------------------------------------------------------------------------- modes
 
 
-class Answer(NamedTuple):
+@dataclass(frozen=True)
+class Answer:
     """A decision node's answer for one row, with the tokens it cost.
 
     tokens: {"prompt", "latent", "generated"} on the local model (zeros when it was not used;
     "latent" is 0 since decoding runs no latent steps, kept so that node records sum alike);
     api_tokens: {"prompt", "completion"} as the API reported them (zeros when it was not called);
-    draft: the local model's draft in hybrid mode, else None.
+    draft: the local model's draft in hybrid mode, else None;
+    read: in ``local`` and ``hybrid`` mode, the cache and the prompt but its last token as the local
+    decode read them (``LocalText.read``), else None.
     """
 
     text: str
     tokens: dict[str, int]
     api_tokens: dict[str, int]
     draft: str | None = None
+    read: KVCache | None = field(default=None, compare=False, repr=False)  # LocalText.read of the local decode
 
 
 def _no_local() -> dict[str, int]:
@@ -272,7 +297,8 @@ def generate_answer(
     infos = _hint_infos(cache_info, len(rows)) if mode == "api_hint" else None
 
     if mode == "local":
-        return [Answer(d.text, _local_tokens(d), _no_api()) for d in generate_local(local, rows, decoding, cache=cache)]
+        done = generate_local(local, rows, decoding, cache=cache)
+        return [Answer(d.text, _local_tokens(d), _no_api(), read=d.read) for d in done]
     assert api is not None
     if mode == "api":
         done = asyncio.run(_complete_many(api, rows, decoding))
@@ -285,7 +311,7 @@ def generate_answer(
     drafts = generate_local(local, rows, decoding, cache=cache)
     prompts = [with_draft(r, d.text) for r, d in zip(rows, drafts)]
     done = asyncio.run(_complete_many(api, prompts, decoding))
-    return [Answer(c.text, _local_tokens(d), _api_tokens(c), draft=d.text) for c, d in zip(done, drafts)]
+    return [Answer(c.text, _local_tokens(d), _api_tokens(c), draft=d.text, read=d.read) for c, d in zip(done, drafts)]
 
 
 async def _complete_many(api: ApiClient, conversations: list[Conversation], decoding: Decoding) -> list[Completion]:

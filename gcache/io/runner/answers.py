@@ -38,7 +38,8 @@ prompt as ``gcache.io.models.generation.generate_local`` encodes them, read on t
 for latent methods (gcache, latent-mas), on no cache for text methods (text-mas: the judger's
 prompt holds the agents' texts; single: the one agent's prompt). It is <= 0; the higher, the
 closer the context brings the model to the right answer, whether or not greedy decoding would
-reach it.
+reach it. Where the node decoded locally, the decode has already read the context: the answer
+line is read on top of what it kept (``answer_logprobs_shared``'s ``reads``), not the prompt again.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ def answer_logprobs_shared(
     caches: Sequence[kv.KVCache | None],
     items: Sequence[Item],
     contexts: Sequence[int],
+    *,
+    reads: Sequence[kv.KVCache | None] | None = None,
 ) -> Tensor:  # [R]
     """Per answer row r, ``items[r]``'s reference answer's mean log-probability per token under the
     decision context ``contexts[r]`` (conversation and cache), as ``answer_logprobs`` reads it, with
@@ -165,8 +168,14 @@ def answer_logprobs_shared(
     first token swallows the prefix has a predicting position). The values equal
     ``answer_logprobs`` over the rows' repeated contexts up to float rounding (the tests compare).
     Where every context is scored once, this is ``answer_logprobs`` (one forward, nothing to share).
-    Differentiable like ``answer_logprobs``. Raises ValueError when the counts differ, a context
-    index is out of range, or a cache holds several rows."""
+    Differentiable like ``answer_logprobs``.
+
+    ``reads``: per context, its prompt but the last token already read on top of its cache, as the
+    local decode read it (``gcache.io.models.generation.LocalText.read``). When every context has
+    one, the first forward is skipped: only the answer lines are read, on top of them (not
+    differentiable with respect to ``caches`` then: the reads were computed apart). Raises
+    ValueError when the counts differ, a context index is out of range, a cache or read holds
+    several rows, or a read does not end where its context's prompt but the last token does."""
     _check_rows(conversations, conversations, caches)
     if len(contexts) != len(items) or not items:
         raise ValueError(f"contexts: expected one context index per item ({len(items)}, at least one), got {len(contexts)}")
@@ -176,13 +185,16 @@ def answer_logprobs_shared(
         if c is not None and c.batch_size != 1:
             raise ValueError(f"caches[{i}]: expected a cache of one row, got {c.batch_size} rows")
     ids, mask = encode_chat(local, list(conversations), add_generation_prompt=True)  # [C, S]
+    fns = local.fns
+    if reads is not None and all(r is not None for r in _checked_reads(reads, caches, mask)):
+        shared = stack_contexts(local, reads)  # [C] rows, left-padded
     # Nothing to share when each context is scored once (then the values are answer_logprobs' exactly),
     # and a context of one token has nothing to read first.
-    if len(set(contexts)) == len(contexts) or int(mask.sum(dim=1).min()) < 2:
+    elif len(set(contexts)) == len(contexts) or int(mask.sum(dim=1).min()) < 2:
         return answer_logprobs(local, [conversations[c] for c in contexts], [caches[c] for c in contexts], items)
-    fns = local.fns
-    pre = prefill(fns, ids[:, :-1], mask[:, :-1], cache=stack_contexts(local, caches))
-    shared = fns.from_state(pre.state, pre.mask, pre.next_pos)  # [C] rows, left-padded
+    else:
+        pre = prefill(fns, ids[:, :-1], mask[:, :-1], cache=stack_contexts(local, caches))
+        shared = fns.from_state(pre.state, pre.mask, pre.next_pos)  # [C] rows, left-padded
     tails, answers = [], []
     for c, item in zip(contexts, items):
         prefix_ids, answer_ids = answer_tokens(local.tokenizer, answer_target(item))
@@ -190,6 +202,26 @@ def answer_logprobs_shared(
         answers.append(answer_ids)
     batch = AnswerBatch(*(t.to(local.device) for t in answer_batch(tails, answers, pad_token_id=local.pad_token_id)))
     return _answer_logprobs(fns, kv.select_rows(shared, list(contexts)), batch)
+
+
+def _checked_reads(
+    reads: Sequence[kv.KVCache | None], caches: Sequence[kv.KVCache | None], mask: Tensor
+) -> Sequence[kv.KVCache | None]:  # fmt: skip
+    """``reads`` after checking each against its context: one row, ending one position before the
+    context's prompt does (its cache's next position plus the prompt's tokens, minus one)."""
+    if len(reads) != len(caches):
+        raise ValueError(f"reads: expected one read (or None) per conversation ({len(caches)}), got {len(reads)}")
+    tokens = mask.sum(dim=1).tolist()  # [C] real prompt tokens
+    for i, (r, c) in enumerate(zip(reads, caches)):
+        if r is None:
+            continue
+        start = 0 if c is None else int(c.next_pos[0])
+        if r.batch_size != 1 or int(r.next_pos[0]) != start + tokens[i] - 1:
+            raise ValueError(
+                f"reads[{i}]: expected one row ending at position {start + tokens[i] - 1} (its context's prompt "
+                f"but the last token), got {r.batch_size} rows ending at {r.next_pos.tolist()}"
+            )
+    return reads
 
 
 __all__ = [

@@ -65,6 +65,7 @@ class Context(NamedTuple):
     cache: kv.KVCache | None  # [L, 1, H, T, D] the fusion of its inputs' caches, else None
     info: CacheInfo | None  # the cache's size in words' terms, for api_hint (latent only)
     fusion: FusionInputs | None  # the fused inputs (latent with at least one input cache)
+    read: kv.KVCache | None = None  # once decoded locally: the cache and the prompt but its last token, as read
 
 
 Outputs = dict[Node, NodeOut]

@@ -31,10 +31,12 @@ def has_distractors(item: Item) -> bool:
 
 def answer_scores(
     local: LocalModel, conversations: Sequence[list[dict]], caches: Sequence[kv.KVCache | None], items: Sequence[Item],
+    *, reads: Sequence[kv.KVCache | None] | None = None,
 ) -> tuple[Tensor, list[float | None]]:  # fmt: skip
     """Per row, the gold answer's mean log-probability per token ([B], as ``answers.answer_logprobs``)
     and the contrastive margin (None for an item without distractors): the gold's value minus the
-    highest distractor's, all rows (gold and distractors, every item) in one forward.
+    highest distractor's, all rows (gold and distractors, every item) in one forward; ``reads``: the
+    decode's read of each context, as ``answers.answer_logprobs_shared`` takes them.
 
     Differentiable like ``answer_logprobs``; raises ValueError when the counts differ, and its errors."""
     if len(items) != len(conversations) or len(items) != len(caches):
@@ -50,7 +52,7 @@ def answer_scores(
             rows_context.append(b)
         spans.append((start, len(rows_item)))
     # Each decision context is read once, its answers on top of it: [sum over items of 1 + distractors].
-    values = answer_logprobs_shared(local, conversations, caches, rows_item, rows_context)
+    values = answer_logprobs_shared(local, conversations, caches, rows_item, rows_context, reads=reads)
     gold = values[[start for start, _ in spans]]  # [B]
     margins: list[float | None] = [
         None if end - start == 1 else float(values[start] - values[start + 1 : end].max()) for start, end in spans

@@ -278,7 +278,7 @@ class Pipeline:
         seconds = (time.perf_counter() - started) / len(rows)
         for (q, n), a, c in zip(rows, answers, read):
             outputs[q][n] = NodeOut(item_roles(plans[q].item, self.roles)[n[1]].name, None, a.text, dict(a.tokens), seconds)
-            contexts[q][n] = c
+            contexts[q][n] = c._replace(read=a.read)
 
     def _judge(
         self, plans: Sequence[Plan], outputs: list[Outputs], qs: list[int], *, step: int, decode: bool = True
@@ -296,7 +296,7 @@ class Pipeline:
         answers = self.speaker.write(contexts, seed=_seed(self.config.seed, "decode", step, key))
         seconds = (time.perf_counter() - started) / len(qs)
         return {
-            q: QuestionOut(a.text, outputs[q], NodeOut("decision", None, a.text, dict(a.tokens), seconds), c)
+            q: QuestionOut(a.text, outputs[q], NodeOut("decision", None, a.text, dict(a.tokens), seconds), c._replace(read=a.read))
             for q, a, c in zip(qs, answers, contexts)
         }
 
@@ -306,8 +306,9 @@ class Pipeline:
         """Per question, the reference answer's mean log-probability per token under the context the
         answer was (or would be) decoded from (gcache.io.runner.answers), and its contrastive margin over the
         item's distractors (gcache.io.runner.margin; None for items without), in one batched forward with no
-        gradient; None where there is no context (a failed question), no local model (API text),
-        or the row is in ``skip`` (measured elsewhere)."""
+        gradient (over the answer lines alone where the decode kept its read of every context); None
+        where there is no context (a failed question), no local model (API text), or the row is in
+        ``skip`` (measured elsewhere)."""
         local = self.speaker.local
         rows = [q for q, o in enumerate(outs) if o.context is not None and o.error is None and q not in skip]
         found: list[float | None] = [None] * len(outs)
@@ -317,7 +318,7 @@ class Pipeline:
         with torch.no_grad():
             values, contrasts = answer_scores(
                 local, [outs[q].context.conversation for q in rows], [outs[q].context.cache for q in rows],
-                [plans[q].item for q in rows],
+                [plans[q].item for q in rows], reads=[outs[q].context.read for q in rows],
             )  # fmt: skip
         for q, v, m in zip(rows, values.tolist(), contrasts):
             found[q], margins[q] = float(v), m
