@@ -47,6 +47,7 @@ PROFILE_KEYS = {
     "fusion": ("gcache/core/fusion.py", "fuse"),
     "topology (plan)": ("gcache/io/runner/planner.py", "plan"),
     "scoring": ("gcache/io/tasks/", "score_many"),
+    "answer log-probability": ("gcache/io/runner/margin.py", "answer_scores"),
 }
 
 

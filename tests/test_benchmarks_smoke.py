@@ -270,3 +270,17 @@ def test_routing_smoke_writes_its_schema(tmp_path):
     assert report["methods"]["oracle"]["decision_inputs"] == 1 and report["methods"]["oracle"]["agent_edges"] == 0
     assert 0.0 <= report["routing_accuracy"]["accuracy"] <= 1.0
     assert (tmp_path / "routing_unreliable.md").exists() and (tmp_path / "routing_unreliable.png").exists()
+
+
+def test_answer_read_smoke_times_both_reads_and_finds_them_equal(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "answer_read.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "answer_read.json").read_text())
+    assert set(report["methods"]) == {"latent-mas", "gcache"}
+    for name, m in report["methods"].items():
+        assert m["fresh_s_median"] > 0 and m["read_s_median"] > 0 and m["max_difference"] < 1e-4
+        assert len(report["per_question"][name]) == report["settings"]["n"] == 2
+    assert report["machine"]["cpu"]["isa"] is not None
