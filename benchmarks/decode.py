@@ -407,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
     partial = set(args.sections) != set(SECTIONS) and args.out.exists()
     earlier = json.loads(args.out.read_text()) if partial else {}
+    written: set[str] = set()
 
     def write(**parts) -> None:
         """Add finished parts and write the JSON, so that a run cut short keeps what it measured.
@@ -415,10 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         record (machine, commit, load) goes under ``sections_run[<section>]``.
         """
         report.update(parts, load_average_after=load_average())
-        if partial:
+        written.update(parts)
+        if partial:  # every part this run wrote so far (not only the latest) over the earlier file
             record = {k: v for k, v in report.items() if k not in MEASURED}
-            runs = {**earlier.get("sections_run", {}), **{k: record for k in parts}}
-            out = {**earlier, **parts, "sections_run": runs}
+            runs = {**earlier.get("sections_run", {}), **{k: record for k in written}}
+            out = {**earlier, **{k: report[k] for k in written}, "sections_run": runs}
         else:
             out = report
         args.out.parent.mkdir(parents=True, exist_ok=True)

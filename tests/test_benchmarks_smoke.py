@@ -148,13 +148,23 @@ def test_smoke_never_overwrites_measured_results(tmp_path):
     assert model == "tiny-llama" and int(tokens) <= 8
 
 
-def _run_smoke(script: str, out: Path) -> dict:
+def _run_smoke(script: str, out: Path, *extra: str) -> dict:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--smoke", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--smoke", "--out", str(out), *extra],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(out.read_text())
+
+
+def test_decode_run_of_some_sections_keeps_every_section_it_wrote_and_the_earlier_ones(tmp_path):
+    out = tmp_path / "decode.json"
+    out.write_text(json.dumps({"equal_work": {"kept": True}, "answers": {"stale": True}}))
+    report = _run_smoke("decode", out, "--sections", "answers", "vllm", "--variants", "bf16-model")
+    assert report["equal_work"] == {"kept": True}  # a section not run stays as it was
+    assert set(report["answers"]) >= {"fp32", "bf16-model"} and "stale" not in report["answers"]
+    assert set(report["side_by_side"]["gcache"]) == {"fp32", "bf16-model"}  # written after answers: both kept
+    assert set(report["sections_run"]) == {"answers", "side_by_side"}
 
 
 def test_topology_learning_smoke_writes_its_schema(tmp_path):
