@@ -107,7 +107,7 @@ def method_flags(args: argparse.Namespace) -> dict[str, dict]:
         common["dtype"] = args.dtype
     gc = {**common, "method": "gcache", "fusion": "learned"}
     flags = {"learned": {**gc, "topology": "full", "reward": "margin", "lr": args.lr, "batch_size": args.batch_size,
-                         "learn_decision_inputs": not args.fixed_decision_inputs}}
+                         "learn_decision_inputs": not args.fixed_decision_inputs, "edge_cost": args.edge_cost}}
     for topology in FIXED:
         flags[topology] = {**gc, "topology": topology, "optimize_spatial": False}
     flags["full (untrained)"] = {**gc, "topology": "full"}
@@ -288,6 +288,11 @@ def _ci(d: dict, sign: str = "") -> str:
     return f"{d['mean']:{sign}.3f} [{d['low']:{sign}.3f}, {d['high']:{sign}.3f}]"
 
 
+def _charged(settings: dict) -> str:
+    cost = settings.get("edge_cost") or 0.0
+    return f" minus {cost} per edge between agents" if cost else ""
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     r = report["routing_accuracy"]
@@ -296,7 +301,7 @@ def markdown(report: dict) -> str:
         "",
         f"Model {report['model']} ({report['dtype']}), {s['agent_nums']} agents per world, full caches, "
         f"{s['latent_steps']} latent steps; {s['train_size']} train worlds, {s['steps']} steps of {s['batch_size']} "
-        f"(margin reward, lr {s['lr']}), the learned graph's decision inputs "
+        f"(margin reward{_charged(s)}, lr {s['lr']}), the learned graph's decision inputs "
         f"{'fixed (the sinks)' if s.get('fixed_decision_inputs') else 'chosen by the policy'}; "
         f"{s['test_size']} held-out test worlds. Took {report['seconds']['total']:.0f} s "
         f"on {report['machine']['cpu_count']} cores, {report['threads']} threads (load average "
@@ -359,6 +364,8 @@ def main() -> None:
     parser.add_argument("--latent-steps", type=int, default=2)
     parser.add_argument("--agent-nums", type=int, default=4, help="agents per routing world (gcache run's --agent-nums)")
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--edge-cost", type=float, default=0.0,
+                        help="the learned method's cost per sampled edge between agents (gcache run's --edge-cost)")
     parser.add_argument("--fixed-decision-inputs", action="store_true",
                         help="the learned method reads the sinks, as before the policy chose its decision inputs")
     args = parser.parse_args()
@@ -394,7 +401,7 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/routing.py", *sys.argv[1:]]),
         "settings": {k: getattr(args, k) for k in ("variant", "train_size", "test_size", "steps", "batch_size", "eval_every",
                                                      "curve_size", "decode_size", "latent_steps", "agent_nums", "lr",
-                                                     "fixed_decision_inputs")},
+                                                     "fixed_decision_inputs", "edge_cost")},
         "flags": flags,
         "methods": methods,
         "routing_accuracy": accuracy,

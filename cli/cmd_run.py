@@ -66,6 +66,11 @@ def run(
         f"(accuracy + exp(log-probability)) or margin (routing only: the gold number's log-probability minus the "
         f"best distractor's) (default: {_D.reward}; margin for routing; accuracy with --generation-mode api).",
     ),
+    edge_cost: Optional[float] = typer.Option(
+        None,
+        help="Cost per sampled edge between agents: the policy is trained on reward - edge_cost * edges, "
+        "so it keeps only the edges that pay (default: 0).",
+    ),
     routing_variant: Optional[str] = typer.Option(
         None, help="routing worlds: topics (one keeper per topic) or unreliable (plus a rumor monger claiming the "
         "asked topic with a wrong number) (default: topics)."

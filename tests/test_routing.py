@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from gcache.core.cache import latent_part, select_rows, trim_padding
 from gcache.core.latent import rollout
 from gcache.core.policy import init_policy
+from gcache.core.rewards import reward
 from gcache.core.topology import TopologyConfig
 from gcache.io.models.local import encode_chat, tiny_model
 from gcache.io.records.runlog import read_records
@@ -202,6 +203,28 @@ def test_a_run_that_learns_its_decision_inputs_records_them_and_trains_them(tmp_
     assert json.loads((out / "summary.json").read_text())["config"]["learn_decision_inputs"] is True
 
 
+@pytest.mark.parametrize("task, kind", [("routing", "margin"), ("gsm8k", "likelihood")])
+def test_an_edge_cost_is_charged_on_each_train_reward_per_edge_the_graph_took(tmp_path, task, kind):
+    """--edge-cost c: a train record's reward is its task reward minus c times the edges between
+    agents its sampled graph took (on GSM8K the likelihood is then measured by the pipeline, not
+    the learner's forward, which knows no cost); eval records are not charged."""
+    cost = 0.25
+    out = tmp_path / "run"
+    args = ["run", task, "--limit", "2", "--train-size", "4", "--num-iterations", "2", "--edge-cost", str(cost),
+            "--reward", kind, *TINY, "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = read_records(out / "results.jsonl")
+    train = [r for r in records if r["phase"] == "train"]
+    assert len(train) == 4 and all(r["error"] is None for r in train)
+    taken = [sum(e["taken"] for e in r["edges"] if e["src"] != e["dst"]) for r in train]
+    assert len(set(taken)) > 1 or taken[0] > 0  # the charge is seen on graphs that took edges
+    for r, edges in zip(train, taken):
+        task_reward = reward(kind, None, r["answer_logprob"], margin=r["margin"])
+        assert r["reward"] == pytest.approx(task_reward - cost * edges, abs=1e-6)
+    assert json.loads((out / "summary.json").read_text())["config"]["edge_cost"] == cost
+
+
 BAD_ROUTING = [
     (["gsm8k", "--method", "latent-mas", "--learn-decision-inputs"],
      "--learn-decision-inputs does not apply to --method latent-mas"),
@@ -211,6 +234,10 @@ BAD_ROUTING = [
     (["routing", "--method", "single"], "--method single: a routing world needs at least 2 agents"),
     (["gsm8k", "--routing-variant", "topics"], "--routing-variant applies to the routing task, not gsm8k"),
     (["gsm8k", "--reward", "margin"], "--reward margin contrasts the gold answer"),
+    (["routing", "--edge-cost", "-0.1"], "--edge-cost: expected a finite value >= 0, got -0.1"),
+    (["routing", "--edge-cost", "nan"], "--edge-cost: expected a finite value >= 0, got nan"),
+    (["routing", "--method", "latent-mas", "--edge-cost", "0.1"], "--edge-cost does not apply to --method latent-mas"),
+    (["gsm8k", "--no-optimize-spatial", "--edge-cost", "0.1"], "--edge-cost charges the edges a policy samples"),
 ]
 
 

@@ -392,6 +392,18 @@ def test_a_resumed_run_may_change_the_api_http_settings_but_not_the_api_model(tm
         check_before_loading(replace(first, resume=True, api_model="other"))
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_with_that_settings_default(tmp_path):
+    """config.json of an older version lacks the settings added since (edge_cost): they ran at
+    the default, so resuming does not see a change; a non-default value still differs."""
+    first = build_config({"method": "gcache", "out": str(tmp_path / "x")})
+    first.out_dir.mkdir()
+    saved = {k: v for k, v in first.to_dict().items() if k != "edge_cost"}
+    (first.out_dir / "config.json").write_text(json.dumps(saved))
+    check_before_loading(replace(first, resume=True))
+    with pytest.raises(ValueError, match="edge_cost: 0.0 -> 0.5"):
+        check_before_loading(replace(first, resume=True, edge_cost=0.5))
+
+
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
 def test_weights_flag_reaches_the_runs_model(tmp_path, weights):
     from gcache.io.models.quant import WeightOnlyLinear

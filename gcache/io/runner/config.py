@@ -32,13 +32,13 @@ _METHOD_FLAGS: dict[str, set[str]] = {
     "single": set(),
     "text-mas": {
         "agents", "num_agents", "topology", "optimize_spatial", "optimize_temporal", "num_rounds",
-        "decision", "train_size", "num_iterations", "lr", "params", "reward", "learn_decision_inputs",
+        "decision", "train_size", "num_iterations", "lr", "params", "reward", "learn_decision_inputs", "edge_cost",
     },
     "latent-mas": {"latent_steps", "latent_only", "sink_positions"},
     "gcache": {
         "latent_steps", "latent_only", "sink_positions", "agents", "num_agents", "topology", "optimize_spatial",
         "optimize_temporal", "num_rounds", "decision", "fusion", "train_size", "num_iterations",
-        "lr", "params", "reward", "learn_decision_inputs",
+        "lr", "params", "reward", "learn_decision_inputs", "edge_cost",
     },
 }
 _COMMON_FLAGS = {
@@ -87,6 +87,9 @@ class RunConfig:
     # The policy's reward: accuracy, likelihood or mixed (gcache.core.rewards). likelihood by
     # default (the README says why); accuracy where no local model reads likelihoods (api mode).
     reward: str = "likelihood"
+    # Charged per sampled edge between agents: the policy is trained on reward - edge_cost * edges
+    # (G-Designer's sparsity pressure; gcache.core.reinforce.penalize_edges). 0: no charge.
+    edge_cost: float = 0.0
     limit: int | None = None
     question_id: int | None = None
     model: str = "smollm2-135m"
@@ -233,6 +236,11 @@ def validate(config: RunConfig, explicit: dict[str, Any] | None = None) -> None:
         raise ValueError(f"--temperature: expected a value >= 0, got {config.temperature}")
     if not config.lr > 0:
         raise ValueError(f"--lr: expected a positive learning rate, got {config.lr}")
+    if not (config.edge_cost >= 0 and math.isfinite(config.edge_cost)):
+        raise ValueError(f"--edge-cost: expected a finite value >= 0, got {config.edge_cost}")
+    if config.edge_cost and not config.learns_graph:
+        raise ValueError("--edge-cost charges the edges a policy samples: it needs a learned graph "
+                         "(--optimize-spatial, --optimize-temporal or --learn-decision-inputs)")
     if "routing_variant" in explicit and config.task != "routing":
         raise ValueError(f"--routing-variant applies to the routing task, not {config.task}")
     if config.reward == "margin" and config.task != "routing":

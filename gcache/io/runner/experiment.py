@@ -63,9 +63,12 @@ def check_before_loading(config: RunConfig) -> None:
     if config.resume and (out / CONFIG).exists():
         saved = json.loads((out / CONFIG).read_text())
         how = ("resume", "retry_errors", "out", "device", "threads", "dtype", "compile", *API_HTTP_FLAGS)
+        # A setting the saved config lacks was added since that run: it ran with the setting's default.
+        defaults = RunConfig().to_dict()
         changed = {
-            k: (saved.get(k), v) for k, v in config.to_dict().items() if k not in how and saved.get(k) != v
-        }
+            k: (saved.get(k, defaults[k]), v) for k, v in config.to_dict().items()
+            if k not in how and saved.get(k, defaults[k]) != v
+        }  # fmt: skip
         if changed:
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(f"--resume: the settings differ from the run in {out} ({diff})")

@@ -31,7 +31,7 @@ from gcache.core.fusion import FuserConfig
 from gcache.core.graph import DECISION, Node
 from gcache.core.latent import Decoding
 from gcache.core.rewards import reward
-from gcache.core.topology import TopologyConfig
+from gcache.core.topology import TopologyConfig, num_edges
 from gcache.io.models.api import ApiClient, ApiOutageError
 from gcache.io.models.embed import load_encoder
 from gcache.io.models.generation import Answer, answer_stop, generate_answer
@@ -142,7 +142,8 @@ class Pipeline:
         contrasted = any(has_distractors(p.item) for p in plans)
         try:
             outs = self._answer(plans, step=step, decode=decode)
-            if self.learner is not None and self.learner.measures_answers and not contrasted:
+            # The learner's forward measures rewards without the edge cost: with one, they are measured here.
+            if self.learner is not None and self.learner.measures_answers and not contrasted and not self.config.edge_cost:
                 shared = set(self.learner.fused_rows([o.judged for o in outs]))
             logprobs, margins = self._answer_logprobs(plans, outs, skip=shared)
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
@@ -157,6 +158,9 @@ class Pipeline:
                 None if q in shared else reward(self.config.reward, c, lp, margin=m)
                 for q, (c, lp, m) in enumerate(zip(correct, logprobs, margins))
             ]  # fmt: skip
+            if self.config.edge_cost:  # reward - edge_cost * edges (gcache.core.reinforce.penalize_edges), per row
+                cost = self.config.edge_cost
+                rewards = [None if r is None else r - cost * int(num_edges(p.topology)) for p, r in zip(plans, rewards)]
         losses: dict[str, float] = {}
         if self.learner is not None:
             # Every process of a team calls the step, even on a failed batch: they agree to skip it together.
