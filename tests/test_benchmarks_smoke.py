@@ -167,6 +167,21 @@ def test_decode_run_of_some_sections_keeps_every_section_it_wrote_and_the_earlie
     assert set(report["sections_run"]) == {"answers", "side_by_side"}
 
 
+def test_latentmas_side_without_a_checkout_skips_in_one_line(tmp_path):
+    """benchmarks/latentmas_side.py times the LatentMAS reference from a checkout; without one (CI) its
+    smoke run says so in one line, exits 0 and writes nothing."""
+    missing = tmp_path / "no-latentmas-checkout"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "latentmas_side.py"), "--smoke", "--out", str(tmp_path),
+         "--reference-dir", str(missing)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and "skipped" in lines[0] and str(missing) in lines[0], done.stdout
+    assert not list(tmp_path.glob("*.json"))
+
+
 def test_topology_learning_smoke_writes_its_schema(tmp_path):
     report = _run_smoke("topology_learning", tmp_path / "topology_learning.json")
     for variant in ("with_baseline", "without_baseline"):
