@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import gcache.testing as gt
-from gcache.core.graph import DECISION, schedule
+from gcache.core.graph import DECISION, live_nodes, schedule
 from gcache.core.sampling import fixed_topology, sample_topology
 from gcache.core.topology import Topology, TopologyConfig, spatial_mask
 
@@ -73,6 +73,45 @@ def test_decision_node_is_reachable_from_every_agent_of_the_last_round(case, see
                         changed = True
     missing = [j for j in range(case.config.num_agents) if (last, j) not in reaches]
     assert not missing, f"agents {missing} of the last round never reach the decision node"
+
+
+def _closure_to(topology: Topology, rounds: int, targets: list) -> set:
+    """Brute force: the (round, agent) nodes with a path to a target (or that are one), from the
+    transitive closure of the round-expanded adjacency matrix (decision node last)."""
+    n = topology.spatial.shape[0]
+    index = {(r, j): r * n + j for r in range(rounds) for j in range(n)}
+    index[DECISION] = rounds * n
+    adj = torch.zeros(rounds * n + 1, rounds * n + 1, dtype=torch.bool)
+    for r in range(rounds):
+        adj[r * n : (r + 1) * n, r * n : (r + 1) * n] = topology.spatial
+        if r > 0:
+            adj[(r - 1) * n : r * n, r * n : (r + 1) * n] = topology.temporal
+    adj[(rounds - 1) * n : rounds * n, rounds * n] = topology.decision_inputs
+    reach = adj | torch.eye(len(adj), dtype=torch.bool)
+    for _ in range(len(adj).bit_length()):
+        reach = reach | ((reach.float() @ reach.float()) > 0)
+    return {v for v, i in index.items() if v != DECISION and any(bool(reach[i, index[t]]) for t in targets)}
+
+
+@given(gt.topology_cases(num_agents=st.integers(1, 5), num_rounds=st.integers(1, 3)), st.integers(0, 2**31),
+       st.lists(st.tuples(st.integers(0, 2), st.integers(0, 4)), max_size=2))
+def test_live_nodes_are_exactly_those_with_a_path_to_the_decision_or_an_answering_node(case, seed, answering):
+    topology = _sampled(case, seed)
+    n, rounds = case.config.num_agents, case.config.num_rounds
+    answering = [(r, j) for r, j in answering if r < rounds and j < n]
+    sched = schedule(topology, rounds)
+    assert live_nodes(sched, answering) == _closure_to(topology, rounds, [DECISION, *answering])
+    if case.config.wiring != "learned" and rounds == 1:  # the fixed wirings reach every agent of one round
+        assert live_nodes(sched) == {(0, j) for j in range(n)}
+
+
+def test_live_nodes_refuse_an_answering_node_the_schedule_does_not_run():
+    config = TopologyConfig(3, mode="chain", optimize_spatial=False, optimize_temporal=False, wiring="sinks")
+    sched = schedule(fixed_topology(spatial_mask("chain", 3), config), 1)
+    with pytest.raises(ValueError, match=r"answering: expected agent nodes of the schedule, got \[\(0, 5\)\]"):
+        live_nodes(sched, [(0, 5)])
+    with pytest.raises(ValueError, match="answering"):
+        live_nodes(sched, [DECISION])
 
 
 def test_chain_runs_one_agent_per_wave_and_mesh_too():

@@ -16,11 +16,13 @@ from safetensors.torch import load_file
 from test_answers import reference_logprob
 from typer.testing import CliRunner
 
+import gcache.io.runner.pipeline as pipeline_module
 from gcache.core.cache import latent_part, select_rows, trim_padding
+from gcache.core.graph import DECISION, schedule
 from gcache.core.latent import rollout
 from gcache.core.policy import init_policy
 from gcache.core.rewards import reward
-from gcache.core.topology import TopologyConfig
+from gcache.core.topology import Topology, TopologyConfig
 from gcache.io.models.local import encode_chat, tiny_model
 from gcache.io.records.runlog import read_records
 from gcache.io.runner.answers import answer_target
@@ -28,6 +30,8 @@ from gcache.io.runner.communication import LatentCaches
 from gcache.io.runner.config import build_config
 from gcache.io.runner.experiment import run_experiment
 from gcache.io.runner.margin import answer_scores
+from gcache.io.runner.pipeline import build_pipeline
+from gcache.io.runner.planner import Plan
 from gcache.io.runner.prompts import agent_messages, agent_roles, decision_messages
 from gcache.io.tasks.datasets import load_items as load_task_items
 from gcache.io.tasks.routing import MAX_AGENTS, SPLIT_SIZE, VARIANTS, RoutingOptions, load_items, world
@@ -173,8 +177,10 @@ def test_gcache_run_routing_works_and_records_the_margin(tmp_path, extra):
     assert [r["phase"] for r in records] == ["train"] * 2 + ["eval"] * 4
     for r in records:
         assert r["error"] is None and math.isfinite(r["margin"]) and math.isfinite(r["answer_logprob"])
-        world_roles = [t["role"] for t in r["trace"] if t["node"] != "decision"]
-        assert len(world_roles) == 4 and any(name.endswith("Keeper") for name in world_roles)
+        # The agents run are those with a path to the decision node (live_nodes): its inputs among them.
+        run = {f"{t['node'].split(':a')[1]}:{t['role']}" for t in r["trace"] if t["node"] != "decision"}
+        assert 1 <= len(run) <= 4 and set(r["decision_inputs"]) <= run
+        assert all(name.endswith("Keeper") or "Rumor" in name for name in run), run
     train = [r for r in records if r["phase"] == "train"]
     if not extra:  # the routing default: the margin is the reward, nothing is decoded to train
         assert all(r["reward"] == pytest.approx(r["margin"]) and r["tokens"]["generated"] == 0 for r in train)
@@ -223,6 +229,45 @@ def test_an_edge_cost_is_charged_on_each_train_reward_per_edge_the_graph_took(tm
         task_reward = reward(kind, None, r["answer_logprob"], margin=r["margin"])
         assert r["reward"] == pytest.approx(task_reward - cost * edges, abs=1e-6)
     assert json.loads((out / "summary.json").read_text())["config"]["edge_cost"] == cost
+
+
+class _InformedOnly:
+    """A planner whose graph has no edge and feeds the decision node from the informed agent alone."""
+
+    def plan(self, item, params=None, *, train=False, seed=0):
+        n = len(item.meta["roles"])
+        inputs = torch.zeros(n, dtype=torch.bool)
+        inputs[item.meta["informed"]] = True
+        none = torch.zeros(n, n, dtype=torch.bool)
+        topology = Topology(none, none.clone(), torch.arange(n), inputs, torch.zeros(()))
+        return Plan(item, topology, schedule(topology, 1), None, None, None)
+
+
+@pytest.mark.parametrize("method, extra", [("gcache", {"latent_steps": 2}), ("text-mas", {})])
+def test_agents_with_no_path_to_the_decision_are_not_run_and_change_no_answer(monkeypatch, method, extra):
+    """The pipeline runs only live_nodes: on a graph that reads the informed agent alone, the other
+    three agents leave the trace and their prompt tokens go, while the answer, its log-probability
+    and the margin equal those of running every agent (live_nodes replaced by all nodes)."""
+    config = build_config({"task": "routing", "method": method, "model": "tiny-llama", "max_new_tokens": 4,
+                           "num_iterations": 0, **extra})  # fmt: skip
+    items = load_items("test", limit=2, seed=3, options=RoutingOptions("topics", 4))
+
+    def answered():
+        pipeline = build_pipeline(config)
+        pipeline.planner = _InformedOnly()
+        return pipeline.evaluate(items)
+
+    pruned = answered()
+    monkeypatch.setattr(pipeline_module, "live_nodes", lambda sched, answering=(): frozenset(sched.inputs) - {DECISION})
+    everyone = answered()
+    for a, b, item in zip(pruned, everyone, items):
+        assert [t["node"] for t in a["trace"]] == [f"r0:a{item.meta['informed']}", "decision"]
+        assert len(b["trace"]) == 5
+        assert a["answer"] == b["answer"] and a["prediction"] == b["prediction"]
+        # float32 rounding depends on the batch's rows (fewer agents run alongside): 1e-4, not exact.
+        assert a["margin"] == pytest.approx(b["margin"], abs=1e-4)
+        assert a["answer_logprob"] == pytest.approx(b["answer_logprob"], abs=1e-4)
+        assert a["tokens"]["prompt"] < b["tokens"]["prompt"]
 
 
 BAD_ROUTING = [

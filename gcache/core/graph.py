@@ -9,13 +9,14 @@ A question's execution graph has one node per (round, agent) and one decision no
 Nodes run in waves: a node's wave is its depth, the longest path from a node without
 predecessors, so every node of a wave can run at once (one batched forward), after all its
 predecessors. A ``Schedule`` is immutable and holds no tensors; every method's graph (learned,
-fixed, LatentMAS's chain, a single agent) is executed from one.
+fixed, LatentMAS's chain, a single agent) is executed from one. ``live_nodes`` names the agents
+whose work reaches the decision: a graph that leaves an agent without a path to it need not run it.
 """
 
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Mapping, NamedTuple
+from typing import Iterable, Mapping, NamedTuple
 
 from torch import Tensor
 
@@ -89,6 +90,27 @@ def schedule(
     return Schedule(n, num_rounds, _waves(inputs, n, num_rounds), MappingProxyType(inputs))
 
 
+def live_nodes(schedule: Schedule, answering: Iterable[Node] = ()) -> frozenset[Node]:
+    """The agent nodes whose output is used: those with a path of edges to the decision node or to
+    a node of ``answering`` (agents whose own text is used, e.g. the answering agent of a decision
+    rule), those nodes included. Any other agent's work reaches nobody.
+
+    Raises ValueError when ``answering`` names a node the schedule does not run.
+    """
+    answering = tuple(answering)
+    unknown = [v for v in answering if v == DECISION or v not in schedule.inputs]
+    if unknown:
+        raise ValueError(f"answering: expected agent nodes of the schedule, got {unknown}")
+    live: set[Node] = set()
+    pending = [*schedule.sources(DECISION), *answering]
+    while pending:
+        node = pending.pop()
+        if node not in live:
+            live.add(node)
+            pending.extend(schedule.sources(node))
+    return frozenset(live)
+
+
 def _waves(inputs: Mapping[Node, tuple[Edge, ...]], n: int, num_rounds: int) -> tuple[tuple[Node, ...], ...]:
     """Agent nodes grouped by depth. Rounds run in order; within a round, agents are visited in
     rounds of relaxation until every depth is known (at most N passes for a DAG of N agents)."""
@@ -108,4 +130,4 @@ def _waves(inputs: Mapping[Node, tuple[Edge, ...]], n: int, num_rounds: int) -> 
     return tuple(tuple(waves[d]) for d in sorted(waves))
 
 
-__all__ = ["DECISION", "Edge", "Node", "Schedule", "schedule"]
+__all__ = ["DECISION", "Edge", "Node", "Schedule", "live_nodes", "schedule"]

@@ -221,6 +221,8 @@ def _inspect_one(pipeline: Pipeline, item: Item, top_k: int) -> QuestionInspecti
     agents, fusions, provenance = [], [], {}
     for wave in sched.waves:
         for node in wave:
+            if node not in out.outputs:  # no path to the decision: the pipeline did not run it
+                continue
             ctx = comm.context(item, sched, out.outputs, node)
             inputs = _cache_inputs(sched, out.outputs, node)
             if len(inputs) > 1:

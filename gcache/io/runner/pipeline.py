@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 
 from gcache.core.fusion import FuserConfig
-from gcache.core.graph import DECISION, Node
+from gcache.core.graph import DECISION, Node, live_nodes
 from gcache.core.latent import Decoding
 from gcache.core.rewards import reward
 from gcache.core.topology import TopologyConfig, num_edges
@@ -252,8 +252,13 @@ class Pipeline:
             outputs: list[Outputs] = [{} for _ in plans]
             contexts: list[dict[Node, Context]] = [{} for _ in plans]  # of the agents that wrote text
             speakers = [self.decision.speakers(p.schedule) for p in plans]
+            # Agents with no path to the decision node (or to a speaker whose text is used) are not run.
+            live = [live_nodes(p.schedule, speakers[q]) for q, p in enumerate(plans)]
             for depth in range(max(len(p.schedule.waves) for p in plans)):
-                waves = [p.schedule.waves[depth] if depth < len(p.schedule.waves) else () for p in plans]
+                waves = [
+                    tuple(n for n in p.schedule.waves[depth] if n in live[q]) if depth < len(p.schedule.waves) else ()
+                    for q, p in enumerate(plans)
+                ]  # fmt: skip
                 rows = [(q, n) for q, wave in enumerate(waves) for n in wave]
                 think = [(q, n) for q, n in rows if self._thinks(speakers[q], n)]
                 speak = [(q, n) for q, n in rows if not self._thinks(speakers[q], n)]
