@@ -105,7 +105,9 @@ def method_flags(args: argparse.Namespace) -> dict[str, dict]:
               "num_agents": args.agent_nums}  # fmt: skip
     if args.dtype is not None:
         common["dtype"] = args.dtype
-    gc = {**common, "method": "gcache", "fusion": "learned"}
+    # Every method but the learned one reads its graph's sinks: gcache on routing learns its decision
+    # inputs by default, which would hand the fixed graphs an untrained policy's choice of inputs.
+    gc = {**common, "method": "gcache", "fusion": "learned", "learn_decision_inputs": False}
     flags = {"learned": {**gc, "topology": "full", "reward": "margin", "lr": args.lr, "batch_size": args.batch_size,
                          "learn_decision_inputs": not args.fixed_decision_inputs, "edge_cost": args.edge_cost}}
     for topology in FIXED:
@@ -115,7 +117,8 @@ def method_flags(args: argparse.Namespace) -> dict[str, dict]:
     # `--method latent-mas` is a chain of three agents (--agent-nums does not apply to it), which a
     # world of K != 3 agents refuses; its structure on the world's K agents is gcache's chain with
     # concat fusion (LATENT_MAS_DEFAULTS: chain, concat, full caches, no learning).
-    flags["latent-mas"] = {**common, "method": "gcache", "topology": "chain", "optimize_spatial": False, "fusion": "concat"}
+    flags["latent-mas"] = {**common, "method": "gcache", "topology": "chain", "optimize_spatial": False, "fusion": "concat",
+                           "learn_decision_inputs": False}
     return flags
 
 

@@ -301,6 +301,11 @@ def test_routing_smoke_writes_its_schema(tmp_path):
         assert math.isfinite(row["margin"]["mean"]) and math.isfinite(row["answer_logprob"]["mean"])
         assert (name == "learned") == ("learned_minus_margin" not in row)
     assert report["methods"]["oracle"]["decision_inputs"] == 1 and report["methods"]["oracle"]["agent_edges"] == 0
+    # Only the learned method chooses its decision inputs; the fixed graphs and latent-mas read their sinks
+    # (gcache's routing default would give them an untrained policy's choice).
+    assert [n for n, f in report["flags"].items() if f.get("learn_decision_inputs", True)] == ["learned"]
+    for name in ("chain", "latent-mas"):  # a chain has one sink: its decision node reads one agent
+        assert report["methods"][name]["decision_inputs"] == 1, name
     assert 0.0 <= report["routing_accuracy"]["accuracy"] <= 1.0
     assert (tmp_path / "routing_unreliable.md").exists() and (tmp_path / "routing_unreliable.png").exists()
 
