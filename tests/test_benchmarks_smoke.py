@@ -308,6 +308,21 @@ def test_routing_smoke_writes_its_schema(tmp_path):
         assert report["methods"][name]["decision_inputs"] == 1, name
     assert 0.0 <= report["routing_accuracy"]["accuracy"] <= 1.0
     assert (tmp_path / "routing_unreliable.md").exists() and (tmp_path / "routing_unreliable.png").exists()
+    # routing_baselines.py evaluates the baselines again on the same worlds and keeps the learned values.
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "routing_baselines.py"), str(tmp_path / "routing_unreliable.json"),
+         "--smoke", "--out", str(tmp_path / "again")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    redone = json.loads((tmp_path / "again" / "routing_unreliable_baselines.json").read_text())
+    assert set(redone["methods"]) == names
+    first = list(report["per_question"]["learned"])[:2]
+    assert redone["methods"]["learned"]["margin"]["mean"] == pytest.approx(
+        sum(report["per_question"]["learned"][q]["margin"] for q in first) / 2)
+    for name in names - {"learned"}:  # same worlds, same settings: the baselines' values come back
+        for q in first:
+            assert redone["per_question"][name][q]["margin"] == pytest.approx(report["per_question"][name][q]["margin"], abs=1e-4)
 
 
 def test_answer_read_smoke_times_both_reads_and_finds_them_equal(tmp_path):
