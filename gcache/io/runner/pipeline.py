@@ -30,6 +30,7 @@ import torch
 from gcache.core.fusion import FuserConfig
 from gcache.core.graph import DECISION, Node, live_nodes
 from gcache.core.latent import Decoding
+from gcache.core.reinforce import penalize_edges
 from gcache.core.rewards import reward
 from gcache.core.topology import TopologyConfig, num_edges
 from gcache.io.models.api import ApiClient, ApiOutageError
@@ -158,9 +159,9 @@ class Pipeline:
                 None if q in shared else reward(self.config.reward, c, lp, margin=m)
                 for q, (c, lp, m) in enumerate(zip(correct, logprobs, margins))
             ]  # fmt: skip
-            if self.config.edge_cost:  # reward - edge_cost * edges (gcache.core.reinforce.penalize_edges), per row
-                cost = self.config.edge_cost
-                rewards = [None if r is None else r - cost * int(num_edges(p.topology)) for p, r in zip(plans, rewards)]
+            if self.config.edge_cost:  # no row is shared then: every reward is a number
+                edges = torch.stack([num_edges(p.topology) for p in plans])
+                rewards = penalize_edges(torch.tensor(rewards, dtype=torch.float64), edges, self.config.edge_cost).tolist()
         losses: dict[str, float] = {}
         if self.learner is not None:
             # Every process of a team calls the step, even on a failed batch: they agree to skip it together.
