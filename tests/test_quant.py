@@ -26,9 +26,19 @@ LINEAR_RTOL = {"bf16": 0.01, "int8": 0.02}
 # The same for the last hidden state of a whole prefill of the tiny models (2 layers of large
 # random weights, whose attention amplifies rounding): measured bf16 1-5%, int8 2-6%.
 HIDDEN_RTOL = {"bf16": 0.1, "int8": 0.1}
-# Batched and row-by-row runs of one variant differ only by float32 summation order, which
-# the reduced weights do not change: the same tolerance as the float32 batch tests.
+# Batched and row-by-row runs of one variant differ only by summation order inside the
+# kernels. Both variants round each linear's output to bf16, so a different order now and then
+# flips that rounding by one bf16 step (up to 1/16 at the caches' scale of ~8), and later
+# layers and latent steps carry the flip on. Measured by tests/quant_spread.py on the tiny
+# models (8 seeds each, llama and qwen3, default and AVX2-only oneDNN/MKL, 1 and 2 threads, on
+# a Xeon with AMX): most runs are bit-identical; the rest have at most 0.93% of the cache
+# elements beyond the float32 tolerance BATCH_TOL, and every element within 0.081 * (1 +
+# |value|). The bounds below are 3x that spread; a planted bug (the batched rows attend to
+# their padding) moves 41% of the elements, by up to 2.6-5.1 * (1 + |value|). The generated
+# tokens must be equal.
 BATCH_TOL = 2e-3
+FLIP_SHARE = 0.03
+FLIP_TOL = 0.25
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
@@ -112,6 +122,7 @@ def test_variant_batched_equals_one_by_one(variant):
     ids, mask = lm.encode_chat(conversations())
     g = generate(lm.fns, ids, mask, Decoding(6), eos_token_ids=lm.eos_token_ids)
     r = rollout(lm.fns, lm.realign, ids, mask, latent_steps=2)
+    flipped = []
     for b, q in enumerate(QUESTIONS):
         ids1, mask1 = lm.encode_chat(conversations([q]))
         g1 = generate(lm.fns, ids1, mask1, Decoding(6), eos_token_ids=lm.eos_token_ids)
@@ -119,7 +130,11 @@ def test_variant_batched_equals_one_by_one(variant):
         assert int(g.lengths[b]) == n and g.tokens[b, :n].tolist() == g1.tokens[0, :n].tolist()
         r1 = rollout(lm.fns, lm.realign, ids1, mask1, latent_steps=2)
         for got, want in zip(real_positions(r.cache, b), real_positions(r1.cache, 0)):
-            assert torch.allclose(got, want, atol=BATCH_TOL, rtol=BATCH_TOL)
+            ratio = (got - want).abs() / (1 + want.abs())  # allclose's test with atol = rtol
+            assert float(ratio.max()) <= FLIP_TOL, (b, float(ratio.max()))
+            flipped.append((ratio > BATCH_TOL).float().flatten())
+    share = float(torch.cat(flipped).mean())
+    assert share <= FLIP_SHARE, share
 
 
 def test_variant_keeps_the_stop_rule_sampling_and_finished_row_removal(variant):
