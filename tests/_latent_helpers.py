@@ -25,6 +25,21 @@ def real_positions(cache: KVCache, row: int) -> tuple[Tensor, Tensor]:
     return cache.keys[:, row][:, :, keep], cache.values[:, row][:, :, keep]
 
 
+def batch_drift(batched: KVCache, alone: list[KVCache], tol: float) -> tuple[float, float]:
+    """How far a batched run's caches are from each row's run alone, over their real positions.
+
+    Returns the largest |batched - alone| / (1 + |alone|) (allclose's test with atol = rtol) and
+    the share of elements above ``tol`` by that measure; ``alone[b]`` is row b's one-row cache.
+    """
+    worst, beyond = 0.0, []
+    for b, single in enumerate(alone):
+        for got, want in zip(real_positions(batched, b), real_positions(single, 0)):
+            ratio = (got - want).abs() / (1 + want.abs())
+            worst = max(worst, float(ratio.max()))
+            beyond.append((ratio > tol).float().flatten())
+    return worst, float(torch.cat(beyond).mean())
+
+
 def hf_logits(model, input_ids: Tensor) -> Tensor:
     """The full transformers model's logits [B, S, V] for unpadded prompts (the reference)."""
     with torch.no_grad():

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gcache.core.latent import rollout  # noqa: E402
 from gcache.io.models.local import tiny_model  # noqa: E402
-from tests._latent_helpers import QUESTIONS, conversations, real_positions  # noqa: E402
+from tests._latent_helpers import QUESTIONS, batch_drift, conversations  # noqa: E402
 from tests.test_quant import BATCH_TOL  # noqa: E402
 
 
@@ -27,15 +27,8 @@ def spread(arch: str, weights: str, seed: int) -> tuple[float, float]:
     lm = tiny_model(arch, seed=seed, weights=weights)
     ids, mask = lm.encode_chat(conversations())
     batched = rollout(lm.fns, lm.realign, ids, mask, latent_steps=2)
-    worst, flipped = 0.0, []
-    for b, q in enumerate(QUESTIONS):
-        ids1, mask1 = lm.encode_chat(conversations([q]))
-        alone = rollout(lm.fns, lm.realign, ids1, mask1, latent_steps=2)
-        for got, want in zip(real_positions(batched.cache, b), real_positions(alone.cache, 0)):
-            ratio = (got - want).abs() / (1 + want.abs())
-            worst = max(worst, float(ratio.max()))
-            flipped.append((ratio > BATCH_TOL).float().flatten())
-    return worst, float(torch.cat(flipped).mean())
+    alone = [rollout(lm.fns, lm.realign, *lm.encode_chat(conversations([q])), latent_steps=2).cache for q in QUESTIONS]
+    return batch_drift(batched.cache, alone, BATCH_TOL)
 
 
 def main() -> None:
