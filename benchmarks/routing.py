@@ -223,8 +223,35 @@ def diagnosis(per_question: dict[str, dict], policy) -> dict:
             "decision_bias": None if policy is None else float(policy.decision_bias)}
 
 
+def policy_snapshot(pipeline, items) -> dict | None:
+    """The policy on ``items`` now: mean decision-input probability of the informed keeper, of the
+    unreliable agent and of the other keepers, the mean edge probability, and the decision head's
+    scalars (its weight on the role-question similarity, its bias). None without a learned policy."""
+    policy = pipeline.learner.policy if pipeline.learner is not None else None
+    if policy is None:
+        return None
+    informed, liar, others, edges = [], [], [], []
+    for item in items:
+        plan = pipeline.planner.plan(item, train=False, seed=0)
+        with torch.no_grad():
+            logits = policy_logits(policy, plan.features, pipeline.planner.role_adjacency)
+        edges.append(float(plan.spatial_probs.mean()))
+        if logits.decision is None:
+            continue
+        p = torch.sigmoid(logits.decision).tolist()
+        i, lie = item.meta["informed"], item.meta.get("liar")
+        informed.append(p[i])
+        liar += [p[lie]] if lie is not None else []
+        others += [q for j, q in enumerate(p) if j not in (i, lie)]
+    mean = lambda v: round(sum(v) / len(v), 4) if v else None  # noqa: E731
+    return {"p_informed": mean(informed), "p_unreliable": mean(liar), "p_other_keepers": mean(others),
+            "edge_prob": mean(edges), "decision_similarity": round(float(policy.decision_similarity), 4),
+            "decision_bias": round(float(policy.decision_bias), 4)}
+
+
 def train(pipeline, train_items, curve_items, args, memo: Rollouts) -> tuple[list[dict], list[dict], float]:
-    """Training steps with the held-out margin curve; returns (train reward per step, held-out points, seconds)."""
+    """Training steps with the held-out margin curve; returns (per step: the train reward and the
+    policy's ``policy_snapshot`` on the curve worlds after the step; held-out points; seconds)."""
     started = time.perf_counter()
 
     def point(step):
@@ -238,10 +265,16 @@ def train(pipeline, train_items, curve_items, args, memo: Rollouts) -> tuple[lis
         records = pipeline.train_step(batch, step)
         memo.clear()  # nothing repeats between steps (the parameters changed): keep the memory flat
         values = [r["reward"] for r in records if r["reward"] is not None]
-        rewards.append({"step": step, "n": len(values), "reward": sum(values) / len(values) if values else None})
+        rewards.append({"step": step, "n": len(values), "reward": sum(values) / len(values) if values else None,
+                        "policy": policy_snapshot(pipeline, curve_items)})
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             held.append(point(step + 1))
+        snap = rewards[-1]["policy"]
         print(f"step {step + 1}/{args.steps}: reward {rewards[-1]['reward']:.3f}"
+              + ("" if snap is None or snap["p_informed"] is None else
+                 f", input p informed {snap['p_informed']:.2f} unreliable {snap['p_unreliable'] or 0:.2f} "
+                 f"others {snap['p_other_keepers']:.2f}, similarity {snap['decision_similarity']:+.2f} "
+                 f"bias {snap['decision_bias']:+.2f}")
               + (f", held-out margin {held[-1]['mean']:.3f}" if held[-1]["step"] == step + 1 else "")
               + f" ({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     return rewards, held, time.perf_counter() - started
@@ -371,6 +404,8 @@ def main() -> None:
                         help="the learned method's cost per sampled edge between agents (gcache run's --edge-cost)")
     parser.add_argument("--fixed-decision-inputs", action="store_true",
                         help="the learned method reads the sinks, as before the policy chose its decision inputs")
+    parser.add_argument("--methods", default=None,
+                        help="compare the learned graph with these methods only (comma-separated; default: all)")
     args = parser.parse_args()
     setup(args)
     if args.smoke:
@@ -383,9 +418,16 @@ def main() -> None:
     train_items = load_items("train", limit=args.train_size, seed=args.seed, options=options)
     test_items = load_items("test", limit=args.test_size, seed=args.seed, options=options)
     flags = method_flags(args)
+    if args.methods is not None:
+        wanted = ["learned", *(m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "learned")]
+        unknown = [m for m in wanted if m not in flags]
+        if unknown:
+            parser.error(f"--methods: expected names among {', '.join(flags)}, got {', '.join(unknown)}")
+        flags = {m: flags[m] for m in wanted}
     memo = Rollouts()  # the latent methods' shared rollouts, cleared after each batch
     pipelines, local = build_pipelines(flags, rollouts=memo)
-    pipelines["oracle"].planner = OracleGraph(args.agent_nums)
+    if "oracle" in pipelines:
+        pipelines["oracle"].planner = OracleGraph(args.agent_nums)
     learned = pipelines["learned"]
     train_rewards, held, train_seconds = train(learned, train_items, test_items[: args.curve_size], args, memo)
     per_method, seconds, reuse = held_out(pipelines, test_items, args.batch_size, memo)
@@ -404,7 +446,7 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/routing.py", *sys.argv[1:]]),
         "settings": {k: getattr(args, k) for k in ("variant", "train_size", "test_size", "steps", "batch_size", "eval_every",
                                                      "curve_size", "decode_size", "latent_steps", "agent_nums", "lr",
-                                                     "fixed_decision_inputs", "edge_cost")},
+                                                     "fixed_decision_inputs", "edge_cost", "methods")},
         "flags": flags,
         "methods": methods,
         "routing_accuracy": accuracy,

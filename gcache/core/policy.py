@@ -34,6 +34,16 @@ parameterizations, for Adam):
 - the score is <q, k> / head_dim, not / sqrt(head_dim): training aligns q and k,
   and aligned vectors' product grows like head_dim (muP's attention scaling).
 
+Decision inputs: an agent's logit of feeding the decision node is its readout of the GCN state
+*centred over the agents*, plus ``decision_similarity`` times its standardized role-question
+similarity (mean 0 over the agents), plus ``decision_bias``. So the readout and the similarity
+only rank the agents, and how many are read moves with one scalar, the bias, by about lr per Adam
+step. Uncentred, the readout moved every agent's logit together: on routing ``unreliable`` seed 2
+(benchmarks/routing.py records the policy after every step) Adam's first steps shifted the MLP
+towards the readout and every input probability went 0.5 -> 0.67 -> 0.85 -> 0.94 in three steps
+(the bias moved +0.27 of that), the liar's included. Once every agent is read (p ~0.99),
+REINFORCE's (taken - p) leaves almost no gradient to learn which agent to read.
+
 Through the ~8 layers between features and a logit, Adam's first step at lr 0.1
 moves an edge logit by about 1 at most (REINFORCE steps of the synthetic task in
 tests/_topology_helpers.py: 0.1-0.7), so saturating a probability takes several
@@ -216,6 +226,9 @@ def policy_logits(params: PolicyParams, features: Tensor, role_adjacency: Tensor
     edge = params.log_scale.exp() * scores + params.bias
     order = _linear(z, params.order_head[:, None]).squeeze(-1)  # [..., N]
     decision = _linear(z, params.decision_head[:, None]).squeeze(-1)  # [..., N]
+    # Centred over the agents: the readout ranks them, and only decision_bias says how many are read
+    # (see "Decision inputs" in the module docstring).
+    decision = decision - decision.mean(-1, keepdim=True)
     if features.shape[-1] % 2 == 0:  # an odd width is not role ++ question: no similarity to read
         decision = decision + params.decision_similarity * query_similarity(features)
     decision = decision + params.decision_bias
