@@ -270,6 +270,26 @@ def test_decision_logits_follow_the_similarity_weight():
     assert int(logits.decision.argmax()) == 1
 
 
+@given(seed=seeds(), n=st.integers(2, 6), batch=st.integers(1, 3), bias=st.floats(-3.0, 3.0))
+@settings(max_examples=25, deadline=None)
+def test_only_the_decision_bias_moves_every_decision_logit_together(seed, n, batch, bias):
+    """The decision logits' mean over the agents is decision_bias, whatever every other parameter
+    (two unrelated policies with the same bias agree on it): the readout and the similarity only rank
+    the agents. Uncentred, the readout raised every agent together within three steps (policy.py)."""
+    config = tp.TopologyConfig(num_agents=n, mode="mesh", wiring="learned")
+    g = torch.Generator().manual_seed(seed)
+    features = pl.node_features(torch.randn(n, 8, generator=g), torch.randn(batch, 8, generator=g))
+    prior = torch.ones(n, n, dtype=torch.bool)
+    means = []
+    for k in range(2):
+        params = pl.init_policy(config, features.shape[-1], torch.Generator().manual_seed(seed + k))
+        params = params._replace(mlp_bias_2=torch.randn(params.mlp_bias_2.shape, generator=g),
+                                 decision_similarity=torch.randn((), generator=g), decision_bias=torch.tensor(bias))
+        means.append(pl.policy_logits(params, features, prior).decision.mean(-1))
+    torch.testing.assert_close(means[0], torch.full((batch,), bias), atol=1e-5, rtol=0)
+    torch.testing.assert_close(means[1], means[0], atol=1e-5, rtol=0)
+
+
 def test_out_of_support_graphs_have_probability_zero():
     config = tp.TopologyConfig(num_agents=3, mode="mesh")
     mask = tp.spatial_mask("chain", 3)
