@@ -307,6 +307,11 @@ def test_routing_smoke_writes_its_schema(tmp_path):
     for name in ("chain", "latent-mas"):  # a chain has one sink: its decision node reads one agent
         assert report["methods"][name]["decision_inputs"] == 1, name
     assert 0.0 <= report["routing_accuracy"]["accuracy"] <= 1.0
+    # Each train step records the policy after it (decision-input probabilities by agent kind, scalars).
+    for point in report["curve"]["train"]:
+        snap = point["policy"]
+        assert all(0.0 <= snap[k] <= 1.0 for k in ("p_informed", "p_unreliable", "p_other_keepers", "edge_prob"))
+        assert math.isfinite(snap["decision_similarity"]) and math.isfinite(snap["decision_bias"])
     assert (tmp_path / "routing_unreliable.md").exists() and (tmp_path / "routing_unreliable.png").exists()
     # routing_baselines.py evaluates the baselines again on the same worlds and keeps the learned values.
     again = subprocess.run(
@@ -323,6 +328,19 @@ def test_routing_smoke_writes_its_schema(tmp_path):
     for name in names - {"learned"}:  # same worlds, same settings: the baselines' values come back
         for q in first:
             assert redone["per_question"][name][q]["margin"] == pytest.approx(report["per_question"][name][q]["margin"], abs=1e-4)
+    # routing_seeds.py summarizes results (no model): one row each, its goals recomputed from the report.
+    seeds = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "routing_seeds.py"), str(tmp_path / "routing_unreliable.json"),
+         "--out", str(tmp_path / "seeds"), "--name", "study"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert seeds.returncode == 0, seeds.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "seeds" / "study.json").read_text())["rows"]
+    minus = {m: report["methods"][m]["learned_minus_margin"] for m in names - {"learned", "oracle"}}
+    assert row["beats_fixed"] == all(d["low"] > 0 for d in minus.values())
+    assert row["near_oracle"] == (report["methods"]["oracle"]["learned_minus_margin"]["mean"] >= -0.1)
+    assert row["routes"] == (report["routing_accuracy"]["accuracy"] >= 0.9)
+    assert row["learned"] == report["methods"]["learned"]["margin"] and (tmp_path / "seeds" / "study.md").exists()
 
 
 def test_answer_read_smoke_times_both_reads_and_finds_them_equal(tmp_path):
