@@ -374,16 +374,28 @@ def markdown(report: dict) -> str:
                   + ("" if d["decision_similarity"] is None else
                      f" The policy's weight on the role-question similarity is {d['decision_similarity']:+.2f}, "
                      f"its decision bias {d['decision_bias']:+.2f}.")]
-    lines += ["", "Learning curve (train margin reward per step; held-out mean margin on the curve worlds):", "",
-              "| step | train reward | held-out margin [95% CI] |", "|---|---|---|"]
+    lines += ["", "Learning curve (train margin reward per step; held-out mean margin on the curve worlds; the policy "
+              "after the step on the curve worlds: mean decision-input probability of the informed keeper / the "
+              "unreliable agent / the other keepers, mean edge probability, similarity weight and decision bias):", "",
+              "| step | train reward | held-out margin [95% CI] | input p: informed / unreliable / others | edge p "
+              "| similarity / bias |", "|---|---|---|---|---|---|"]  # fmt: skip
     held = {h["step"]: h for h in report["curve"]["held_out"]}
     if 0 in held:
-        lines.append(f"| 0 | | {_ci(held[0], '+')} |")
+        lines.append(f"| 0 | | {_ci(held[0], '+')} | | | |")
     for t in report["curve"]["train"]:
         h = held.get(t["step"] + 1)
         reward = "-" if t["reward"] is None else f"{t['reward']:+.3f}"
-        lines.append(f"| {t['step'] + 1} | {reward} | " + (_ci(h, "+") if h else "") + " |")
+        lines.append(f"| {t['step'] + 1} | {reward} | " + (_ci(h, "+") if h else "") + " | " + _policy_cells(t.get("policy")))
     return "\n".join(lines) + "\n"
+
+
+def _policy_cells(snap: dict | None) -> str:
+    """The learning curve's policy columns of one step (blank without a record)."""
+    if snap is None or snap.get("p_informed") is None:
+        return " | | |"
+    p = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    return (f"{p(snap['p_informed'])} / {p(snap['p_unreliable'])} / {p(snap['p_other_keepers'])} | "
+            f"{p(snap['edge_prob'])} | {snap['decision_similarity']:+.2f} / {snap['decision_bias']:+.2f} |")
 
 
 def main() -> None:
