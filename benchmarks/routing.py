@@ -339,7 +339,9 @@ def markdown(report: dict) -> str:
         f"{s['latent_steps']} latent steps; {s['train_size']} train worlds, {s['steps']} steps of {s['batch_size']} "
         f"(margin reward{_charged(s)}, lr {s['lr']}), the learned graph's decision inputs "
         f"{'fixed (the sinks)' if s.get('fixed_decision_inputs') else 'chosen by the policy'}; "
-        f"{s['test_size']} held-out test worlds. Took {report['seconds']['total']:.0f} s "
+        f"{s['test_size']} held-out test worlds. "
+        + (f"Compared only with: {s['methods']} (`--methods`). " if s.get("methods") else "")
+        + f"Took {report['seconds']['total']:.0f} s "
         f"on {report['machine']['cpu_count']} cores, {report['threads']} threads (load average "
         f"{report['load_average_before']} before, {report['load_average_after']} after); commit "
         f"{(report['machine'].get('source') or {}).get('commit', '?')}. Command: `{report['command']}`.",
