@@ -272,8 +272,9 @@ def train(pipeline, train_items, curve_items, args, memo: Rollouts) -> tuple[lis
         snap = rewards[-1]["policy"]
         print(f"step {step + 1}/{args.steps}: reward {rewards[-1]['reward']:.3f}"
               + ("" if snap is None or snap["p_informed"] is None else
-                 f", input p informed {snap['p_informed']:.2f} unreliable {snap['p_unreliable'] or 0:.2f} "
-                 f"others {snap['p_other_keepers']:.2f}, similarity {snap['decision_similarity']:+.2f} "
+                 f", input p informed {snap['p_informed']:.2f} "
+                 + ("" if snap["p_unreliable"] is None else f"unreliable {snap['p_unreliable']:.2f} ")
+                 + f"others {snap['p_other_keepers']:.2f}, similarity {snap['decision_similarity']:+.2f} "
                  f"bias {snap['decision_bias']:+.2f}")
               + (f", held-out margin {held[-1]['mean']:.3f}" if held[-1]["step"] == step + 1 else "")
               + f" ({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
