@@ -193,6 +193,19 @@ def routing(pipeline, items) -> tuple[dict, dict[str, dict]]:
     return {"correct": sum(routed), "n": len(routed), "accuracy": sum(routed) / max(len(routed), 1)}, per_question
 
 
+def input_probs_by_kind(rows: list[tuple[list[float], int, int | None]]) -> dict[str, float | None]:
+    """Mean decision-input probability of the informed keeper, of the unreliable agent and of the
+    other keepers over rows of (per-agent probabilities, informed slot, unreliable slot or None);
+    None where a kind never occurs."""
+    informed, liar, others = [], [], []
+    for p, i, lie in rows:
+        informed.append(p[i])
+        liar += [p[lie]] if lie is not None else []
+        others += [q for j, q in enumerate(p) if j not in (i, lie)]
+    mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
+    return {"p_informed": mean(informed), "p_unreliable": mean(liar), "p_other_keepers": mean(others)}
+
+
 def diagnosis(per_question: dict[str, dict], policy) -> dict:
     """Does the question reach the learned graph's decision inputs? Over the held-out worlds: the mean
     decision-input probability of the informed keeper, of the unreliable agent and of the other
@@ -200,7 +213,7 @@ def diagnosis(per_question: dict[str, dict], policy) -> dict:
     unreliable agent's cache reaches the judger (read, or upstream of a read agent along taken edges);
     and the policy's decision-head scalars (its weight on the role-question similarity, its bias)."""
     rows = list(per_question.values())
-    informed, liar, others, top, alone, leaks = [], [], [], 0, 0, 0
+    top, alone, leaks = 0, 0, 0
     for r in rows:
         p, i, lie = r.get("decision_probs"), r["informed"], r["liar"]
         inputs = r["decision_inputs"]
@@ -208,15 +221,12 @@ def diagnosis(per_question: dict[str, dict], policy) -> dict:
         if lie is not None:
             reach = reachability(torch.tensor(r["taken"], dtype=torch.bool))
             leaks += bool(inputs[lie]) or any(bool(reach[lie, j]) and inputs[j] for j in range(len(inputs)))
-        if p is None:
-            continue
-        informed.append(p[i])
-        liar += [p[lie]] if lie is not None else []
-        others += [q for j, q in enumerate(p) if j not in (i, lie)]
-        top += max(range(len(p)), key=p.__getitem__) == i
+        if p is not None:
+            top += max(range(len(p)), key=p.__getitem__) == i
     n = len(rows)
-    mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
-    return {"n": n, "p_informed": mean(informed), "p_unreliable": mean(liar), "p_other_keepers": mean(others),
+    kinds = input_probs_by_kind([(r["decision_probs"], r["informed"], r["liar"]) for r in rows
+                                 if r.get("decision_probs") is not None])
+    return {"n": n, **kinds,
             "informed_most_likely": top / n if n else None, "informed_read_alone": alone / n if n else None,
             "unreliable_reaches_judger": leaks / n if n else None,
             "decision_similarity": None if policy is None else float(policy.decision_similarity),
@@ -230,22 +240,17 @@ def policy_snapshot(pipeline, items) -> dict | None:
     policy = pipeline.learner.policy if pipeline.learner is not None else None
     if policy is None:
         return None
-    informed, liar, others, edges = [], [], [], []
+    probs, edges = [], []
     for item in items:
         plan = pipeline.planner.plan(item, train=False, seed=0)
         with torch.no_grad():
             logits = policy_logits(policy, plan.features, pipeline.planner.role_adjacency)
         edges.append(float(plan.spatial_probs.mean()))
-        if logits.decision is None:
-            continue
-        p = torch.sigmoid(logits.decision).tolist()
-        i, lie = item.meta["informed"], item.meta.get("liar")
-        informed.append(p[i])
-        liar += [p[lie]] if lie is not None else []
-        others += [q for j, q in enumerate(p) if j not in (i, lie)]
-    mean = lambda v: round(sum(v) / len(v), 4) if v else None  # noqa: E731
-    return {"p_informed": mean(informed), "p_unreliable": mean(liar), "p_other_keepers": mean(others),
-            "edge_prob": mean(edges), "decision_similarity": round(float(policy.decision_similarity), 4),
+        if logits.decision is not None:
+            probs.append((torch.sigmoid(logits.decision).tolist(), item.meta["informed"], item.meta.get("liar")))
+    rounded = {k: None if v is None else round(v, 4) for k, v in input_probs_by_kind(probs).items()}
+    return {**rounded, "edge_prob": round(sum(edges) / len(edges), 4) if edges else None,
+            "decision_similarity": round(float(policy.decision_similarity), 4),
             "decision_bias": round(float(policy.decision_bias), 4)}
 
 
@@ -269,16 +274,19 @@ def train(pipeline, train_items, curve_items, args, memo: Rollouts) -> tuple[lis
                         "policy": policy_snapshot(pipeline, curve_items)})
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             held.append(point(step + 1))
-        snap = rewards[-1]["policy"]
-        print(f"step {step + 1}/{args.steps}: reward {rewards[-1]['reward']:.3f}"
-              + ("" if snap is None or snap["p_informed"] is None else
-                 f", input p informed {snap['p_informed']:.2f} "
-                 + ("" if snap["p_unreliable"] is None else f"unreliable {snap['p_unreliable']:.2f} ")
-                 + f"others {snap['p_other_keepers']:.2f}, similarity {snap['decision_similarity']:+.2f} "
-                 f"bias {snap['decision_bias']:+.2f}")
+        print(f"step {step + 1}/{args.steps}: reward {rewards[-1]['reward']:.3f}{_policy_line(rewards[-1]['policy'])}"
               + (f", held-out margin {held[-1]['mean']:.3f}" if held[-1]["step"] == step + 1 else "")
               + f" ({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     return rewards, held, time.perf_counter() - started
+
+
+def _policy_line(snap: dict | None) -> str:
+    """The step line's policy part (empty without decision inputs)."""
+    if snap is None or snap["p_informed"] is None:
+        return ""
+    liar = "" if snap["p_unreliable"] is None else f"unreliable {snap['p_unreliable']:.2f} "
+    return (f", input p informed {snap['p_informed']:.2f} {liar}others {snap['p_other_keepers']:.2f}, "
+            f"similarity {snap['decision_similarity']:+.2f} bias {snap['decision_bias']:+.2f}")
 
 
 def held_out(pipelines: dict, items, batch_size: int, memo: Rollouts) -> tuple[dict[str, dict[str, dict]], dict[str, float], dict]:
